@@ -1,0 +1,1 @@
+"""Backbone adapters, data pipelines, training/evaluation loops and the ``seqpe-nd`` CLI."""
