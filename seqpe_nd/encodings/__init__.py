@@ -1,0 +1,1 @@
+"""Position encodings behind one interface: SeqPE integrations and every baseline."""
