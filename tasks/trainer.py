@@ -1,0 +1,399 @@
+"""The one training loop every recipe shares (LM, QA, ViT, ...), read top to bottom.
+
+A recipe supplies a :class:`TrainTask` (model, batches, loss, validation); the loop owns the
+rest: device and precision, DDP under ``torchrun``, AdamW with no-decay groups, warmup and
+decay, gradient accumulation and clipping, logging, validation and atomic checkpoints that
+resume exactly (same batches, same dropout masks, same losses).
+
+Exact resume rests on two rules. Batches are a pure function of
+``(seed, step, micro, rank, world)`` (:meth:`TrainTask.train_batch`), so the data position is
+just the step. Every random draw of a step comes from torch's global RNG or the ``generator``
+handed to :meth:`TrainTask.loss`; both are checkpointed for every rank.
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from seqpe_nd.tasks import checkpoint as ckpt
+
+# Config sections that must match exactly when resuming: a different model cannot continue.
+STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "pe")
+METRICS = "metrics.jsonl"
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What the shared loop needs from a recipe."""
+
+    def build_model(self) -> nn.Module:
+        """A fresh fp32 model on CPU; the loop moves, compiles and DDP-wraps it."""
+        ...
+
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> Any:
+        """Micro-batch ``micro`` of ``step`` for ``rank``: a pure function of (seed, step, micro, rank, world).
+
+        Tensors anywhere inside (dicts, lists, tuples) are moved to the device by the loop.
+        """
+        ...
+
+    def loss(self, model: nn.Module, batch: Any, *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        """Total loss (main + any PE regularizer) and metrics to log.
+
+        ``model`` may be DDP- or compile-wrapped: call ``model(...)`` for the forward and reach
+        submodules through :func:`unwrap`. ``generator`` is this rank's checkpointed RNG, on the device.
+        """
+        ...
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics of the bare model (eval mode, no grad); never uses the training sampler."""
+        ...
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Tokens (images for vision) in a micro-batch, for throughput."""
+        ...
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        """True for parameters trained without weight decay (biases, norms, the SeqPE encoder)."""
+        ...
+
+    def config_dict(self) -> dict[str, Any]:
+        """The full resolved run config; saved with every checkpoint."""
+        ...
+
+
+class TrainConfig(BaseModel):
+    """Optimisation and bookkeeping of one training run (the ``train:`` section of a recipe YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    steps: int = Field(1000, ge=0)
+    """Optimizer steps in total."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences (images) per micro-batch per device."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay (not applied where the task's ``no_weight_decay`` says so)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to ``lr`` over this many steps."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup down to ``min_lr_ratio * lr`` at ``steps``."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of ``lr``."""
+    clip_grad: float = Field(1.0, ge=0)
+    """Max global gradient norm; 0 disables clipping."""
+    seed: int = 0
+    """Seeds model init, data order and every RNG of the loop."""
+    log_every: int = Field(10, ge=1)
+    """Steps between training-metric lines in ``metrics.jsonl``."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between validations; 0 validates only at the end."""
+    save_every: int = Field(0, ge=0)
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep_last: int = Field(2, ge=0)
+    """Checkpoints kept (newest first); 0 keeps all."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when available."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.warmup_steps > self.steps > 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        return self
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the decay schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps))
+    shape = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * shape
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a nested dict/list/tuple to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (so rank 1's stream is not rank 0's shifted by one)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def param_groups(model: nn.Module, task: TrainTask, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decayed parameters and those the task exempts."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if task.no_weight_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def run_dir_has_content(run_dir: Path) -> bool:
+    return run_dir.exists() and any(run_dir.iterdir())
+
+
+# --- distributed plumbing --------------------------------------------------------------------------
+
+def _setup_distributed(device_choice: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, we_initialised_the_group) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_available() and dist.is_initialized():
+        rank, world, owned = dist.get_rank(), dist.get_world_size(), False
+    elif world > 1:
+        use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        rank, owned = dist.get_rank(), True
+    else:
+        rank, owned = 0, False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device is 'cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
+        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, owned
+
+
+def _all_mean(x: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _gather_rng(generator: torch.Generator, rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """Every rank's RNG states as ``{"rank0": {...}, ...}`` (collective: all ranks call it)."""
+    mine = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return {"rank0": mine}
+    out: dict[str, Any] = {f"rank{r}": {} for r in range(world)}
+    for key, state in mine.items():
+        buf = state.to(device)
+        parts = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(parts, buf)
+        for r, part in enumerate(parts):
+            out[f"rank{r}"][key] = part.cpu()
+    return out
+
+
+def _restore_rng(rng: dict[str, Any], generator: torch.Generator, rank: int, device: torch.device) -> None:
+    mine = rng[f"rank{rank}"]
+    torch.set_rng_state(mine["cpu"])
+    generator.set_state(mine["generator"])
+    if device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], device)
+
+
+@contextmanager
+def _maybe_no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
+    with model.no_sync() if skip and isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext():
+        yield
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop lines logged after the checkpoint: those steps are about to run again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str, float]:
+    """Train ``task`` for ``cfg.steps`` optimizer steps, writing metrics and checkpoints to ``run_dir``.
+
+    With ``resume``, continue from the run's latest checkpoint (or start afresh if it has none);
+    without it, a non-empty ``run_dir`` is refused so nothing written before is lost. Returns the
+    last training metrics (``train/…``) and validation metrics (``val/…``) with ``step``.
+    """
+    run_dir = Path(run_dir)
+    rank, world, device, owned_group = _setup_distributed(cfg.device)
+    master = rank == 0
+    try:
+        # Every rank checks before rank 0 writes anything, so all agree on what they saw.
+        if not resume and run_dir_has_content(run_dir):
+            raise ValueError(f"run directory {run_dir} is not empty; pass resume=True (--resume) or choose another")
+        if world > 1:
+            dist.barrier()
+
+        # --- precision ---
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+        # --- model: identical init on every rank, then per-rank random streams ---
+        torch.manual_seed(cfg.seed)
+        raw = task.build_model().to(device)
+        torch.manual_seed(derive_seed(cfg.seed, rank, 1))
+        if device.type == "cuda":
+            torch.cuda.manual_seed(derive_seed(cfg.seed, rank, 2))
+        generator = torch.Generator(device=device)
+        generator.manual_seed(derive_seed(cfg.seed, rank, 3))
+
+        model: nn.Module = torch.compile(raw) if cfg.compile else raw
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+
+        optimizer = torch.optim.AdamW(
+            param_groups(raw, task, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+            fused=device.type == "cuda",
+        )
+
+        # --- config and resume ---
+        config = {**task.config_dict(), "train": cfg.model_dump(mode="json")}
+        start = 0
+        found = ckpt.latest_checkpoint(run_dir) if resume else None
+        if found is not None:
+            state = ckpt.load_checkpoint(found, expected_config=config, strict_sections=STRICT_SECTIONS)
+            other = ckpt.diff_configs(config, state.config)
+            if state.state["world"] != world:
+                raise ValueError(
+                    f"checkpoint {found} was written by {state.state['world']} processes, this run has {world}: "
+                    "exact resume needs the same world size"
+                )
+            ckpt.load_weights(raw, found)
+            optimizer.load_state_dict(state.optimizer)
+            _restore_rng(state.rng, generator, rank, device)
+            start = state.step
+            if master:
+                tqdm.write(f"resuming {run_dir} from step {start}" + (f" (changed: {'; '.join(other)})" if other else ""))
+        if master:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(run_dir / METRICS, start)
+            ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
+            run_info = {
+                "seed": cfg.seed, "world": world, "device": str(device), "bf16": bf16, "compile": cfg.compile,
+                "torch": torch.__version__, "started_at_step": start,
+                "rank_seeds": [[derive_seed(cfg.seed, r, i) for i in (1, 2, 3)] for r in range(world)],
+            }
+            ckpt.atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=1) + "\n")
+
+        def evaluate(step: int) -> dict[str, float]:
+            raw.eval()
+            with torch.no_grad(), autocast:
+                metrics = task.validate(raw)
+            raw.train()
+            if master:
+                _append_jsonl(run_dir / METRICS, {"step": step, "split": "val", **metrics})
+                tqdm.write(f"step {step}: " + ", ".join(f"val/{k}={v:.4g}" for k, v in metrics.items()))
+            return {f"val/{k}": v for k, v in metrics.items()}
+
+        def save(step: int) -> None:
+            rng = _gather_rng(generator, rank, world, device)  # collective
+            if master:
+                ckpt.save_checkpoint(
+                    run_dir, step, model=raw, optimizer=optimizer.state_dict(), rng=rng, config=config,
+                    state={"world": world, "seed": cfg.seed, "data_position": {"step": step}}, keep_last=cfg.keep_last,
+                )
+
+        # --- the loop ---
+        result: dict[str, float] = {"step": float(start)}
+        raw.train()
+        bar = tqdm(total=cfg.steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start, cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            loss_sum, logs = 0.0, {}
+            for micro in range(cfg.grad_accum):
+                batch = move_to(task.train_batch(step, micro, rank, world), device)
+                window_tokens += task.batch_tokens(batch) * world
+                with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
+                    loss, metrics = task.loss(model, batch, generator=generator)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float()
+                for k, v in metrics.items():
+                    logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                loss_val = _all_mean(float(loss_sum) / cfg.grad_accum, world, device)  # .item() syncs the device
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                record = {"step": done, "split": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps, **logs}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                if master:
+                    _append_jsonl(run_dir / METRICS, record)
+                    bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                result.update({f"train/{k}": float(v) for k, v in record.items() if k not in ("step", "split")})
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(1)
+
+            if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
+                result.update(evaluate(done))
+            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                save(done)
+            result["step"] = float(done)
+        bar.close()
+        if start >= cfg.steps and master:
+            tqdm.write(f"{run_dir} already trained {start} of {cfg.steps} steps; nothing to do")
+        return result
+    finally:
+        if owned_group and dist.is_initialized():
+            dist.destroy_process_group()
