@@ -12,6 +12,7 @@ from collections.abc import Sequence
 # (command, module that registers it)
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("space", "seqpe_nd.tasks.cmd_space"),
+    ("train", "seqpe_nd.tasks.cmd_train"),
 )
 
 
