@@ -1,1 +1,33 @@
-"""Position encodings behind one interface: SeqPE integrations and every baseline."""
+"""Position encodings behind one interface: SeqPE integrations and every baseline.
+
+``build_position_encoding(config, space=…, num_heads=…, head_dim=…, num_layers=…, d_model=…)``
+returns a :class:`PositionEncoding`; see :mod:`seqpe_nd.encodings.base` for how an adapter
+drives it.
+"""
+
+from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE
+from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
+from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, ScoreMod, visibility_mask
+from seqpe_nd.encodings.config import (
+    METHODS,
+    ALiBiConfig,
+    ALiBiNDConfig,
+    APELearnConfig,
+    APESinConfig,
+    NoPEConfig,
+    PEConfig,
+    RoPEAxialConfig,
+    RoPEConfig,
+    RoPEMixedConfig,
+    SeqPEConfig,
+    build_position_encoding,
+    load_pe_config,
+)
+from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
+
+__all__ = [
+    "METHODS", "ALiBi", "ALiBiConfig", "ALiBiND", "ALiBiNDConfig", "APELearn", "APELearnConfig", "APESin",
+    "APESinConfig", "KVCache", "NoPE", "NoPEConfig", "PEConfig", "PEState", "PositionEncoding", "RoPE",
+    "RoPEAxial", "RoPEAxialConfig", "RoPEConfig", "RoPEMixed", "RoPEMixedConfig", "ScoreMod", "SeqPEConfig",
+    "build_position_encoding", "load_pe_config", "visibility_mask",
+]

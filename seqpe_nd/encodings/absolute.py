@@ -1,0 +1,96 @@
+"""Encodings added to the input embeddings: sinusoidal and learned APE (NoPE is the base class).
+
+Legend: ``b`` batch, ``n``/``m`` query/key tokens, ``w`` position width, ``d`` model dim.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.encodings.functional import INTERPOLATION_BY_NDIM, resample_table, sinusoid
+
+
+class NoPE(PositionEncoding):
+    """No position information (Kazemnejad et al.); every hook is the base class's no-op."""
+
+    method = "nope"
+
+
+class APESin(PositionEncoding):
+    """Sinusoidal APE (Vaswani et al., Eq. 4 of the paper), per-axis blocks concatenated in N-D."""
+
+    method = "ape_sin"
+
+    def __init__(self, *, d_model: int, base: float, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
+        if d_model % (2 * width):
+            raise ValueError(f"ape_sin in {width}-D needs d_model divisible by {2 * width}, got d_model = {d_model}")
+        self.d_model, self.base = d_model, base
+
+    def embed(self, state: PEState) -> Float[Tensor, "b n d"]:
+        """Eq. 4: ``x_i + e_i`` with ``e`` computed from the explicit positions."""
+        return sinusoid(state.pos_q, self.d_model, self.base)
+
+
+Resize = Literal["grow", "exact"]
+
+
+class APELearn(PositionEncoding):
+    """Learned APE table of the training extent, resampled when positions reach beyond it.
+
+    ``resize="grow"``: axes the positions outgrow are resampled to the positions' extent, the
+    others keep their trained rows (a 512-row table read at 1024 tokens is stretched to 1024
+    rows, as the paper's LM baseline); ``"exact"``: always resampled to the extent the positions
+    span, also downwards (timm's ``dynamic_img_size``). The extent is taken per batch row from
+    all key positions, so a padded row (pads at any valid position, e.g. 0) equals its unpadded
+    self. Beyond the table the encoding depends on that extent by construction, so cached
+    decoding equals the full forward only while positions stay inside the table.
+    """
+
+    method = "ape_learn"
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        size: Sequence[int],
+        interpolation: str,
+        resize: Resize,
+        init_std: float,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=len(size))
+        self.size, self.interpolation, self.resize = tuple(size), interpolation, resize
+        self.table = nn.Parameter(torch.randn(*self.size, d_model) * init_std)
+
+    def target_size(self, pos: Int[Tensor, "b m w"]) -> Int[Tensor, "b w"]:
+        """Grid each row is read from: its extent (``exact``), or at least the table (``grow``)."""
+        extent = pos.amax(dim=1) + 1
+        if self.resize == "exact":
+            return extent
+        return torch.maximum(extent, torch.tensor(self.size, device=pos.device))
+
+    def embed(self, state: PEState) -> Float[Tensor, "b n d"]:
+        """Rows of the (resampled) table at the query positions."""
+        sizes = self.target_size(torch.cat([state.pos_q, state.pos_k], dim=1))
+        out = self.table.new_empty(*state.pos_q.shape[:2], self.table.shape[-1])
+        uniq, inverse = sizes.unique(dim=0, return_inverse=True)  # usually one grid per batch
+        for u, size in enumerate(uniq.tolist()):
+            rows = inverse == u
+            table = resample_table(self.table, size, self.interpolation).flatten(0, -2)  # (prod(size), d)
+            strides = torch.tensor([math.prod(size[a + 1 :]) for a in range(len(size))], device=sizes.device)
+            out[rows] = table[(state.pos_q[rows] * strides).sum(-1)]  # row-major flat index
+        return out
+
+
+def default_interpolation(ndim: int) -> str:
+    if ndim not in INTERPOLATION_BY_NDIM:
+        raise ValueError(f"ape_learn resamples 1-D, 2-D and 3-D tables (torch.nn.functional.interpolate); got a {ndim}-D space")
+    return INTERPOLATION_BY_NDIM[ndim]

@@ -1,0 +1,56 @@
+"""ALiBi (Press et al.) in 1-D and on any space's distance: a genuine score bias.
+
+Legend: ``b`` batch, ``n``/``m`` query/key tokens, ``w`` position width, ``h`` heads.
+
+The bias is a FlexAttention ``score_mod`` built from RELATIVE distances of explicit positions
+(``-m_h · δ(p_i, p_j)``, Eq. 5-6), so it is exact in float32 whatever the absolute positions
+(the released code multiplied slopes by absolute key indices and cast to bf16).
+"""
+
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from seqpe_nd.encodings.base import PEState, PositionEncoding, ScoreBackend, ScoreMod
+from seqpe_nd.encodings.functional import alibi_slopes
+
+
+class ALiBi(PositionEncoding):
+    """1-D ALiBi: ``A_ij = q_i·k_j - m_h·|i - j|`` with the original geometric slopes (Eq. 6;
+    with the causal mask, ``|i - j| = i - j``)."""
+
+    method = "alibi"
+
+    def __init__(self, *, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
+        self.score_backend = backend
+        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+
+    def distance(self, a: Int[Tensor, "*#b w"], b: Int[Tensor, "*#b w"]) -> Float[Tensor, "*#b"]:
+        return (a.float() - b.float()).abs().sum(-1)
+
+    def score_mod(self, state: PEState, layer: int) -> ScoreMod:
+        """``score - m_h · δ(p_q[b, i], p_k[b, j])``; broadcasts, so it also builds the dense bias."""
+        pos_q, pos_k, slopes, dist = state.pos_q, state.pos_k, self.slopes, self.distance
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+            return score - slopes[h] * dist(pos_q[b, i], pos_k[b, j]).float()
+
+        return alibi
+
+
+class ALiBiND(ALiBi):
+    """N-D ALiBi: ``-m_h · δ(p_i, p_j)`` with the space's distance (or a named one); works on
+    hybrid spaces through their metric. A bias needs no triangle inequality, so non-metric
+    distances (``squared_euclidean``: a Gaussian-kernel prior) are allowed."""
+
+    method = "alibi_nd"
+
+    def __init__(self, *, delta: Any, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+        super().__init__(backend=backend, num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
+        self.delta = delta  # space.delta or a registered Distance
+
+    def distance(self, a: Int[Tensor, "*#b w"], b: Int[Tensor, "*#b w"]) -> Float[Tensor, "*#b"]:
+        return self.delta(a, b)

@@ -1,0 +1,320 @@
+"""The one interface every position encoding implements, and the attention call it drives.
+
+Legend: ``b`` batch, ``n``/``m`` query/key tokens, ``w`` position width (coordinates per
+position), ``h`` heads, ``e`` head dim, ``d`` model dim.
+
+An adapter never asks which method it holds. Per backbone forward it calls
+
+    state = pe.prepare(pos_q, pos_k)            # once: everything shared by all layers
+    x = tok_emb + pe.embed(state)               # if not None (APE, SeqPE input_add)
+    out = pe.attend(q, k, v, state, layer, causal=True)   # every layer, instead of SDPA
+
+and adds ``state.aux_loss`` (SeqPE's regularizers, Eq. 15) to its loss when it is not None.
+Positions are explicit integer coordinates, never the index in the sequence, so a shifted
+start, a padded batch, a hybrid sequence and a key-value cache share one code path.
+
+Inside ``attend`` the three hooks run in a fixed order: ``transform_qk`` (RoPE, SeqPE
+attn_sum/attn_mul/attn_bias), then either FlexAttention with ``score_mod`` (ALiBi on a GPU) or
+``F.scaled_dot_product_attention`` with at most one dense bias per forward built from that same
+``score_mod``. Methods that only transform q/k keep the fused SDPA kernels (``is_causal`` when
+there is no cache and no padding).
+"""
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+"""FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``."""
+
+ScoreBackend = Literal["auto", "flex", "bias"]
+SCORE_BACKENDS: tuple[str, ...] = ("auto", "flex", "bias")
+
+
+@dataclass(eq=False)
+class PEState:
+    """What ``prepare`` computed once for one backbone forward, shared by all layers.
+
+    ``pos_q`` are the positions of the queries of this forward; ``pos_k`` those of ALL keys
+    the queries attend to (cached keys first). ``tensors`` holds per-method values (RoPE's
+    cos/sin, SeqPE's embeddings); ``aux_loss`` is a loss the caller must add (SeqPE's
+    α·L_δ + β·L_OOD) or None.
+    """
+
+    pos_q: Int[Tensor, "b n w"]
+    pos_k: Int[Tensor, "b m w"]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    aux_loss: Tensor | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+    """Scalars worth logging (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``)."""
+    shared_rows: bool = False
+    """All batch rows carry the same positions, so one ``[h, n, m]`` bias serves the batch."""
+    _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` once per forward; later layers get the stored value."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+
+class KVCache:
+    """Keys (already position-transformed), values and key positions for incremental decoding.
+
+    For adapters that own their cache. Per decoding step::
+
+        pos_k, mask = cache.extend(pos_new, mask_new)   # all key positions so far
+        state = pe.prepare(pos_new, pos_k)
+        ... pe.attend(q, k_new, v_new, state, layer, causal=True, key_padding_mask=mask, cache=cache)
+
+    Keys are cached after ``transform_qk``, so a cached key keeps the rotation / PE of its own
+    position and decoding equals the full forward.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.positions: Tensor | None = None
+        self.key_padding_mask: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def extend(
+        self, pos: Int[Tensor, "b n w"], key_padding_mask: Bool[Tensor, "b n"] | None = None
+    ) -> tuple[Int[Tensor, "b m w"], Bool[Tensor, "b m"] | None]:
+        """Append the new tokens' positions (and padding mask); return those of all keys."""
+        old = len(self)
+        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], dim=1)
+        if key_padding_mask is not None or self.key_padding_mask is not None:
+            b = pos.shape[0]
+            prev = self.key_padding_mask
+            if prev is None:
+                prev = torch.ones(b, old, dtype=torch.bool, device=pos.device)
+            new = key_padding_mask if key_padding_mask is not None else torch.ones(b, pos.shape[1], dtype=torch.bool, device=pos.device)
+            self.key_padding_mask = torch.cat([prev, new], dim=1)
+        return self.positions, self.key_padding_mask
+
+    def update(
+        self, layer: int, k: Float[Tensor, "b h n e"], v: Float[Tensor, "b h n ev"]
+    ) -> tuple[Float[Tensor, "b h m e"], Float[Tensor, "b h m ev"]]:
+        """Append this layer's new (transformed) keys and values; return all of them."""
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+def visibility_mask(
+    n: int, m: int, *, causal: bool, key_padding_mask: Bool[Tensor, "b m"] | None, device: torch.device
+) -> Bool[Tensor, "_ 1 n m"] | None:
+    """Which keys each query may see (True = attend); None when plain SDPA flags suffice.
+
+    Queries are the LAST ``n`` of the ``m`` tokens (bottom-right alignment), so with a cache
+    query ``i`` sees keys ``0 … m - n + i``. SDPA's ``is_causal`` aligns top-left, which is only
+    right when ``n == m``: that case returns None and the caller uses ``is_causal``.
+    """
+    if key_padding_mask is None and (not causal or n == m):
+        return None
+    mask = torch.ones(1, 1, n, m, dtype=torch.bool, device=device)
+    if causal:
+        mask = (torch.arange(m, device=device) <= torch.arange(n, device=device)[:, None] + (m - n))[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+        # A query that sees only padding (a left-pad token) would give NaN; its output is never used.
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return mask
+
+
+def materialize_score_mod(
+    score_mod: ScoreMod, batch: int, heads: int, n: int, m: int, device: torch.device
+) -> Float[Tensor, "_ h n m"]:
+    """The dense float32 bias ``score_mod(0, b, h, i, j)`` for every (b, h, i, j), by broadcasting."""
+    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+    qi = torch.arange(n, device=device).view(1, 1, n, 1)
+    ki = torch.arange(m, device=device).view(1, 1, 1, m)
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    return score_mod(zero, b, h, qi, ki).float().expand(batch, heads, n, m)
+
+
+_compiled_flex: Callable[..., Tensor] | None = None
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
+    global _compiled_flex
+    if not q.is_cuda:
+        return flex_attention(q, k, v, **kwargs)  # eager: forward only on CPU
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex(q, k, v, **kwargs)
+
+
+class PositionEncoding(nn.Module):
+    """Base class: every hook is a no-op, so NoPE is this class unchanged.
+
+    Subclasses override ``prepare`` (to compute per-forward tensors) and any of the hooks.
+    """
+
+    method: str = "nope"
+    score_backend: ScoreBackend = "auto"
+    """Where ``score_mod`` runs: FlexAttention (``flex``), one dense bias (``bias``), or
+    ``auto`` = FlexAttention on CUDA, the dense bias elsewhere (CPU FlexAttention has no backward)."""
+
+    def __init__(self, *, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_layers, self.width = num_heads, head_dim, num_layers, width
+
+    # -- per forward ----------------------------------------------------------------------
+    def prepare(
+        self,
+        pos_q: Int[Tensor, "b n w"],
+        pos_k: Int[Tensor, "b m w"] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        shifted: bool = False,
+    ) -> PEState:
+        """Once per backbone forward: check positions, compute what all layers share.
+
+        Args:
+            pos_k: positions of all keys (cached ones first); None means the queries themselves.
+            generator: randomness for training-time work (SeqPE's regularizer samplers).
+            shifted: this step's main positions were randomly shifted (SeqPE skips L_OOD then).
+        """
+        return self._new_state(pos_q, pos_k)
+
+    def _new_state(self, pos_q: Tensor, pos_k: Tensor | None) -> PEState:
+        if pos_k is None:
+            pos_k = pos_q
+        for name, pos in (("pos_q", pos_q), ("pos_k", pos_k)):
+            if pos.shape[-1] != self.width:
+                raise ValueError(f"{name} has {pos.shape[-1]} coordinates per position, but this {self.method} encoding's space has width {self.width}")
+        if pos_q.shape[0] != pos_k.shape[0]:
+            raise ValueError(f"pos_q and pos_k disagree on batch size: {pos_q.shape[0]} vs {pos_k.shape[0]}")
+        shared = bool((pos_q == pos_q[:1]).all()) and bool((pos_k == pos_k[:1]).all())
+        return PEState(pos_q=pos_q, pos_k=pos_k, shared_rows=shared)
+
+    # -- the three hooks ------------------------------------------------------------------
+    def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
+        """Added to the input token embeddings (APE, SeqPE input_add); None for the rest."""
+        return None
+
+    def transform_qk(
+        self, q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h mk e"], state: PEState, layer: int
+    ) -> tuple[Float[Tensor, "b h n eq"], Float[Tensor, "b h mk eq"]]:
+        """Position-dependent q/k before attention; ``k`` holds the LAST ``mk`` keys of ``state.pos_k``."""
+        return q, k
+
+    def score_mod(self, state: PEState, layer: int) -> ScoreMod | None:
+        """A FlexAttention ``score_mod`` adding a genuine score bias (ALiBi); None for the rest."""
+        return None
+
+    # -- attention ------------------------------------------------------------------------
+    def attend(
+        self,
+        q: Float[Tensor, "b h n e"],
+        k: Float[Tensor, "b h mk e"],
+        v: Float[Tensor, "b h mk ev"],
+        state: PEState,
+        layer: int,
+        *,
+        causal: bool,
+        key_padding_mask: Bool[Tensor, "b m"] | None = None,
+        dropout_p: float = 0.0,
+        scale: float | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "b h n ev"]:
+        """Position-aware attention for one layer; replaces the backbone's SDPA call.
+
+        Args:
+            k, v: keys/values of the last ``mk`` key positions: all ``m`` of them, or only the new
+                ones when ``cache`` holds the rest.
+            key_padding_mask: over all ``m`` keys, True = a real token.
+            scale: softmax scale; default ``1/sqrt(e)`` of the ORIGINAL head dim, kept when
+                ``transform_qk`` widens q/k (SeqPE attn_bias by concatenation).
+            cache: append this layer's transformed keys and values and attend to all of them.
+        """
+        n, m = q.shape[-2], state.pos_k.shape[1]
+        if q.shape[-2] != state.pos_q.shape[1]:
+            raise ValueError(f"q has {n} tokens but state.pos_q has {state.pos_q.shape[1]} positions")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        q, k = self.transform_qk(q, k, state, layer)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if k.shape[-2] != m:
+            raise ValueError(f"attention sees {k.shape[-2]} keys but state.pos_k has {m} positions; pass the cache or all keys")
+        if key_padding_mask is not None and key_padding_mask.shape[-1] != m:
+            raise ValueError(f"key_padding_mask covers {key_padding_mask.shape[-1]} keys, expected {m}")
+        dropout_p = dropout_p if self.training else 0.0
+
+        mod = self.score_mod(state, layer)
+        if mod is not None and self._use_flex(q, k, v, dropout_p):
+            block_mask = state.memo(("block_mask", causal, n, m), lambda: _block_mask(q, n, m, causal, key_padding_mask))
+            return _flex(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale)
+
+        mask = state.memo(("mask", causal, n, m), lambda: visibility_mask(n, m, causal=causal, key_padding_mask=key_padding_mask, device=q.device))
+        if mod is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and n == m, scale=scale
+            )
+        # One dense float32 bias per forward, masked once; relative distances keep it exact
+        # before the single cast to q's dtype (the released code cast absolute indices to bf16).
+        bias = state.memo(("bias", layer if self.bias_per_layer else None, causal), lambda: self._dense_bias(mod, state, mask, causal, q))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
+
+    bias_per_layer: bool = False
+    """Whether ``score_mod`` differs between layers (ALiBi's does not: one bias per forward)."""
+
+    def _use_flex(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+        if self.score_backend == "bias":
+            return False
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if self.score_backend == "flex":
+            if not q.is_cuda and needs_grad:
+                raise ValueError("score_backend='flex' needs a GPU for training: FlexAttention has no backward on CPU (use 'auto' or 'bias')")
+            if dropout_p > 0:
+                raise ValueError("score_backend='flex' does not support attention dropout (use 'auto' or 'bias')")
+            return True
+        return q.is_cuda and dropout_p == 0.0
+
+    def _dense_bias(self, mod: ScoreMod, state: PEState, mask: Tensor | None, causal: bool, q: Tensor) -> Tensor:
+        n, m = state.pos_q.shape[1], state.pos_k.shape[1]
+        rows = 1 if state.shared_rows else state.pos_q.shape[0]
+        bias = materialize_score_mod(mod, rows, self.num_heads, n, m, q.device)
+        if mask is None and causal:  # no padding and n == m, but is_causal cannot combine with a bias
+            mask = torch.ones(1, 1, n, m, dtype=torch.bool, device=q.device).tril()
+        return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, heads={self.num_heads}, head_dim={self.head_dim}, layers={self.num_layers}"
+
+
+def _block_mask(q: Tensor, n: int, m: int, causal: bool, key_padding_mask: Tensor | None) -> BlockMask | None:
+    if not causal and key_padding_mask is None:
+        return None
+    off = m - n
+    if key_padding_mask is None:
+        return create_block_mask(lambda b, h, i, j: j <= i + off, None, None, n, m, device=q.device)
+    kpm = key_padding_mask
+    # Left-pad queries that would see nothing are given every key, as in visibility_mask.
+    if causal:
+        seen = (torch.arange(m, device=q.device) <= torch.arange(n, device=q.device)[:, None] + off)[None] & kpm[:, None, :]
+    else:
+        seen = kpm[:, None, :].expand(-1, n, -1)
+    blind = ~seen.any(-1)  # (b, n)
+
+    def mask_mod(b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        ok = kpm[b, j]
+        if causal:
+            ok = ok & (j <= i + off)
+        return ok | blind[b, i]
+
+    return create_block_mask(mask_mod, kpm.shape[0], None, n, m, device=q.device)

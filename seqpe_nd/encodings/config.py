@@ -1,0 +1,249 @@
+"""One frozen pydantic config per method, a discriminated union on ``method``, and the factory.
+
+A RoPE option cannot reach ALiBi: each config forbids unknown fields, so a typo or an option of
+another method is an error naming the field, and an unknown ``method`` lists the valid ones.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
+
+from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE, default_interpolation
+from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
+from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
+from seqpe_nd.positions import GridSpace, HybridSpace, get_distance
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+Backend = Literal["auto", "flex", "bias"]
+
+
+class NoPEConfig(_Config):
+    """No position encoding."""
+
+    method: Literal["nope"] = "nope"
+
+
+class APESinConfig(_Config):
+    """Sinusoidal APE added to the input embeddings; N-D: per-axis sinusoids concatenated."""
+
+    method: Literal["ape_sin"] = "ape_sin"
+    base: float = Field(10_000.0, gt=1.0)
+    """Wavelength base of the sinusoids (Vaswani et al.: 10000)."""
+
+
+class APELearnConfig(_Config):
+    """Learned APE table, resampled beyond its extent (linear 1-D, bicubic 2-D, trilinear 3-D)."""
+
+    method: Literal["ape_learn"] = "ape_learn"
+    size: tuple[PositiveInt, ...] | None = None
+    """Table extent per axis; default the space's training extent L."""
+    interpolation: Literal["auto", "nearest", "linear", "bilinear", "bicubic", "trilinear"] = "auto"
+    """Resampling mode; auto = linear (1-D), bicubic (2-D), trilinear (3-D). align_corners=False."""
+    resize: Literal["grow", "exact"] = "grow"
+    """grow: resample only axes the positions outgrow; exact: always to the positions' extent (timm)."""
+    init_std: float = Field(0.02, ge=0.0)
+    """Std of the normal init of the table (GPT-2 / timm: 0.02)."""
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _scalar_is_1d(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, int) else value
+
+
+class RoPEConfig(_Config):
+    """RoPE on 1-D positions (use rope_axial or rope_mixed for N-D)."""
+
+    method: Literal["rope"] = "rope"
+    base: float = Field(10_000.0, gt=1.0)
+    """Frequency base θ; larger rotates slower."""
+
+
+class RoPEAxialConfig(_Config):
+    """Axial RoPE (Heo et al. RoPE2D, any dims): head dim split across axes."""
+
+    method: Literal["rope_axial"] = "rope_axial"
+    base: float = Field(100.0, gt=1.0)
+    """Frequency base; Heo et al. use 100 for ViTs (10000 makes it RoPE in 1-D)."""
+
+
+class RoPEMixedConfig(_Config):
+    """RoPE-Mixed (Heo et al.): learnable per-head frequency vectors mixing the axes."""
+
+    method: Literal["rope_mixed"] = "rope_mixed"
+    base: float = Field(10.0, gt=1.0)
+    """Base of the initial frequency magnitudes (Heo et al. and timm: 10)."""
+    per_layer: bool = True
+    """One set of frequencies per layer (Heo et al.), or one shared by all layers."""
+
+
+class ALiBiConfig(_Config):
+    """ALiBi on 1-D positions with Press et al.'s slopes (use alibi_nd for N-D)."""
+
+    method: Literal["alibi"] = "alibi"
+    backend: Backend = "auto"
+    """Where the bias runs: auto = FlexAttention on CUDA, one dense bias elsewhere; flex; bias."""
+
+
+class ALiBiNDConfig(_Config):
+    """ALiBi on any space: bias -m_h · δ(p_q, p_k) with a distance."""
+
+    method: Literal["alibi_nd"] = "alibi_nd"
+    distance: str | None = None
+    """Registered distance name; default the space's own distance (a hybrid space's metric)."""
+    backend: Backend = "auto"
+    """Where the bias runs: auto = FlexAttention on CUDA, one dense bias elsewhere; flex; bias."""
+
+    @field_validator("distance")
+    @classmethod
+    def _known(cls, name: str | None) -> str | None:
+        if name is not None:
+            get_distance(name)  # the error lists the valid names
+        return name
+
+
+class SeqPEConfig(_Config):
+    """SeqPE: a learned sequential encoder of position digits, plus its regularizers."""
+
+    method: Literal["seqpe"] = "seqpe"
+    integration: Literal["attn_sum", "attn_mul", "attn_bias", "input_add"] = "attn_bias"
+    """How PEs enter the model: Eq. 12 (attn_sum), 13 (attn_mul), 14 (attn_bias), or input_add."""
+    per_layer: bool = False
+    """One W_PE^{q,k} per layer, or one shared by all layers (the paper's LM setting)."""
+    hidden: PositiveInt = 768
+    """Encoder width (768 text, 384 images in the paper)."""
+    layers: PositiveInt = 2
+    """Encoder transformer layers."""
+    heads: PositiveInt | None = None
+    """Encoder attention heads; default hidden // 64."""
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    """Encoder MLP width ratio."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Encoder dropout."""
+    causal: bool = True
+    """Causal attention over the digit tokens (the paper's default)."""
+    init: Literal["normal", "trunc_normal"] = "normal"
+    """Encoder weight init: normal (text) or trunc_normal (images), std 0.02."""
+    alpha: float = Field(0.1, ge=0.0)
+    """Weight of L_δ (Eq. 9, 15); 0 disables it."""
+    beta: float = Field(0.1, ge=0.0)
+    """Weight of L_OOD (Eq. 10, 15); 0 disables it."""
+    ood_heads: PositiveInt | None = None
+    """Heads the embeddings split into for L_OOD; default the model's attention heads."""
+    symmetric_kl: bool = False
+    """L_OOD as KL(T‖S) + KL(S‖T) (released code) instead of Eq. 10's KL(SG(P)‖S)."""
+
+
+PEConfig = Annotated[
+    NoPEConfig | APESinConfig | APELearnConfig | RoPEConfig | RoPEAxialConfig | RoPEMixedConfig | ALiBiConfig | ALiBiNDConfig | SeqPEConfig,
+    Field(discriminator="method"),
+]
+"""Any position-encoding config; YAML picks one with ``method: <name>``."""
+
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(PEConfig)
+METHODS: tuple[str, ...] = ("nope", "ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "alibi", "alibi_nd", "seqpe")
+
+
+def load_pe_config(source: str | Path | dict[str, Any] | BaseModel) -> Any:
+    """A validated config from a YAML file, a dict or a config model."""
+    if isinstance(source, BaseModel):
+        return _ADAPTER.validate_python(source.model_dump())
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"position-encoding config {str(path)!r} does not exist")
+        source = yaml.safe_load(path.read_text())
+        if not isinstance(source, dict):
+            raise ValueError(f"{path} must hold a mapping with a 'method' field")
+    return _ADAPTER.validate_python(source)
+
+
+_NO_HYBRID_RULE = (
+    "{method} has no rule for hybrid positions (modality id, t, x_1..x_M): its coordinates are not "
+    "axes of one grid. Use nope, alibi_nd (the hybrid metric) or seqpe on a hybrid space"
+)
+
+
+def build_position_encoding(
+    config: Any,
+    *,
+    space: GridSpace | HybridSpace,
+    num_heads: int,
+    head_dim: int,
+    num_layers: int,
+    d_model: int,
+) -> PositionEncoding:
+    """The PositionEncoding a config names, sized for a backbone.
+
+    Args:
+        config: a config model, a dict or a YAML path (validated by ``load_pe_config``).
+        space: the position space positions come from (fixes their width and dimensionality).
+        d_model: width of the input embeddings (``embed``'s output, SeqPE's encoder output).
+    """
+    cfg = load_pe_config(config)
+    for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("num_layers", num_layers), ("d_model", d_model)):
+        if value < 1:
+            raise ValueError(f"{name} = {value} must be a positive integer")
+    sizes = dict(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers)
+    hybrid = isinstance(space, HybridSpace)
+    ndim = None if hybrid else space.ndim
+    method = cfg.method
+    if hybrid and method in ("ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "alibi"):
+        raise ValueError(_NO_HYBRID_RULE.format(method=method))
+    if method == "rope" and ndim != 1:
+        raise ValueError(f"rope is 1-D, but the space is {ndim}-D; use rope_axial (axes split) or rope_mixed (learned mixing)")
+    if method == "alibi" and ndim != 1:
+        raise ValueError(f"alibi is 1-D, but the space is {ndim}-D; use alibi_nd, which biases by the space's distance")
+
+    if method == "nope":
+        return NoPE(width=space.width, **sizes)
+    if method == "ape_sin":
+        return APESin(d_model=d_model, base=cfg.base, width=space.width, **sizes)
+    if method == "ape_learn":
+        assert isinstance(space, GridSpace)
+        size = cfg.size or space.L
+        if len(size) != space.ndim:
+            raise ValueError(f"ape_learn size {size} needs {space.ndim} entries for this {space.ndim}-D space")
+        interpolation = default_interpolation(space.ndim) if cfg.interpolation == "auto" else cfg.interpolation
+        return APELearn(d_model=d_model, size=size, interpolation=interpolation, resize=cfg.resize, init_std=cfg.init_std, **sizes)
+    if method == "rope":
+        return RoPE(base=cfg.base, width=1, **sizes)
+    if method == "rope_axial":
+        return RoPEAxial(base=cfg.base, width=space.width, **sizes)
+    if method == "rope_mixed":
+        return RoPEMixed(base=cfg.base, per_layer=cfg.per_layer, width=space.width, **sizes)
+    if method == "alibi":
+        return ALiBi(backend=cfg.backend, width=1, **sizes)
+    if method == "alibi_nd":
+        delta = space.delta if cfg.distance is None else get_distance(cfg.distance)
+        if hybrid and cfg.distance is not None:
+            raise ValueError("alibi_nd on a hybrid space uses the space's own metric; leave distance unset")
+        return ALiBiND(delta=delta, backend=cfg.backend, width=space.width, **sizes)
+    return _build_seqpe(cfg, space=space, d_model=d_model, **sizes)
+
+
+def _build_seqpe(cfg: SeqPEConfig, *, space: GridSpace | HybridSpace, d_model: int, num_heads: int, head_dim: int, num_layers: int) -> PositionEncoding:
+    # Imported here so the baselines work while the encoder module is absent or being edited.
+    from seqpe_nd.encoder import SeqPE
+    from seqpe_nd.encodings.seqpe import SeqPEEncoding
+    from seqpe_nd.regularizers import SeqPERegularizer
+
+    encoder = SeqPE(
+        space, d_model, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+        dropout=cfg.dropout, causal=cfg.causal, init=cfg.init,
+    )
+    regularizer = None
+    if cfg.alpha > 0 or cfg.beta > 0:
+        regularizer = SeqPERegularizer(
+            space, alpha=cfg.alpha, beta=cfg.beta, ood_heads=cfg.ood_heads or num_heads, symmetric_kl=cfg.symmetric_kl
+        )
+    return SeqPEEncoding(
+        encoder=encoder, regularizer=regularizer, integration=cfg.integration, per_layer=cfg.per_layer,
+        num_heads=num_heads, head_dim=head_dim, num_layers=num_layers,
+    )

@@ -1,0 +1,120 @@
+"""SeqPE inside attention: the four integrations of §3.5 behind the PositionEncoding hooks.
+
+Legend: ``b`` batch, ``n``/``m`` query/key tokens, ``w`` position width, ``h`` heads, ``e`` head
+dim, ``d`` model dim.
+
+``prepare`` encodes the forward's positions once (with the regularizers' positions in the same
+encoder call when training), then per layer ``E^q, E^k = E W_PE^{q,k}`` (Eq. 11), split across
+heads, enters attention as a q/k transform, so every integration runs in fused SDPA:
+
+* attn_sum  (Eq. 12): ``(q + e^q)·(k + e^k)``
+* attn_mul  (Eq. 13): ``(q ⊙ e^q)·(k ⊙ e^k)``
+* attn_bias (Eq. 14): ``q·k + e^q·e^k = [q, e^q]·[k, e^k]``: concatenated along the head dim and
+  scaled by the ORIGINAL ``1/√e``, so no ``[n, m]`` bias is ever built
+* input_add: ``x_i + e_i`` on the input embeddings (Eq. 4 with SeqPE's ``e``)
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from seqpe_nd.encoder import SeqPE
+from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.regularizers import SeqPERegularizer
+
+Integration = Literal["attn_sum", "attn_mul", "attn_bias", "input_add"]
+INTEGRATIONS: tuple[str, ...] = ("attn_sum", "attn_mul", "attn_bias", "input_add")
+
+
+def integrate(
+    x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integration: str
+) -> Float[Tensor, "b h n ex"]:
+    """One side (q or k) of Eq. 12-14 as a transform whose dot products give the paper's scores."""
+    pe = pe.to(x.dtype)
+    if integration == "attn_sum":
+        return x + pe
+    if integration == "attn_mul":
+        return x * pe
+    if integration == "attn_bias":
+        return torch.cat([x, pe], dim=-1)  # (b, h, n, 2e)
+    raise ValueError(f"unknown SeqPE integration {integration!r}; valid: {', '.join(INTEGRATIONS)}")
+
+
+class SeqPEEncoding(PositionEncoding):
+    """SeqPE (owning its encoder and optional regularizer, so both train with the model)."""
+
+    method = "seqpe"
+
+    def __init__(
+        self,
+        *,
+        encoder: SeqPE,
+        regularizer: SeqPERegularizer | None,
+        integration: Integration,
+        per_layer: bool,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int,
+    ) -> None:
+        super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=encoder.space.width)
+        if integration not in INTEGRATIONS:
+            raise ValueError(f"unknown SeqPE integration {integration!r}; valid: {', '.join(INTEGRATIONS)}")
+        self.encoder, self.regularizer = encoder, regularizer
+        self.integration, self.per_layer = integration, per_layer
+        if integration != "input_add":
+            depth = num_layers if per_layer else 1
+            # Eq. 11: W_PE^{q,k} ∈ R^{d × 2·h·e}; rows [:h·e] give E^q, rows [h·e:] give E^k.
+            self.w_pe = nn.ModuleList(nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=False) for _ in range(depth))
+
+    def prepare(
+        self,
+        pos_q: Int[Tensor, "b n w"],
+        pos_k: Int[Tensor, "b m w"] | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        shifted: bool = False,
+    ) -> PEState:
+        """Encode query and key positions in one call; in training, with the regularizers' sets."""
+        state = self._new_state(pos_q, pos_k)
+        same = state.pos_k is state.pos_q
+        main = pos_q if same else torch.cat([pos_q, state.pos_k], dim=1)
+        if self.training and self.regularizer is not None:
+            step = self.regularizer.step(self.encoder, main, generator or torch.default_generator, shifted=shifted)
+            emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
+        else:
+            emb = self.encoder(main)  # (b, n [+ m], d)
+        n = pos_q.shape[1]
+        state.tensors["e_q"] = emb[:, :n]
+        state.tensors["e_k"] = emb if same else emb[:, n:]
+        return state
+
+    def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
+        """input_add: the SeqPE embedding of each query position; None for attention integrations."""
+        return state.tensors["e_q"] if self.integration == "input_add" else None
+
+    def heads_pe(self, state: PEState, side: Literal["q", "k"], layer: int, rows: int) -> Float[Tensor, "b h r e"]:
+        """``E^q`` or ``E^k`` (Eq. 11) of the last ``rows`` positions, split across heads."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is out of range for {self.num_layers} layers")
+        lk = layer if self.per_layer else 0
+
+        def project() -> Tensor:
+            he = self.num_heads * self.head_dim
+            weight = self.w_pe[lk].weight[:he] if side == "q" else self.w_pe[lk].weight[he:]
+            e = F.linear(state.tensors[f"e_{side}"][:, -rows:], weight)  # (b, r, h*e)
+            return e.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (b, h, r, e)
+
+        return state.memo(("w_pe", side, lk, rows), project)
+
+    def transform_qk(
+        self, q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h mk e"], state: PEState, layer: int
+    ) -> tuple[Float[Tensor, "b h n eq"], Float[Tensor, "b h mk eq"]]:
+        """Eq. 12/13/14 as q/k transforms (k holds the last ``mk`` keys of ``state.pos_k``)."""
+        if self.integration == "input_add":
+            return q, k
+        e_q = self.heads_pe(state, "q", layer, q.shape[-2])
+        e_k = self.heads_pe(state, "k", layer, k.shape[-2])
+        return integrate(q, e_q, self.integration), integrate(k, e_k, self.integration)
