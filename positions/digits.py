@@ -42,7 +42,7 @@ def perturb_digits(
 
     Edits act on the significant digits (the number written without left padding), as the
     paper's Appendix A.2 describes for hard negatives; an added leading digit is never 0.
-    ``width`` bounds the result to ``base**width - 1`` digits so an added digit cannot overflow.
+    Values must be below ``base**(width - 1)``, so that an added digit still fits in ``width``.
     """
     n = values.shape[0]
     dev = values.device

@@ -219,9 +219,7 @@ def sample_ood(space: BoxSpace, generator: torch.Generator) -> OODBatch:
     extent = train_hi - lo  # (g, w)
     sizes = extent.prod(-1)
     total = int(sizes.sum())
-    if settings.num_teachers > total:
-        raise ValueError(f"ood.num_teachers = {settings.num_teachers} exceeds |D_train| = {total}; lower it")
-    flat = torch.multinomial(torch.ones(settings.num_starts, total, device=dev), settings.num_teachers, generator=generator)
+    flat = torch.multinomial(torch.ones(settings.num_starts, total, device=dev), settings.teachers(total), generator=generator)
     ends = sizes.cumsum(0)
     g = torch.searchsorted(ends, flat, right=True)  # (s, m)
     rest = flat - (ends - sizes)[g]

@@ -51,8 +51,15 @@ class OODSettings(Frozen):
 
     num_starts: PositiveInt = 16
     """Shifted regions D_z per step."""
-    num_teachers: int = Field(32, ge=2)
-    """Teacher positions m drawn without replacement from D_train per region."""
+    num_teachers: int | None = Field(None, ge=2)
+    """Teacher positions m per region, drawn without replacement from D_train; default min(32, |D_train|)."""
+
+    def teachers(self, train_size: int) -> int:
+        if self.num_teachers is None:
+            return min(32, train_size)
+        if self.num_teachers > train_size:
+            raise ValueError(f"ood.num_teachers = {self.num_teachers} exceeds |D_train| = {train_size}; it must be at most that")
+        return self.num_teachers
     min_shift: float = Field(0.25, ge=0.0)
     """A shift z is kept when max_i z_i / L_i reaches this (1-D text: L/4; images: one full L)."""
 

@@ -17,6 +17,7 @@ never ask which kind they hold:
 """
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,6 +144,7 @@ class GridSpace(_SpaceMixin, Frozen):
                 f"but L_max = {max(self.L_max)} needs k >= {need}"
             )
         self.contrastive.window(self.ndim)  # validates the window's length
+        self.ood.teachers(math.prod(self.L))
         return self
 
     # -- layout ---------------------------------------------------------------------------
@@ -375,6 +377,7 @@ class HybridSpace(_SpaceMixin, Frozen):
             object.__setattr__(self, "timeline", Timeline(L=l, L_max=lm))
         elif self.timeline.L > self.timeline.L_max:
             raise ValueError(f"timeline.L = {self.timeline.L} exceeds timeline.L_max = {self.timeline.L_max}")
+        self.ood.teachers(int(self.box_train_hi.sub(self.box_lo).prod(-1).sum()))
         return self
 
     # -- layout ---------------------------------------------------------------------------

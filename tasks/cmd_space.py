@@ -4,6 +4,7 @@ import argparse
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
@@ -58,7 +59,7 @@ def run_show(args: argparse.Namespace) -> int:
     table.add_column("position")
     table.add_column("tokens")
     for i, (p, t) in enumerate(zip(pos, tokens)):
-        table.add_row(str(i), str(p.tolist()), _fmt_tokens(space, t))
+        table.add_row(str(i), str(p.tolist()), escape(_fmt_tokens(space, t)))
     console.print(table)
 
     dist = space.delta(pos[:, None], pos[None])

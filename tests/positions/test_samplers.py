@@ -1,0 +1,147 @@
+"""Samplers for every kind of space: in range, p+ a true argmin, windows, D_z, shift."""
+
+import pytest
+import torch
+
+from seqpe_nd.positions import STRATEGIES, load_space
+from tests.positions.conftest import SPACES
+
+
+def in_range(space, pos: torch.Tensor, hi: torch.Tensor) -> bool:
+    g = space.group_of(pos)
+    lo = space.box_lo[g]
+    return bool(((pos >= lo) & (pos < hi[g])).all())
+
+
+def test_samples_inside_l_max(space):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        cb = space.sample_contrastive(gen)
+        ob = space.sample_ood(gen)
+        for pos in (cb.pivots, cb.candidates, ob.teacher, ob.student, space.sample_uniform(64, gen)):
+            assert in_range(space, pos, space.box_max_hi)
+            space.check(pos)  # tokenizable too
+    assert in_range(space, space.sample_uniform(64, gen, train=True), space.box_train_hi)
+
+
+def test_p_plus_is_the_true_argmin(space):
+    cb = space.sample_contrastive(torch.Generator().manual_seed(1), batch=64)
+    b, c, _ = cb.candidates.shape
+    for i in range(b):
+        dists = [space.delta(cb.pivots[i], cb.candidates[i, j]).item() for j in range(c)]
+        valid = cb.valid[i].tolist()
+        t = int(cb.target[i])
+        assert valid[t]
+        best = min(d for d, v in zip(dists, valid) if v)
+        assert dists[t] == best
+        # ties with p+ and copies of the pivot never enter the softmax
+        assert sum(1 for d, v in zip(dists, valid) if v and d == best) == 1
+        for j in range(c):
+            if torch.equal(cb.candidates[i, j], cb.pivots[i]):
+                assert not valid[j]
+        # a duplicated candidate enters once
+        kept = [tuple(cb.candidates[i, j].tolist()) for j in range(c) if valid[j]]
+        assert len(kept) == len(set(kept))
+
+
+def test_local_windows(space):
+    cb = space.sample_contrastive(torch.Generator().manual_seed(2), batch=64)
+    local = cb.strategy == STRATEGIES.index("local")
+    assert bool(local.any())
+    cand, lo, hi = cb.candidates[local], cb.window_lo[local], cb.window_hi[local]
+    assert bool(((cand >= lo) & (cand < hi)).all())
+    g = space.group_of(cand)
+    assert torch.equal(hi - lo, space.box_window[g])  # the configured window, clamped to L_max
+    assert bool((hi <= space.box_max_hi[g]).all())
+    # windows sit at random offsets wherever the window is smaller than the range
+    room = (space.box_max_hi - space.box_lo - space.box_window)[g] > 0
+    assert bool(room.any())
+    assert bool((lo - space.box_lo[g])[room].gt(0).any())
+
+
+@pytest.mark.parametrize("kind", ["2d", "3d", "hybrid"])
+def test_hard_negatives(kind):
+    space = load_space(SPACES[kind])
+    cb = space.sample_contrastive(torch.Generator().manual_seed(3), batch=128)
+    hard_rows = cb.strategy == STRATEGIES.index("global_hard")
+    assert bool(cb.is_hard[hard_rows].any()) and not bool(cb.is_hard[~hard_rows].any())
+    for i in hard_rows.nonzero().squeeze(-1).tolist():
+        random_valid = cb.valid[i] & ~cb.is_hard[i]
+        nearest_random = cb.distances[i][random_valid].min()
+        for j in cb.is_hard[i].nonzero().squeeze(-1).tolist():
+            h, p = cb.candidates[i, j], cb.pivots[i]
+            assert not torch.equal(h, p)
+            # edits change coordinates but never the modality of a hybrid position
+            if kind == "hybrid":
+                assert h[0] == p[0]
+            if cb.valid[i, j]:
+                assert cb.distances[i, j] > nearest_random  # p+ always comes from the random part
+        assert not bool(cb.is_hard[i, cb.target[i]])
+
+
+def test_ood_regions(space):
+    ob = space.sample_ood(torch.Generator().manual_seed(4))
+    s, m, w = ob.teacher.shape
+    assert (s, m) == (space.ood.num_starts, space.ood.num_teachers or 32)
+    assert in_range(space, ob.teacher, space.box_train_hi)  # teachers in D_train
+    movable = space.box_digits[space.group_of(ob.teacher)] > 0
+    # students are the same offsets shifted by one z per region, so |D_z| = |D_train|
+    assert torch.equal(ob.student - ob.teacher, torch.where(movable, ob.shift[:, None, :], 0))
+    for r in range(s):  # teachers are drawn without replacement
+        assert len({tuple(p) for p in ob.teacher[r].tolist()}) == m
+    # far enough out: max_i z_i / L_i >= min_shift
+    ref = torch.where(space.box_digits > 0, space.box_train_hi - space.box_lo, 0).amax(0).clamp(min=1)
+    assert bool(((ob.shift.double() / ref).amax(-1) >= space.ood.min_shift).all())
+
+
+def test_ood_min_shift_that_cannot_be_met():
+    space = load_space({"L": 10, "L_max": 12, "ood": {"min_shift": 1.0, "num_teachers": 4}})
+    with pytest.raises(ValueError, match="min_shift = 1.0 cannot be met"):
+        space.sample_ood(torch.Generator().manual_seed(0))
+
+
+def test_start_shift(space):
+    gen = torch.Generator().manual_seed(5)
+    draws = [space.sample_shift(gen) for _ in range(2000)]
+    rate = sum(d.applied for d in draws) / len(draws)
+    assert abs(rate - space.shift.prob) < 0.03
+    assert all(not bool(d.z.any()) for d in draws if not d.applied)
+    assert any(bool(d.z.any()) for d in draws if d.applied)
+    # a shifted training region stays inside L_max
+    lo, hi = space.box_lo, space.box_train_hi
+    for d in draws:
+        if d.applied:
+            top = space.apply_shift(hi - 1, d.z)
+            assert in_range(space, top, space.box_max_hi)
+            assert in_range(space, space.apply_shift(lo, d.z), space.box_max_hi)
+
+
+def test_hybrid_shift_keeps_modality_and_padding():
+    space = load_space(SPACES["hybrid"])
+    lay = space.layout("text:3, image:2x2")
+    z = torch.tensor([5, 7, 2, 3, 4])
+    out = space.apply_shift(lay.positions, z)
+    assert torch.equal(out[:, 0], lay.positions[:, 0])
+    assert out[:3, 1:].tolist() == [[7, 0, 0, 0], [8, 0, 0, 0], [9, 0, 0, 0]]
+    assert out[3:, 1:].tolist() == [[10, 2, 3, 0], [10, 2, 4, 0], [10, 3, 3, 0], [10, 3, 4, 0]]
+
+
+def test_samplers_are_deterministic_under_a_seed(space):
+    a = space.sample_contrastive(torch.Generator().manual_seed(7))
+    b = space.sample_contrastive(torch.Generator().manual_seed(7))
+    assert torch.equal(a.candidates, b.candidates) and torch.equal(a.target, b.target)
+    oa, ob = space.sample_ood(torch.Generator().manual_seed(7)), space.sample_ood(torch.Generator().manual_seed(7))
+    assert torch.equal(oa.student, ob.student)
+
+
+def test_strategy_mix_is_followed():
+    space = load_space({"L": 8, "L_max": 1000, "contrastive": {"mix": {"local": 1.0}, "batch": 64}})
+    cb = space.sample_contrastive(torch.Generator().manual_seed(0))
+    assert bool((cb.strategy == STRATEGIES.index("local")).all())
+    assert bool(((cb.window_hi - cb.window_lo) == 256).all())  # max(256, 5C) in 1-D
+
+
+def test_tiny_space_still_finds_candidates():
+    space = load_space({"L": 1, "L_max": 3, "contrastive": {"num_candidates": 2, "batch": 32}, "ood": {"min_shift": 0.0}})
+    cb = space.sample_contrastive(torch.Generator().manual_seed(0))
+    assert bool(cb.valid.any(-1).all())
