@@ -18,8 +18,10 @@ from torch import Tensor
 
 
 def rope_inv_freq(num: int, base: float) -> Float[Tensor, " f"]:
-    """``1 / base^(i/num)`` for ``i < num``: in 1-D with ``num = e/2`` this is RoFormer's θ_i."""
-    return 1.0 / (base ** (torch.arange(num, dtype=torch.float64) / num)).float()
+    """``1 / base^(i/num)`` for ``i < num``: in 1-D with ``num = e/2`` this is RoFormer's θ_i.
+
+    In float32 with one rounding per step, as Hugging Face and timm compute it (bit-identical)."""
+    return 1.0 / (base ** (torch.arange(num, dtype=torch.float32) / num))
 
 
 def axial_angles(pos: Int[Tensor, "b n w"], inv_freq: Float[Tensor, " f"]) -> Float[Tensor, "b n wf"]:
