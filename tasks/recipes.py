@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 import yaml
 from pydantic import ValidationError
@@ -26,6 +26,7 @@ RECIPES: dict[str, str] = {
 }
 
 
+@runtime_checkable
 class Recipe(Protocol):
     """What a recipe module exposes."""
 
