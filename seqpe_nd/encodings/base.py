@@ -21,6 +21,7 @@ there is no cache and no padding).
 """
 
 import math
+import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,7 +153,9 @@ _compiled_flex: Callable[..., Tensor] | None = None
 def _flex(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
     global _compiled_flex
     if not q.is_cuda:
-        return flex_attention(q, k, v, **kwargs)  # eager: forward only on CPU
+        with warnings.catch_warnings():  # eager on purpose: compiling for CPU buys nothing here
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(q, k, v, **kwargs)  # forward only on CPU
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex(q, k, v, **kwargs)
