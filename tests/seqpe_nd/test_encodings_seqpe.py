@@ -1,0 +1,144 @@
+"""SeqPE integrations against Eq. 12-14 written out with explicit score matrices."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import seqpe_nd.encodings.base as base_module
+from seqpe_nd.encodings import build_position_encoding
+from seqpe_nd.encodings.seqpe import SeqPEEncoding
+from seqpe_nd.positions import load_space
+
+H, E, LAYERS = 2, 8, 3
+D = H * E
+TINY = {"hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0}
+
+
+def space(extent: list[int]):
+    return load_space({"L": extent, "L_max": [e * 8 for e in extent], "contrastive": {"batch": 4, "num_candidates": 8, "local_window": [4] * len(extent)}, "ood": {"num_starts": 2, "num_teachers": 4}})
+
+
+def build(extent: list[int], **cfg) -> SeqPEEncoding:
+    pe = build_position_encoding({"method": "seqpe", **TINY, **cfg}, space=space(extent), num_heads=H, head_dim=E, num_layers=LAYERS, d_model=D)
+    assert isinstance(pe, SeqPEEncoding)
+    return pe
+
+
+def heads_of(e: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """E W (Eq. 11), the PE split across heads: head h gets columns h·e … (h+1)·e."""
+    proj = e @ weight.T  # (b, n, h*e)
+    return torch.stack([proj[..., h * E : (h + 1) * E] for h in range(H)], dim=1)  # (b, h, n, e)
+
+
+def naive(scores: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """softmax(A / √e) v with A given (Eq. 3)."""
+    n, m = scores.shape[-2:]
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool).tril(m - n).logical_not(), float("-inf"))
+    return torch.softmax(scores / math.sqrt(E), dim=-1) @ v
+
+
+@pytest.mark.parametrize("integration", ["attn_sum", "attn_mul", "attn_bias"])
+@pytest.mark.parametrize("extent", [[10], [3, 3], [2, 2, 2]])
+@pytest.mark.parametrize("causal", [True, False])
+def test_integrations_equal_their_equations(integration: str, extent: list[int], causal: bool) -> None:
+    torch.manual_seed(0)
+    pe = build(extent, integration=integration, per_layer=True).eval()
+    sp = space(extent)
+    pos = torch.stack([sp.positions(), sp.positions() + 2])  # rows differ
+    n = pos.shape[1]
+    q, k, v = (torch.randn(2, H, n, E) for _ in range(3))
+    layer = 1
+    got = pe.attend(q, k, v, pe.prepare(pos), layer, causal=causal)
+
+    emb = pe.encoder(pos)  # (b, n, d)
+    w = pe.w_pe[layer].weight
+    e_q, e_k = heads_of(emb, w[:D]), heads_of(emb, w[D:])
+    scores = {
+        "attn_sum": (q + e_q) @ (k + e_k).transpose(-1, -2),  # Eq. 12
+        "attn_mul": (q * e_q) @ (k * e_k).transpose(-1, -2),  # Eq. 13
+        "attn_bias": q @ k.transpose(-1, -2) + e_q @ e_k.transpose(-1, -2),  # Eq. 14
+    }[integration]
+    torch.testing.assert_close(got, naive(scores, v, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_attn_bias_runs_in_plain_sdpa_with_the_original_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Concatenation keeps SDPA's is_causal path: no mask, no [n, m] bias, scale 1/√e not 1/√(2e)."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, kwargs))
+        return real(q, k, v, **kwargs)
+
+    pe = build([12], integration="attn_bias").eval()
+    q = torch.randn(1, H, 12, E)
+    state = pe.prepare(torch.arange(12)[None, :, None])  # the encoder's own attention runs here
+    monkeypatch.setattr(base_module.F, "scaled_dot_product_attention", spy)
+    pe.attend(q, q, q, state, 0, causal=True)
+    (q_shape, k_shape, kwargs), = calls
+    assert q_shape[-1] == k_shape[-1] == 2 * E
+    assert kwargs["attn_mask"] is None and kwargs["is_causal"] is True
+    assert kwargs["scale"] == pytest.approx(1 / math.sqrt(E))
+
+
+def test_input_add_embeds_the_encoder_output_and_leaves_attention_alone() -> None:
+    torch.manual_seed(0)
+    pe = build([3, 4], integration="input_add").eval()
+    assert not hasattr(pe, "w_pe")
+    pos = space([3, 4]).positions()[None]
+    state = pe.prepare(pos)
+    torch.testing.assert_close(pe.embed(state), pe.encoder(pos))
+    q = torch.randn(1, H, 12, E)
+    torch.testing.assert_close(pe.attend(q, q, q, state, 2, causal=False), F.scaled_dot_product_attention(q, q, q))
+
+
+def test_w_pe_shared_or_per_layer() -> None:
+    torch.manual_seed(0)
+    pos = torch.arange(6)[None, :, None]
+    q = torch.randn(1, H, 6, E)
+    shared, per_layer = build([6], per_layer=False).eval(), build([6], per_layer=True).eval()
+    assert len(shared.w_pe) == 1 and len(per_layer.w_pe) == LAYERS
+    s = shared.prepare(pos)
+    torch.testing.assert_close(shared.attend(q, q, q, s, 0, causal=True), shared.attend(q, q, q, s, 2, causal=True))
+    p = per_layer.prepare(pos)
+    assert not torch.allclose(per_layer.attend(q, q, q, p, 0, causal=True), per_layer.attend(q, q, q, p, 2, causal=True))
+    with pytest.raises(ValueError, match="out of range"):
+        shared.attend(q, q, q, s, LAYERS, causal=True)
+
+
+def test_regularizer_loss_in_training_only_and_options_reach_it() -> None:
+    pe = build([8], alpha=0.3, beta=0.2, ood_heads=4, symmetric_kl=True)
+    reg = pe.regularizer
+    assert reg is not None and (reg.alpha, reg.beta, reg.ood_heads, reg.symmetric_kl) == (0.3, 0.2, 4, True)
+    pos = torch.arange(8)[None, :, None]
+    state = pe.train().prepare(pos, generator=torch.Generator().manual_seed(1))
+    assert state.aux_loss is not None and state.aux_loss.requires_grad and state.logs["loss_ood"] > 0
+    again = pe.prepare(pos, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again.aux_loss, state.aux_loss)  # the generator drives the samplers
+    shifted = pe.prepare(pos + 5, generator=torch.Generator().manual_seed(1), shifted=True)
+    assert shifted.logs["loss_ood"] == 0.0  # L_OOD only on unshifted steps
+    assert pe.eval().prepare(pos).aux_loss is None
+    assert build([8], alpha=0.0, beta=0.0).regularizer is None
+    assert build([8]).regularizer.ood_heads == H  # default: the model's heads
+
+
+def test_encoder_options_reach_the_encoder() -> None:
+    cfg = {"hidden": 24, "layers": 3, "heads": 3, "mlp_ratio": 2.0, "dropout": 0.2, "causal": False, "init": "trunc_normal"}
+    pe = build_position_encoding({"method": "seqpe", **cfg}, space=space([4]), num_heads=H, head_dim=E, num_layers=1, d_model=D)
+    assert isinstance(pe, SeqPEEncoding)
+    assert {k: pe.encoder.config[k] for k in cfg} == cfg
+    assert pe.encoder.d_model == D
+
+
+def test_cached_keys_use_their_own_positions() -> None:
+    """k holds only the last keys of pos_k: their PE comes from the END of e_k."""
+    torch.manual_seed(0)
+    pe = build([10], integration="attn_sum").eval()
+    pos = torch.arange(10)[None, :, None]
+    q, k = torch.randn(1, H, 10, E), torch.randn(1, H, 10, E)
+    _, full_k = pe.transform_qk(q, k, pe.prepare(pos), 0)
+    _, tail_k = pe.transform_qk(q[:, :, -1:], k[:, :, -3:], pe.prepare(pos[:, -1:], pos), 0)
+    torch.testing.assert_close(tail_k, full_k[:, :, -3:])
