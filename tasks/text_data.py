@@ -121,11 +121,12 @@ class TextTokenizer:
         _atomic_write_bytes(Path(path), self.tokenizer.to_str().encode())
 
     @classmethod
-    def load(cls, path: Path) -> "TextTokenizer":
+    def load(cls, path: Path, eos_id: int | None = None) -> "TextTokenizer":
+        """Read ``tokenizer.json``; the EOS id defaults to that of ``<|endoftext|>``."""
         tok = Tokenizer.from_file(str(path))
-        eos = tok.token_to_id(EOS)
+        eos = tok.token_to_id(EOS) if eos_id is None else eos_id
         if eos is None:
-            raise ValueError(f"tokenizer {path} has no {EOS!r} token")
+            raise ValueError(f"tokenizer {path} has no {EOS!r} token; pass its end-of-text id")
         return cls(tok, eos)
 
 
@@ -251,11 +252,13 @@ def _load_split_texts(cfg: TextDataConfig) -> dict[str, Sequence[str]]:
         raise ValueError(f"data.text_field {cfg.text_field!r} is not a column; columns: {ds['train'].column_names}")
     if all(s in ds for s in SPLITS):
         return {s: ds[s][cfg.text_field] for s in SPLITS}
-    # No held-out splits given: split the training documents (plus any given split is kept as is).
+    # A held-out split the source lacks is carved out of the training documents; given ones are kept.
     train = ds["train"][cfg.text_field]
-    idx = split_documents(len(train), cfg.valid_fraction, cfg.test_fraction, cfg.split_seed)
-    out: dict[str, Sequence[str]] = {}
-    for s in SPLITS:
+    valid_fraction = 0.0 if "validation" in ds else cfg.valid_fraction
+    test_fraction = 0.0 if "test" in ds else cfg.test_fraction
+    idx = split_documents(len(train), valid_fraction, test_fraction, cfg.split_seed)
+    out: dict[str, Sequence[str]] = {"train": [train[int(i)] for i in idx["train"]]}
+    for s in ("validation", "test"):
         out[s] = ds[s][cfg.text_field] if s in ds else [train[int(i)] for i in idx[s]]
     return out
 
@@ -271,6 +274,12 @@ def cache_key(cfg: TextDataConfig) -> str:
         settings["fingerprint"] = _embedded_fingerprint()
     elif cfg.source == "files":
         settings["fingerprint"] = _files_fingerprint(cfg.data_files or [])
+    elif Path(cfg.dataset).is_dir():  # a local data set directory: its content, not its name
+        settings["fingerprint"] = _files_fingerprint(sorted(str(p) for p in Path(cfg.dataset).rglob("*") if p.is_file()))
+    if cfg.tokenizer != "bpe" and Path(cfg.tokenizer).is_dir():
+        settings["tokenizer_fingerprint"] = _files_fingerprint(
+            sorted(str(p) for p in Path(cfg.tokenizer).rglob("*") if p.is_file())
+        )
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -330,7 +339,7 @@ class TextCorpus:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.meta: dict[str, Any] = json.loads((self.directory / "meta.json").read_text())
-        self.tokenizer = TextTokenizer.load(self.directory / "tokenizer.json")
+        self.tokenizer = TextTokenizer.load(self.directory / "tokenizer.json", eos_id=int(self.meta["eos_id"]))
         self.dtype = np.dtype(self.meta["dtype"])
         self._maps: dict[str, np.ndarray] = {}
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainTask(Protocol):
 
         ``model`` may be DDP- or compile-wrapped: call ``model(...)`` for the forward and reach
         submodules through :func:`unwrap`. ``generator`` is this rank's checkpointed RNG, on the device.
+        Every trainable parameter must get a gradient each step (DDP); freeze the ones that do not.
         """
         ...
 
@@ -242,6 +244,20 @@ def _maybe_no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
+def _check_every_param_learns(model: nn.Module, world: int) -> None:
+    """DDP needs a gradient for every trainable parameter each step; say which have none, early."""
+    idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if not idle:
+        return
+    msg = (
+        f"{len(idle)} trainable parameters received no gradient in the first step: {', '.join(idle[:8])}"
+        f"{' ...' if len(idle) > 8 else ''}; freeze them (requires_grad=False) or remove them from the model"
+    )
+    if world > 1:  # DDP would stall or fail on the next forward with a less helpful message
+        raise ValueError(msg)
+    warnings.warn(msg + " (multi-process DDP runs refuse this)", stacklevel=3)
+
+
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -366,6 +382,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 for k, v in metrics.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
 
+            if step == start:
+                _check_every_param_learns(raw, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

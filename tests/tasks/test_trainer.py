@@ -48,9 +48,11 @@ class ToyTask:
         self.validating = False
         self.batches_during_validation = 0
         self.validations = 0
+        self.model: nn.Module | None = None
 
     def build_model(self) -> nn.Module:
-        return ToyLM()
+        self.model = ToyLM()
+        return self.model
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
         if step == self.crash_at:
@@ -188,6 +190,17 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_
 def test_bf16_autocast_runs_on_cpu(tmp_path: Path) -> None:
     result = train(ToyTask(), CFG.model_copy(update={"steps": 2, "precision": "bf16"}), tmp_path / "run")
     assert math.isfinite(result["train/loss"])
+
+
+def test_parameters_without_gradient_are_named(tmp_path: Path) -> None:
+    class Idle(ToyTask):
+        def build_model(self) -> nn.Module:
+            model = ToyLM()
+            model.unused = nn.Linear(2, 2)
+            return model
+
+    with pytest.warns(UserWarning, match=r"2 trainable parameters received no gradient .*: unused\.weight, unused\.bias"):
+        train(Idle(), CFG.model_copy(update={"steps": 1}), tmp_path / "run")
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
