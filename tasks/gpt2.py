@@ -1,0 +1,256 @@
+"""Hugging Face GPT-2 with any position encoding, through transformers' attention-function seam.
+
+Nothing of ``modeling_gpt2.py`` is copied. The stock ``GPT2LMHeadModel`` runs unchanged except at
+its two position seams:
+
+- ``transformer.wpe`` (the learned lookup by index) becomes :class:`NoPositionLookup`, a zero; the
+  PE's ``embed`` hook (APE, SeqPE ``input_add``) is added to the token embeddings instead;
+- the attention function is ours, registered with transformers under :data:`ATTN_IMPLEMENTATION`
+  together with a mask function: it hands q, k, v of each layer to ``pe.attend`` with the
+  explicit query/key positions of this forward and the key padding mask.
+
+``PositionEncoding.prepare`` runs once per forward in :meth:`GPT2WithPE.forward`; its state
+reaches every layer as a keyword argument that transformers threads through to the attention
+function. Positions are never inferred from an index or a cache length: the positions of cached
+keys are recorded on the cache object itself, so incremental decoding, shifted starts and
+left-padded batches see exactly the positions of the full forward.
+
+Tested against transformers 5.24 (pinned ``>=5.24,<5.25`` in pyproject: the attention interface
+and mask interface change between minors).
+
+Legend: b batch, n query tokens, m key tokens, h heads, e head dim, d model dim, w coordinates
+per position (1 for text), v vocabulary.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from seqpe_nd.encodings.base import PositionEncoding
+
+ATTN_IMPLEMENTATION = "seqpe_nd"
+"""Name under which the attention and mask functions are registered with transformers."""
+
+_KEY_POSITIONS = "_seqpe_nd_key_positions"  # attribute on a Cache: positions of its keys, (b, m, w)
+
+
+@dataclass(frozen=True)
+class PEForward:
+    """What one model forward hands to every layer's attention: the PE and its prepared state."""
+
+    pe: PositionEncoding
+    state: Any
+
+
+def _attention(
+    module: nn.Module,
+    query: Float[Tensor, "b h n e"],
+    key: Float[Tensor, "b h m e"],
+    value: Float[Tensor, "b h m e"],
+    attention_mask: Bool[Tensor, "b m"] | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    seqpe_nd: PEForward | None = None,
+    **_: Any,
+) -> tuple[Float[Tensor, "b n h e"], None]:
+    """The registered attention function: ``pe.attend`` on this layer with explicit positions."""
+    if seqpe_nd is None:
+        raise RuntimeError(
+            f"attention implementation {ATTN_IMPLEMENTATION!r} needs the PE state of the forward; "
+            "call GPT2WithPE.forward (or generate), not the inner transformer directly"
+        )
+    out = seqpe_nd.pe.attend(
+        query, key, value, seqpe_nd.state, module.layer_idx,
+        causal=True, key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling,
+    )  # (b, h, n, e); queries are the last n of the m keys
+    return out.transpose(1, 2), None  # (b, n, h, e)
+
+
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **_: Any,
+) -> Bool[Tensor, "b m"] | None:
+    """The registered mask function: a key padding mask (True = attend), or None when nothing is padded.
+
+    Causality is not expressed here: ``pe.attend`` applies it (queries are the last n of m keys).
+    """
+    if attention_mask is None:
+        return None
+    mask = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
+
+
+class NoPositionLookup(nn.Module):
+    """Stands in for GPT-2's ``wpe``: positions enter through the PositionEncoding, never by index."""
+
+    def forward(self, position_ids: Tensor) -> Tensor:
+        return torch.zeros((), device=position_ids.device)  # a 0-d zero broadcasts and keeps the embedding dtype
+
+
+@dataclass
+class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
+    """GPT-2's output plus the PE's auxiliary loss of this forward (SeqPE regularizers in training)."""
+
+    pe_aux_loss: torch.Tensor | None = None
+
+
+def check_gpt2_config(config: GPT2Config) -> None:
+    """Refuse GPT-2 options whose behaviour the PE's attention would silently drop."""
+    unsupported = {
+        "reorder_and_upcast_attn": (config.reorder_and_upcast_attn, False),  # an eager-only code path
+        "add_cross_attention": (config.add_cross_attention, False),
+    }
+    for name, (value, needed) in unsupported.items():
+        if bool(value) != needed:
+            raise ValueError(f"GPT2Config.{name} = {value} is not supported by GPT2WithPE (allowed: {needed})")
+    if config.n_embd % config.n_head:
+        raise ValueError(f"GPT2Config.n_embd = {config.n_embd} must be divisible by n_head = {config.n_head}")
+
+
+class GPT2WithPE(GPT2LMHeadModel):
+    """``GPT2LMHeadModel`` whose positions come from a :class:`PositionEncoding` ``pe``.
+
+    ``forward`` takes the stock arguments; ``position_ids`` may be ``(b, n)`` or explicit
+    ``(b, n, w)`` coordinates. Without them, positions continue after the cached keys, or count
+    the real tokens of ``attention_mask`` (left padding), or start at 0. ``pe_shifted`` tells the
+    PE that this training step uses shifted positions (the OOD loss is then skipped);
+    ``pe_generator`` drives the PE's regularizer sampling.
+    """
+
+    def __init__(self, config: GPT2Config, pe: PositionEncoding) -> None:
+        check_gpt2_config(config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        super().__init__(config)
+        self.transformer.wpe = NoPositionLookup()  # the wpe seam
+        self.pe = pe
+
+    # -- positions ------------------------------------------------------------------------
+    @staticmethod
+    def _past_positions(cache: Cache | None, batch: int) -> Int[Tensor, "b p w"] | None:
+        """Positions of the keys already in ``cache``, as recorded when they were added."""
+        if cache is None:
+            return None
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(f"GPT2WithPE supports DynamicCache only, got {type(cache).__name__}")
+        seen = cache.get_seq_length()
+        if seen == 0:
+            return None
+        past = getattr(cache, _KEY_POSITIONS, None)
+        if past is None or past.shape[1] < seen:
+            have = 0 if past is None else past.shape[1]
+            raise ValueError(
+                f"the cache holds {seen} keys but positions were recorded for {have}; "
+                "fill caches through GPT2WithPE so that key positions are tracked"
+            )
+        if past.shape[0] != batch:
+            raise ValueError(f"the cache was filled for batch {past.shape[0]} but the input has batch {batch}")
+        return past[:, :seen]  # a cropped cache (assisted decoding) keeps its first `seen` keys
+
+    @staticmethod
+    def _query_positions(
+        position_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        past: Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> Int[Tensor, "b n w"]:
+        if position_ids is not None:
+            pos = position_ids if position_ids.ndim == 3 else position_ids.unsqueeze(-1)
+            if pos.ndim != 3 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids of shape {tuple(position_ids.shape)} do not match the input "
+                    f"(batch {batch}, {length} tokens); expected (b, n) or (b, n, w)"
+                )
+            return pos.long().expand(batch, -1, -1)
+        steps = torch.arange(length, device=device)
+        if past is not None:  # continue each row after its last cached key
+            if past.shape[-1] != 1:
+                raise ValueError("positions with several coordinates must be passed explicitly as position_ids (b, n, w)")
+            return past[:, -1:, :] + 1 + steps.view(1, length, 1)
+        if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens
+            real = attention_mask.long()
+            return (real.cumsum(-1) - 1).clamp(min=0)[:, -length:].unsqueeze(-1)
+        return steps.view(1, length, 1).expand(batch, -1, -1)
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Int[Tensor, "b n"] | None = None,
+        cache: Cache | None = None,
+        attention_mask: Int[Tensor, "b m"] | Bool[Tensor, "b m"] | None = None,
+        token_type_ids: Int[Tensor, "b n"] | None = None,
+        position_ids: Int[Tensor, "#b n"] | Int[Tensor, "#b n w"] | None = None,
+        inputs_embeds: Float[Tensor, "b n d"] | None = None,
+        labels: Int[Tensor, "b n"] | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        *,
+        pe_generator: torch.Generator | None = None,
+        pe_shifted: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPE:
+        if "past_key_values" in kwargs:  # the pre-5.40 spelling of `cache`
+            cache = kwargs.pop("past_key_values")
+        if kwargs.get("return_dict") is False:
+            raise ValueError("GPT2WithPE always returns a CausalLMOutputWithPE; return_dict=False is not supported")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.transformer.wte(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not (self.transformer.gradient_checkpointing and self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        past = self._past_positions(cache, batch)
+        pos_q = self._query_positions(position_ids, attention_mask, past, batch, length, inputs_embeds.device)
+        pos_k = pos_q if past is None else torch.cat([past, pos_q], dim=1)
+        state = self.pe.prepare(pos_q, None if past is None else pos_k, generator=pe_generator, shifted=pe_shifted)
+        added = self.pe.embed(state)
+        if added is not None:  # APE / SeqPE input_add replace the wpe lookup
+            inputs_embeds = inputs_embeds + added.to(inputs_embeds.dtype)
+
+        out = super().forward(
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=pos_q[..., 0] if pos_q.shape[-1] == 1 else None,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            seqpe_nd=PEForward(self.pe, state),
+            **kwargs,
+        )
+        if cache is not None:
+            setattr(cache, _KEY_POSITIONS, pos_k.detach())
+        return CausalLMOutputWithPE(
+            loss=out.loss,
+            logits=out.logits,
+            cache=out.cache,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            cross_attentions=out.cross_attentions,
+            pe_aux_loss=getattr(state, "aux_loss", None),
+        )

@@ -1,0 +1,155 @@
+"""The GPT-2 adapter: stock equivalence, cached decoding, left padding, for every method."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.cache_utils import DynamicCache
+
+from seqpe_nd.encodings import METHODS, build_position_encoding
+from seqpe_nd.positions import load_space
+from seqpe_nd.tasks.gpt2 import GPT2WithPE, NoPositionLookup
+
+VOCAB, LAYERS, HEADS, WIDTH, TABLE = 61, 2, 2, 32, 32
+SPACE = load_space({"kind": "grid", "L": TABLE, "L_max": 2000})
+CONFIG = dict(
+    vocab_size=VOCAB, n_layer=LAYERS, n_head=HEADS, n_embd=WIDTH, n_positions=TABLE, initializer_range=0.3,
+    bos_token_id=None, eos_token_id=None, pad_token_id=0,
+)
+
+# Every registered method (SeqPE with the paper's LM integration), and the other SeqPE variants.
+PE_CONFIGS = {m: {"method": m} for m in METHODS if m != "seqpe"} | {
+    "seqpe": {"method": "seqpe", "integration": "attn_bias", "hidden": 32},
+}
+VARIANTS = PE_CONFIGS | {
+    "rope-1e6": {"method": "rope", "base": 1e6},
+    **{f"seqpe-{i}": {"method": "seqpe", "integration": i, "hidden": 32} for i in ("attn_sum", "attn_mul", "input_add")},
+    "seqpe-per-layer": {"method": "seqpe", "integration": "attn_mul", "per_layer": True, "hidden": 32},
+}
+
+
+def make_model(pe_config: dict, seed: int = 0) -> GPT2WithPE:
+    torch.manual_seed(seed)
+    pe = build_position_encoding(pe_config, space=SPACE, num_heads=HEADS, head_dim=WIDTH // HEADS, num_layers=LAYERS, d_model=WIDTH)
+    model = GPT2WithPE(GPT2Config(**CONFIG), pe)
+    with torch.no_grad():  # position parameters as large as the backbone's, so positions matter for the logits
+        for p in model.pe.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def test_wpe_seam_replaces_the_lookup() -> None:
+    model = make_model({"method": "rope"})
+    assert isinstance(model.transformer.wpe, NoPositionLookup)
+    assert not any(name.startswith("transformer.wpe") for name, _ in model.named_parameters())
+
+
+def test_learned_ape_reproduces_stock_gpt2_exactly() -> None:
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(GPT2Config(**CONFIG, attn_implementation="sdpa")).eval()
+    model = make_model({"method": "ape_learn"})
+    weights = stock.state_dict()
+    weights["pe.table"] = weights.pop("transformer.wpe.weight")  # same table, other seat
+    model.load_state_dict(weights)
+    ids = tokens(3, TABLE)
+    with torch.no_grad():
+        want = stock(ids).logits
+        got = model(ids).logits
+        assert torch.equal(got, want)
+        # Cached decoding of the second half also matches the stock model's full forward.
+        first = model(ids[:, :20], use_cache=True)
+        step = model(ids[:, 20:], cache=first.cache, use_cache=True).logits
+    torch.testing.assert_close(step, want[:, 20:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cached_decoding_equals_full_forward(name: str) -> None:
+    model = make_model(VARIANTS[name])
+    ids = tokens(2, 14)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :6], use_cache=True)
+        parts = [out.logits]
+        for lo, hi in ((6, 7), (7, 10), (10, 11), (11, 14)):  # single tokens and chunks
+            out = model(ids[:, lo:hi], cache=out.cache, use_cache=True)
+            parts.append(out.logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(PE_CONFIGS))
+def test_generate_with_cache_equals_without(name: str) -> None:
+    model = make_model(PE_CONFIGS[name])
+    prompt = tokens(2, 5, seed=2)
+    kwargs = dict(max_new_tokens=9, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        plain = model.generate(prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, plain)
+    assert cached.shape == (2, 14)
+
+
+@pytest.mark.parametrize("name", sorted(PE_CONFIGS))
+def test_left_padding_equals_unpadded_rows(name: str) -> None:
+    model = make_model(PE_CONFIGS[name])
+    lengths = (9, 6)
+    rows = [tokens(1, n, seed=10 + n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        generated = model.generate(ids, attention_mask=mask, **kwargs)
+        for i, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            torch.testing.assert_close(padded[i, width - len(row):], alone, rtol=1e-4, atol=1e-4)
+            assert torch.equal(generated[i, width:], model.generate(row[None], **kwargs)[0, len(row):])
+
+
+@pytest.mark.parametrize("name", ["rope", "alibi", "seqpe", "ape_sin"])
+def test_shifted_start_is_tracked_through_the_cache(name: str) -> None:
+    """Explicit positions far from 0 (the training shift): the cache keeps them, not its length."""
+    model = make_model(PE_CONFIGS[name])
+    ids = tokens(2, 10)
+    pos = torch.arange(1000, 1010).expand(2, 10)
+    with torch.no_grad():
+        full = model(ids, position_ids=pos).logits
+        out = model(ids[:, :4], position_ids=pos[:, :4], use_cache=True)
+        rest = model(ids[:, 4:], cache=out.cache, use_cache=True).logits  # positions continue after 1003
+        at_zero = model(ids).logits
+    torch.testing.assert_close(rest, full[:, 4:], rtol=1e-4, atol=1e-4)
+    if name in ("ape_sin", "seqpe"):  # absolute methods must see the shift
+        assert not torch.allclose(full, at_zero, atol=1e-3)
+
+
+def test_untracked_cache_is_refused() -> None:
+    model = make_model({"method": "rope"})
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(tokens(1, 4), use_cache=True)
+        foreign = DynamicCache(config=model.config)
+        for layer in range(LAYERS):
+            foreign.update(out.cache.layers[layer].keys, out.cache.layers[layer].values, layer)
+        with pytest.raises(ValueError, match="positions were recorded for 0"):
+            model(tokens(1, 1), cache=foreign, use_cache=True)
+        assert cache.get_seq_length() == 0
+
+
+def test_unsupported_gpt2_options_are_named() -> None:
+    pe = build_position_encoding({"method": "nope"}, space=SPACE, num_heads=HEADS, head_dim=16, num_layers=LAYERS, d_model=WIDTH)
+    with pytest.raises(ValueError, match="reorder_and_upcast_attn"):
+        GPT2WithPE(GPT2Config(**CONFIG, reorder_and_upcast_attn=True), pe)
+
+
+def test_training_forward_returns_the_pe_aux_loss() -> None:
+    model = make_model({"method": "seqpe", "hidden": 32}).train()
+    ids = tokens(2, TABLE)
+    out = model(ids, use_cache=False, pe_generator=torch.Generator().manual_seed(0))
+    assert out.pe_aux_loss is not None and out.pe_aux_loss.ndim == 0
+    (out.logits.float().logsumexp(-1).mean() + out.pe_aux_loss).backward()
+    assert model.pe.encoder.tok.weight.grad is not None
