@@ -106,16 +106,20 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new content, never a mix."""
     path = Path(path)
     tmp = path.with_name(f"{_TMP}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_path(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def _save_tree(directory: Path, stem: str, obj: Any) -> None:
@@ -218,6 +222,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """``path`` itself if it is a complete checkpoint, else the latest checkpoint of the run ``path``."""
+    path = Path(path)
+    if (path / _COMPLETE).is_file():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    return found
+
+
 # --- load ----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -279,12 +294,7 @@ def load_checkpoint(
     With ``expected_config``, a difference under any of ``strict_sections`` raises a ``ValueError``
     naming the field before anything is loaded into a model.
     """
-    path = Path(path)
-    if not (path / _COMPLETE).is_file():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint in {path}")
-        path = found
+    path = resolve_checkpoint(path)
     config = json.loads((path / "config.json").read_text())
     if expected_config is not None:
         check_config(expected_config, config, strict_sections)
@@ -301,12 +311,7 @@ def load_checkpoint(
 
 def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
     """Load ``model.safetensors`` of a checkpoint (or of a run's latest checkpoint) into ``model``."""
-    path = Path(path)
-    if not (path / _COMPLETE).is_file():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint in {path}")
-        path = found
+    path = resolve_checkpoint(path)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if strict and (missing or unexpected):
         raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")

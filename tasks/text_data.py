@@ -35,6 +35,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from seqpe_nd.tasks.checkpoint import atomic_write_bytes
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 EOS = "<|endoftext|>"
 # Bump when the embedded corpus recipe changes: it is part of the cache key.
@@ -118,7 +120,7 @@ class TextTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: Path) -> None:
-        _atomic_write_bytes(Path(path), self.tokenizer.to_str().encode())
+        atomic_write_bytes(Path(path), self.tokenizer.to_str().encode())
 
     @classmethod
     def load(cls, path: Path, eos_id: int | None = None) -> "TextTokenizer":
@@ -284,15 +286,6 @@ def cache_key(cfg: TextDataConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock, so concurrent ranks tokenize a corpus once."""
@@ -398,7 +391,7 @@ def prepare_text(cfg: TextDataConfig) -> TextCorpus:
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
         }
-        _atomic_write_bytes(directory / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks complete
+        atomic_write_bytes(directory / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks complete
     return TextCorpus(directory)
 
 

@@ -358,7 +358,12 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             if master:
                 ckpt.save_checkpoint(
                     run_dir, step, model=raw, optimizer=optimizer.state_dict(), rng=rng, config=config,
-                    state={"world": world, "seed": cfg.seed, "data_position": {"step": step}}, keep_last=cfg.keep_last,
+                    state={
+                        "world": world, "seed": cfg.seed,
+                        "data_position": {"step": step},  # batches are a pure function of the step
+                        "scheduler": {"schedule": cfg.schedule, "next_lr": lr_at(step, cfg)},  # lr = lr_at(step)
+                    },
+                    keep_last=cfg.keep_last,
                 )
 
         # --- the loop ---

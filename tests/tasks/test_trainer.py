@@ -203,6 +203,17 @@ def test_parameters_without_gradient_are_named(tmp_path: Path) -> None:
         train(Idle(), CFG.model_copy(update={"steps": 1}), tmp_path / "run")
 
 
+def test_compiled_model_trains_and_saves_bare_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The eager backend exercises dynamo's wrapping (and our unwrapping) without a C++ toolchain.
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: real(model, backend="eager"))
+    cfg = CFG.model_copy(update={"steps": 2, "compile": True})
+    train(ToyTask(), cfg, tmp_path / "compiled")
+    train(ToyTask(), cfg.model_copy(update={"compile": False}), tmp_path / "eager")
+    assert train_losses(tmp_path / "compiled") == pytest.approx(train_losses(tmp_path / "eager"), rel=1e-5)
+    assert final_weights(tmp_path / "compiled").keys() == final_weights(tmp_path / "eager").keys()
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_lr_schedule(schedule: str) -> None:
     cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1)
