@@ -1,0 +1,133 @@
+"""Configs: YAML in, clear errors out, and every option reaching the code it names."""
+
+from pathlib import Path
+from typing import Any, get_args
+
+import pydantic
+import pytest
+import torch
+import yaml
+
+from seqpe_nd.encodings import METHODS, PEConfig, build_position_encoding, load_pe_config
+from seqpe_nd.positions import get_distance, load_space
+
+HYBRID = {
+    "kind": "hybrid",
+    "modalities": [{"name": "text", "space": {"L": 16, "L_max": 300}}, {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}}],
+}
+GRID_2D = {"L": [4, 4], "L_max": [40, 40]}
+SIZES = {"num_heads": 2, "head_dim": 16, "num_layers": 3, "d_model": 32}
+CLASSES = get_args(get_args(PEConfig)[0])
+
+
+def build(cfg: dict, space: dict | None = None):
+    return build_position_encoding(cfg, space=load_space(space or {"L": 16, "L_max": 200}), **SIZES)
+
+
+def test_every_method_has_one_config_class() -> None:
+    assert sorted(c.model_fields["method"].default for c in CLASSES) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_yaml_configs_load_and_build(method: str, tmp_path: Path) -> None:
+    path = tmp_path / "pe.yaml"
+    path.write_text(yaml.safe_dump({"method": method, **({"hidden": 16, "layers": 1} if method == "seqpe" else {})}))
+    pe = build_position_encoding(path, space=load_space({"L": 16, "L_max": 200}), **SIZES)
+    assert pe.method == method
+    assert load_pe_config(load_pe_config(path)) == load_pe_config(path)  # models round-trip
+
+
+def test_every_field_is_documented() -> None:
+    for cls in CLASSES:
+        for name, field in cls.model_fields.items():
+            assert name == "method" or field.description, f"{cls.__name__}.{name} has no docstring"
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(pydantic.ValidationError, match="'rope_axial'.*'seqpe'"):
+        load_pe_config({"method": "rope2d"})
+    with pytest.raises(pydantic.ValidationError, match="'attn_sum', 'attn_mul', 'attn_bias' or 'input_add'"):
+        load_pe_config({"method": "seqpe", "integration": "attn_scalar"})
+    with pytest.raises(pydantic.ValidationError, match="chebyshev, euclidean"):
+        load_pe_config({"method": "alibi_nd", "distance": "cosine"})
+    with pytest.raises(pydantic.ValidationError, match="'auto', 'flex' or 'bias'"):
+        load_pe_config({"method": "alibi", "backend": "triton"})
+
+
+def test_options_of_other_methods_are_rejected_with_the_field_path() -> None:
+    with pytest.raises(pydantic.ValidationError, match=r"rope\.backend\s+Extra inputs are not permitted"):
+        load_pe_config({"method": "rope", "backend": "flex"})
+    with pytest.raises(pydantic.ValidationError, match=r"alibi\.base"):
+        load_pe_config({"method": "alibi", "base": 10.0})
+
+
+@pytest.mark.parametrize("method", ["ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "alibi"])
+def test_methods_without_a_hybrid_rule_say_so(method: str) -> None:
+    with pytest.raises(ValueError, match="no rule for hybrid positions"):
+        build({"method": method}, HYBRID)
+
+
+@pytest.mark.parametrize("method", ["nope", "alibi_nd", "seqpe"])
+def test_methods_with_a_hybrid_rule_build(method: str) -> None:
+    pe = build({"method": method, **({"hidden": 16, "layers": 1} if method == "seqpe" else {})}, HYBRID)
+    assert pe.width == 4  # (modality, t, x_1, x_2)
+
+
+def test_invalid_combinations_say_why() -> None:
+    with pytest.raises(ValueError, match="rope is 1-D.*rope_axial"):
+        build({"method": "rope"}, GRID_2D)
+    with pytest.raises(ValueError, match="alibi is 1-D.*alibi_nd"):
+        build({"method": "alibi"}, GRID_2D)
+    with pytest.raises(ValueError, match="needs 2 entries"):
+        build({"method": "ape_learn", "size": 8}, GRID_2D)
+    with pytest.raises(ValueError, match="uses the space's own metric"):
+        build({"method": "alibi_nd", "distance": "manhattan"}, HYBRID)
+    with pytest.raises(ValueError, match="num_heads = 0"):
+        build_position_encoding({"method": "nope"}, space=load_space(GRID_2D), num_heads=0, head_dim=4, num_layers=1, d_model=4)
+
+
+def smallest_mixed_magnitude(pe: Any) -> float:
+    return pe.freqs[0].norm(dim=0).min().item()  # min over heads and i of |θ_{h,i}| (a vector over axes)
+
+
+# (method, field, value, probe(pe) -> what the option controls, expected); 2-D where it matters.
+PROBES: list[tuple[str, str, Any, Any, Any]] = [
+    ("ape_sin", "base", 100.0, lambda pe: pe.embed(pe.prepare(torch.tensor([[[1, 0]]])))[0, 0, 2].item(), pytest.approx(torch.tensor(100 ** (-2 / 16)).sin().item())),
+    ("ape_learn", "size", (5, 6), lambda pe: tuple(pe.table.shape), (5, 6, 32)),
+    ("ape_learn", "interpolation", "nearest", lambda pe: pe.interpolation, "nearest"),
+    ("ape_learn", "resize", "exact", lambda pe: pe.target_size(torch.tensor([[[1, 1]]])).tolist(), [[2, 2]]),
+    ("ape_learn", "init_std", 0.0, lambda pe: pe.table.abs().sum().item(), 0.0),
+    ("rope", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 8))),
+    ("rope_axial", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 4))),
+    ("rope_mixed", "base", 50.0, smallest_mixed_magnitude, pytest.approx(50.0 ** (-12 / 16), rel=1e-5)),
+    ("rope_mixed", "per_layer", False, lambda pe: pe.freqs.shape[0], 1),
+    ("alibi", "backend", "bias", lambda pe: pe.score_backend, "bias"),
+    ("alibi_nd", "distance", "chebyshev", lambda pe: pe.delta, get_distance("chebyshev")),
+    ("alibi_nd", "backend", "flex", lambda pe: pe.score_backend, "flex"),
+    ("seqpe", "integration", "attn_mul", lambda pe: pe.integration, "attn_mul"),
+    ("seqpe", "per_layer", True, lambda pe: len(pe.w_pe), 3),
+    *[("seqpe", f, v, (lambda f: lambda pe: pe.encoder.config[f])(f), v)
+      for f, v in (("hidden", 24), ("layers", 3), ("heads", 3), ("mlp_ratio", 2.0), ("dropout", 0.3), ("causal", False), ("init", "trunc_normal"))],
+    *[("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
+      for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True))],
+]
+
+
+def test_every_option_has_a_probe() -> None:
+    probed = {(m, f) for m, f, *_ in PROBES}
+    for cls in CLASSES:
+        method = cls.model_fields["method"].default
+        for name in cls.model_fields:
+            assert name == "method" or (method, name) in probed, f"{method}.{name} is not checked to reach the code"
+
+
+@pytest.mark.parametrize(("method", "field", "value", "probe", "want"), PROBES, ids=[f"{m}.{f}" for m, f, *_ in PROBES])
+def test_every_option_reaches_the_code(method: str, field: str, value: Any, probe: Any, want: Any) -> None:
+    torch.manual_seed(0)
+    small = {"hidden": 16, "layers": 1} if method == "seqpe" and field not in ("hidden", "layers") else {}
+    if method == "seqpe" and field == "heads":
+        small = {"hidden": 24}
+    default = build({"method": method, **small}, GRID_2D if method != "rope" and method != "alibi" else None)
+    pe = build({"method": method, **small, field: value}, GRID_2D if method != "rope" and method != "alibi" else None)
+    assert probe(pe) == want
+    assert probe(default) != want, "the probe must tell the option from its default"
