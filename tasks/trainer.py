@@ -50,8 +50,13 @@ class TrainTask(Protocol):
         """
         ...
 
-    def loss(self, model: nn.Module, batch: Any, *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: Any, *, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         """Total loss (main + any PE regularizer) and metrics to log.
+
+        Metrics may be floats or 0-dim tensors; tensors spare a device sync per micro-batch (the
+        loop reads them only when it logs, averaged over micro-batches and ranks).
 
         ``model`` may be DDP- or compile-wrapped: call ``model(...)`` for the forward and reach
         submodules through :func:`unwrap`. ``generator`` is this rank's checkpointed RNG, on the device.
@@ -205,12 +210,14 @@ def _setup_distributed(device_choice: str) -> tuple[int, int, torch.device, bool
     return rank, world, device, owned
 
 
-def _all_mean(x: float, world: int, device: torch.device) -> float:
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / world
+def _all_mean(values: dict[str, float | Tensor], world: int, device: torch.device) -> dict[str, float]:
+    """Average scalars over ranks in one collective (one device sync)."""
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    t = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values.values()])
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return dict(zip(values, t.tolist()))
 
 
 def _gather_rng(generator: torch.Generator, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -376,16 +383,16 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            loss_sum, logs = 0.0, {}
+            logs: dict[str, float | Tensor] = {}  # summed over micro-batches, read only when logging
             for micro in range(cfg.grad_accum):
                 batch = move_to(task.train_batch(step, micro, rank, world), device)
                 window_tokens += task.batch_tokens(batch) * world
                 with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
                     loss, metrics = task.loss(model, batch, generator=generator)
                 (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                for k, v in metrics.items():
-                    logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+                for k, v in {"loss": loss, **metrics}.items():
+                    v = v.detach().float() if isinstance(v, Tensor) else float(v)
+                    logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum
 
             if step == start:
                 _check_every_param_learns(raw, world)
@@ -395,23 +402,24 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             done = step + 1
 
             if done % cfg.log_every == 0 or done == cfg.steps:
-                loss_val = _all_mean(float(loss_sum) / cfg.grad_accum, world, device)  # .item() syncs the device
-                elapsed = time.perf_counter() - window_start
-                tps = window_tokens / max(elapsed, 1e-9)
-                record = {"step": done, "split": "train", "loss": loss_val, "lr": lr, "tokens_per_s": tps, **logs}
                 if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
+                    logs["grad_norm"] = grad_norm  # identical on every rank after DDP's all-reduce
+                means = _all_mean(logs, world, device)  # the one device sync of a logging step
+                tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                record = {"step": done, "split": "train", "lr": lr, "tokens_per_s": tps, **means}
                 if master:
                     _append_jsonl(run_dir / METRICS, record)
-                    bar.set_postfix(loss=f"{loss_val:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
                 result.update({f"train/{k}": float(v) for k, v in record.items() if k not in ("step", "split")})
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
 
+            pause = time.perf_counter()  # validation and saving do not count against tokens/s
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
                 result.update(evaluate(done))
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                 save(done)
+            window_start += time.perf_counter() - pause
             result["step"] = float(done)
         bar.close()
         if start >= cfg.steps and master:

@@ -62,13 +62,15 @@ class ToyTask:
         g = torch.Generator().manual_seed(((step * 7 + micro) * 5 + rank) * 3 + world)
         return {"tokens": torch.randint(0, VOCAB, (self.batch_size, LENGTH + 1), generator=g)}
 
-    def loss(self, model: nn.Module, batch: Any, *, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: Any, *, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
         tokens = batch["tokens"]
         logits = model(tokens[:, :-1])
         main = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
         probe = torch.randint(0, VOCAB, (4,), generator=generator, device=tokens.device)
         reg = unwrap(model).emb(probe).pow(2).mean()
-        return main + 0.01 * reg, {"main": float(main.detach()), "reg": float(reg.detach())}
+        return main + 0.01 * reg, {"main": float(main.detach()), "reg": reg.detach()}  # a float and a tensor
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         self.validating = True
@@ -185,6 +187,13 @@ def test_resume_without_checkpoint_starts_fresh_and_finished_run_is_a_no_op(tmp_
     assert len(train_losses(tmp_path / "run")) == 2
     again = train(ToyTask(), short, tmp_path / "run", resume=True)
     assert again["step"] == 2 and len(train_losses(tmp_path / "run")) == 2
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device is 'cuda' but no CUDA device is available"):
+        train(ToyTask(), CFG.model_copy(update={"device": "cuda"}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path: Path) -> None:
