@@ -70,7 +70,7 @@ def test_attn_bias_runs_in_plain_sdpa_with_the_original_scale(monkeypatch: pytes
     real = F.scaled_dot_product_attention
 
     def spy(q, k, v, **kwargs):
-        calls.append((q.shape, k.shape, kwargs))
+        calls.append((q.shape, k.shape, v.shape, kwargs))
         return real(q, k, v, **kwargs)
 
     pe = build([12], integration="attn_bias").eval()
@@ -78,8 +78,8 @@ def test_attn_bias_runs_in_plain_sdpa_with_the_original_scale(monkeypatch: pytes
     state = pe.prepare(torch.arange(12)[None, :, None])  # the encoder's own attention runs here
     monkeypatch.setattr(base_module.F, "scaled_dot_product_attention", spy)
     pe.attend(q, q, q, state, 0, causal=True)
-    (q_shape, k_shape, kwargs), = calls
-    assert q_shape[-1] == k_shape[-1] == 2 * E
+    (q_shape, k_shape, v_shape, kwargs), = calls
+    assert q_shape[-1] == k_shape[-1] == v_shape[-1] == 2 * E  # v zero-padded: one head dim for fused kernels
     assert kwargs["attn_mask"] is None and kwargs["is_causal"] is True
     assert kwargs["scale"] == pytest.approx(1 / math.sqrt(E))
 
