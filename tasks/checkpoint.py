@@ -51,8 +51,9 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
 
     def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
-            tensors[path] = x.detach().to("cpu").contiguous()
-            return {"__tensor__": path}
+            name = path if path not in tensors else f"{path}#{len(tensors)}"  # {"a.b": .., "a": {"b": ..}}
+            tensors[name] = x.detach().to("cpu").contiguous()
+            return {"__tensor__": name}
         if isinstance(x, Mapping):
             if all(isinstance(k, str) for k in x):
                 return {"__dict__": {k: walk(v, f"{path}.{k}" if path else k) for k, v in x.items()}}

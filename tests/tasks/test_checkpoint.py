@@ -58,6 +58,12 @@ def test_flatten_round_trip_keeps_types() -> None:
     assert back["state"][0]["step"].shape == ()
 
 
+def test_flatten_keeps_tensors_whose_dotted_paths_collide() -> None:
+    obj = {"a.b": torch.zeros(1), "a": {"b": torch.ones(1)}}
+    back = ckpt.unflatten_state(*ckpt.flatten_state(obj))
+    assert torch.equal(back["a.b"], torch.zeros(1)) and torch.equal(back["a"]["b"], torch.ones(1))
+
+
 def test_flatten_refuses_objects_that_would_need_pickle() -> None:
     with pytest.raises(TypeError, match=r"type object at 'a\.b'"):
         ckpt.flatten_state({"a": {"b": object()}})
