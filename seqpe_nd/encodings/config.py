@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, fie
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE, default_interpolation
 from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
 from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 from seqpe_nd.positions import GridSpace, HybridSpace, get_distance
 
@@ -83,6 +84,16 @@ class RoPEMixedConfig(_Config):
     """One set of frequencies per layer (Heo et al.), or one shared by all layers."""
 
 
+class MultimodalRoPEConfig(_Config):
+    """M-RoPE (Qwen2-VL): RoPE's bands split across (time, row, col); text gets one id on every axis."""
+
+    method: Literal["mrope"] = "mrope"
+    base: float = Field(10_000.0, gt=1.0)
+    """Frequency base θ, as 1-D RoPE (a text-only sequence is exactly RoPE)."""
+    sections: tuple[PositiveInt, ...] | None = None
+    """Frequency bands per axis (timeline first), summing to head_dim/2; default Qwen2-VL's 1/4, 3/8, 3/8 split."""
+
+
 class ALiBiConfig(_Config):
     """ALiBi on 1-D positions with Press et al.'s slopes (use alibi_nd for N-D)."""
 
@@ -141,13 +152,13 @@ class SeqPEConfig(_Config):
 
 
 PEConfig = Annotated[
-    NoPEConfig | APESinConfig | APELearnConfig | RoPEConfig | RoPEAxialConfig | RoPEMixedConfig | ALiBiConfig | ALiBiNDConfig | SeqPEConfig,
+    NoPEConfig | APESinConfig | APELearnConfig | RoPEConfig | RoPEAxialConfig | RoPEMixedConfig | MultimodalRoPEConfig | ALiBiConfig | ALiBiNDConfig | SeqPEConfig,
     Field(discriminator="method"),
 ]
 """Any position-encoding config; YAML picks one with ``method: <name>``."""
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(PEConfig)
-METHODS: tuple[str, ...] = ("nope", "ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "alibi", "alibi_nd", "seqpe")
+METHODS: tuple[str, ...] = ("nope", "ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "mrope", "alibi", "alibi_nd", "seqpe")
 
 
 def load_pe_config(source: str | Path | dict[str, Any] | BaseModel) -> Any:
@@ -218,6 +229,8 @@ def build_position_encoding(
         return RoPEAxial(base=cfg.base, width=space.width, **sizes)
     if method == "rope_mixed":
         return RoPEMixed(base=cfg.base, per_layer=cfg.per_layer, width=space.width, **sizes)
+    if method == "mrope":
+        return MultimodalRoPE(space=space, base=cfg.base, sections=cfg.sections, **sizes)
     if method == "alibi":
         return ALiBi(backend=cfg.backend, width=1, **sizes)
     if method == "alibi_nd":
