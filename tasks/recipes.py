@@ -23,6 +23,8 @@ from seqpe_nd.tasks.trainer import TrainConfig, TrainTask
 # task name -> module implementing it
 RECIPES: dict[str, str] = {
     "lm": "seqpe_nd.tasks.lm",
+    "vit": "seqpe_nd.tasks.vit",
+    "qa": "seqpe_nd.tasks.qa",
 }
 
 
@@ -102,7 +104,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        lines.append(f"{path or '<root>'}: {e['msg']}" + (f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""))
+        shown = "input" in e and e["type"] != "missing" and e["loc"] and not isinstance(e["input"], dict)
+        lines.append(f"{path or '<root>'}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
     return "; ".join(lines)
 
 

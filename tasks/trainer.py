@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from seqpe_nd.tasks import checkpoint as ckpt
 
 # Config sections that must match exactly when resuming: a different model cannot continue.
-STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "pe")
+STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
 METRICS = "metrics.jsonl"
 
 
@@ -127,8 +127,6 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.warmup_steps > self.steps > 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
         return self

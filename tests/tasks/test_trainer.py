@@ -251,8 +251,9 @@ def test_train_config_errors_name_the_field() -> None:
         TrainConfig.model_validate({"stepz": 3})
     with pytest.raises(ValidationError, match="schedule"):
         TrainConfig(schedule="exp")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="warmup_steps=20 exceeds steps=10"):
-        TrainConfig(steps=10, warmup_steps=20)
+    with pytest.raises(ValidationError, match=r"betas must lie in \[0, 1\)"):
+        TrainConfig(betas=(0.9, 1.0))
+    assert lr_at(3, TrainConfig(steps=4, warmup_steps=50, lr=1.0)) == pytest.approx(4 / 50)  # a shortened smoke run
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
