@@ -179,8 +179,7 @@ def embedded_documents() -> list[str]:
             tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
         except (OSError, SyntaxError, UnicodeDecodeError):
             continue
-        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        parts = [d for node in ast.walk(tree) if isinstance(node, kinds) and (d := ast.get_docstring(node))]
+        parts = [d for node in _definitions(tree) if (d := ast.get_docstring(node))]
         if parts:
             docs.append("\n\n".join(parts))
     synsets = _synset_file()
@@ -189,6 +188,19 @@ def embedded_documents() -> list[str]:
         for i in range(0, len(glosses), _SYNSET_LINES_PER_DOC):
             docs.append("\n".join(glosses[i : i + _SYNSET_LINES_PER_DOC]))
     return docs
+
+
+def _definitions(node: ast.AST) -> Iterator[ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef]:
+    """The module and every class/function in it, in source order, through statements only.
+
+    Docstrings live only there, and skipping expressions makes this several times faster than ``ast.walk``.
+    """
+    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        yield node
+    for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+        for child in getattr(node, field, None) or ():
+            if isinstance(child, (ast.stmt, ast.excepthandler, ast.match_case)):
+                yield from _definitions(child)
 
 
 def _synset_file() -> Path | None:
