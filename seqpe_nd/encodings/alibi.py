@@ -9,7 +9,6 @@ The bias is a FlexAttention ``score_mod`` built from RELATIVE distances of expli
 
 from typing import Any
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 

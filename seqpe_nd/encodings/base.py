@@ -204,7 +204,12 @@ class PositionEncoding(nn.Module):
             generator: randomness for training-time work (SeqPE's regularizer samplers).
             shifted: this step's main positions were randomly shifted (SeqPE skips L_OOD then).
         """
-        return self._new_state(pos_q, pos_k)
+        state = self._new_state(pos_q, pos_k)
+        self.fill_state(state, generator=generator, shifted=shifted)
+        return state
+
+    def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
+        """Subclass hook of ``prepare``: put per-forward tensors (and any aux loss) in ``state``."""
 
     def _new_state(self, pos_q: Tensor, pos_k: Tensor | None) -> PEState:
         if pos_k is None:
@@ -280,8 +285,9 @@ class PositionEncoding(nn.Module):
             return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and n == m, scale=scale)
         # One dense float32 bias per forward, masked once; relative distances keep it exact
         # before the single cast to q's dtype (the released code cast absolute indices to bf16).
-        bias = state.memo(("bias", layer if self.bias_per_layer else None, causal), lambda: self._dense_bias(mod, state, mask, causal, q))
-        return sdpa(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p, scale=scale)
+        key = ("bias", layer if self.bias_per_layer else None, causal, q.dtype)
+        bias = state.memo(key, lambda: self._dense_bias(mod, state, mask, causal, q).to(q.dtype))
+        return sdpa(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
     bias_per_layer: bool = False
     """Whether ``score_mod`` differs between layers (ALiBi's does not: one bias per forward)."""

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor, nn
 
 from seqpe_nd.encoder import SeqPE
@@ -69,17 +69,10 @@ class SeqPEEncoding(PositionEncoding):
             # Eq. 11: W_PE^{q,k} ∈ R^{d × 2·h·e}; rows [:h·e] give E^q, rows [h·e:] give E^k.
             self.w_pe = nn.ModuleList(nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=False) for _ in range(depth))
 
-    def prepare(
-        self,
-        pos_q: Int[Tensor, "b n w"],
-        pos_k: Int[Tensor, "b m w"] | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        shifted: bool = False,
-    ) -> PEState:
+    def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
         """Encode query and key positions in one call; in training, with the regularizers' sets."""
-        state = self._new_state(pos_q, pos_k)
-        same = state.pos_k is state.pos_q
+        pos_q = state.pos_q
+        same = state.pos_k is pos_q
         main = pos_q if same else torch.cat([pos_q, state.pos_k], dim=1)
         if self.training and self.regularizer is not None:
             step = self.regularizer.step(self.encoder, main, generator or torch.default_generator, shifted=shifted)
@@ -89,7 +82,6 @@ class SeqPEEncoding(PositionEncoding):
         n = pos_q.shape[1]
         state.tensors["e_q"] = emb[:, :n]
         state.tensors["e_k"] = emb if same else emb[:, n:]
-        return state
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
         """input_add: the SeqPE embedding of each query position; None for attention integrations."""

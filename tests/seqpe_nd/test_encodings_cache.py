@@ -132,3 +132,26 @@ def test_attend_says_when_keys_and_positions_disagree() -> None:
     q = torch.randn(1, H, 3, E)
     with pytest.raises(ValueError, match="pass the cache or all keys"):
         pe.attend(q, q, q, state, 0, causal=True)
+
+
+HYBRID = {
+    "kind": "hybrid",
+    "modalities": [{"name": "text", "space": {"L": 16, "L_max": 300}}, {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}}],
+}
+
+
+@pytest.mark.parametrize("method", ["nope", "alibi_nd", "seqpe"])
+def test_cached_decoding_on_an_interleaved_hybrid_sequence(method: str) -> None:
+    torch.manual_seed(0)
+    sp = load_space(HYBRID)
+    cfg: dict = {"method": method}
+    if method == "seqpe":
+        cfg.update(hidden=16, layers=1, heads=2, dropout=0.0, integration="attn_sum")
+    model = Toy(build_position_encoding(cfg, space=sp, num_heads=H, head_dim=E, num_layers=LAYERS, d_model=D)).eval()
+    pos = sp.layout("text:3, image:2x2, text:3").positions[None]  # (1, 10, 4)
+    x = torch.randn(1, pos.shape[1], D)
+    with torch.no_grad():
+        full = model(x, pos)
+        cache = KVCache()
+        steps = [model(x[:, t : t + 1], pos[:, t : t + 1], cache=cache) for t in range(pos.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
