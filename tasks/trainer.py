@@ -187,25 +187,29 @@ def run_dir_has_content(run_dir: Path) -> bool:
 # --- distributed plumbing --------------------------------------------------------------------------
 
 def _setup_distributed(device_choice: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world, device, we_initialised_the_group) from torchrun's environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        rank, world, owned = dist.get_rank(), dist.get_world_size(), False
-    elif world > 1:
-        use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, owned = dist.get_rank(), True
-    else:
-        rank, owned = 0, False
+    """(rank, world, device, we_initialised_the_group) from torchrun's environment.
+
+    A process group that already exists (a launcher or test made it) is used and left alone.
+    """
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("train.device is 'cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
-        device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device, owned
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", local_rank if env_world > 1 else torch.cuda.current_device())
+        torch.cuda.set_device(device)  # before the process group, so NCCL binds this rank's GPU
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device, False
+    if env_world > 1:
+        if use_cuda:
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        return dist.get_rank(), dist.get_world_size(), device, True
+    return 0, 1, device, False
 
 
 def _all_mean(values: dict[str, float | Tensor], world: int, device: torch.device) -> dict[str, float]:
@@ -284,6 +288,10 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
     With ``resume``, continue from the run's latest checkpoint (or start afresh if it has none);
     without it, a non-empty ``run_dir`` is refused so nothing written before is lost. Returns the
     last training metrics (``train/…``) and validation metrics (``val/…``) with ``step``.
+
+    Under ``torchrun`` it makes the process group (NCCL on CUDA, gloo on CPU) and destroys it at
+    the end; to call it more than once per process, make the group yourself first (torchrun's
+    store cannot host a second default group after the first is destroyed).
     """
     run_dir = Path(run_dir)
     rank, world, device, owned_group = _setup_distributed(cfg.device)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -43,17 +44,23 @@ WORKER = textwrap.dedent(
         os.mkdir = guard(os.mkdir)
         ckpt.save_checkpoint = guard(ckpt.save_checkpoint)
 
-    dist.init_process_group("gloo")
     cfg = CFG.model_copy(update={{"steps": 6, "save_every": 2, "eval_every": 3}})
-    task = ToyTask()
-    train(task, cfg, runs / "full")
-    save_file(dict(task.model.state_dict()), str(out / f"params{{rank}}.safetensors"))
-    try:
-        train(ToyTask(crash_at=3), cfg, runs / "cut")
-    except Interrupt:
-        pass
-    train(ToyTask(), cfg, runs / "cut", resume=True)
-    dist.destroy_process_group()
+    if sys.argv[2] == "own":
+        task = ToyTask()
+        train(task, cfg, runs / "full")  # train() makes the gloo group from torchrun's env and destroys it
+        assert not dist.is_initialized()
+        save_file(dict(task.model.state_dict()), str(out / f"params{{rank}}.safetensors"))
+    else:
+        # A group made by the caller is used and left alone. (torchrun's store does not allow a
+        # second group after destroying one, hence a second launch rather than a second call.)
+        dist.init_process_group("gloo")
+        try:
+            train(ToyTask(crash_at=3), cfg, runs / "cut")
+        except Interrupt:
+            pass
+        train(ToyTask(), cfg, runs / "cut", resume=True)
+        assert dist.is_initialized()
+        dist.destroy_process_group()
     """
 )
 
@@ -67,11 +74,23 @@ def test_two_gloo_processes_train_in_sync_and_resume_exactly(tmp_path: Path) -> 
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(script), str(tmp_path), mode],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        )
+        for mode in ("own", "given")
+    ]
+    try:
+        for proc in launches:
+            out, _ = proc.communicate(timeout=240)
+            assert proc.returncode == 0, out[-4000:]
+    finally:
+        for proc in launches:  # never leave workers behind, whatever failed
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     p0, p1 = load_file(str(tmp_path / "params0.safetensors")), load_file(str(tmp_path / "params1.safetensors"))
     assert p0.keys() == p1.keys()
