@@ -13,6 +13,8 @@ from collections.abc import Sequence
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("space", "seqpe_nd.tasks.cmd_space"),
     ("train", "seqpe_nd.tasks.cmd_train"),
+    ("eval", "seqpe_nd.tasks.cmd_eval"),
+    ("compare", "seqpe_nd.tasks.cmd_compare"),
 )
 
 

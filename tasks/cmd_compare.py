@@ -1,0 +1,95 @@
+"""``seqpe-nd compare CONFIG --methods nope ape_sin ... [--out DIR]``: Table 1 on your own config.
+
+Trains one run per method preset (the preset sets the ``pe`` section of CONFIG, see
+:data:`seqpe_nd.tasks.lm.METHOD_PRESETS`), same steps and seed, evaluates each, and prints one
+table; ``DIR/compare.json``, ``compare.md`` and ``compare.png`` hold the results. Finished runs
+are reused, interrupted ones resumed, so rerunning the command continues where it stopped.
+"""
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks.recipes import load_config, train_config
+
+TABLE1 = ("nope", "ape_sin", "ape_learn", "rope", "rope-1e6", "rope-1e8", "alibi", "seqpe")
+TABLE4 = ("seqpe-a0-b0", "seqpe-a0.1-b0", "seqpe-a0-b0.1", "seqpe")
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("compare", help="train and evaluate several position encodings from one LM config")
+    p.add_argument("config", type=Path, help="base LM run config (YAML)")
+    p.add_argument("--methods", nargs="+", default=list(TABLE1), metavar="METHOD",
+                   help=f"method presets (default: Table 1's {' '.join(TABLE1)}; Table 4's ablation: {' '.join(TABLE4[:3])})")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/compare-<config-stem>)")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, help="evaluation lengths (default: the config's eval.lengths)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first chunks covering this many tokens per length")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the base config for every method, e.g. --set train.steps=100")
+    p.set_defaults(func=run_compare)
+
+
+def compare(
+    config_path: Path,
+    methods: Sequence[str],
+    out: Path,
+    *,
+    overrides: Sequence[str] = (),
+    lengths: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Train (or reuse) and evaluate one run per method preset; write and return the comparison."""
+    from seqpe_nd.tasks import lm  # heavy (transformers): imported when a comparison runs, not for --help
+    from seqpe_nd.tasks.trainer import train
+
+    base = load_config(config_path, overrides)
+    if base["task"] != "lm":
+        raise ValueError(f"{config_path}: compare needs an LM config (task: lm), got task {base['task']!r}")
+    configs = {name: lm.apply_preset(base, name) for name in methods}  # unknown names fail before any training
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    for name, config in configs.items():
+        run_dir = out / name
+        cfg = train_config(config)
+        timing = run_dir / "train_seconds.json"
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps and timing.is_file():
+            train_seconds = json.loads(timing.read_text())["seconds"]  # a finished run: reuse it
+        else:
+            t0 = time.perf_counter()
+            train(lm.build_task(config, run_dir), cfg, run_dir, resume=True)
+            train_seconds = time.perf_counter() - t0
+            ckpt.atomic_write_text(timing, json.dumps({"seconds": train_seconds}) + "\n")
+        res = lm.evaluate(run_dir, lengths=lengths, max_tokens=max_tokens, quiet=True)
+        results[name] = {**res, "train_seconds": train_seconds, "eval_seconds": res["seconds"]}
+    write_comparison(results, out, title=f"{config_path}: perplexity vs evaluation length")
+    return results
+
+
+def write_comparison(results: dict[str, dict[str, Any]], out: Path | None, *, title: str) -> dict[str, Any]:
+    """Print one table; with ``out``, write compare.json, compare.md and compare.png there (atomically)."""
+    from seqpe_nd.tasks import lm
+    from seqpe_nd.tasks.plots import plot_ppl
+
+    rows = lm.summarize(results)
+    md = lm.print_summary(rows, title)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        blocks = {r["block_size"] for r in results.values()}
+        payload = {"title": title, "rows": rows, "runs": results}
+        ckpt.atomic_write_text(out / "compare.json", json.dumps(payload, indent=1) + "\n")
+        ckpt.atomic_write_text(out / "compare.md", f"## {title}\n\n{md}")
+        plot_ppl({k: r["ppl"] for k, r in rows.items()}, out / "compare.png", title=title,
+                 train_length=blocks.pop() if len(blocks) == 1 else None)
+    return rows
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    out = args.out or Path("runs") / f"compare-{args.config.stem}"
+    compare(args.config, args.methods, out, overrides=args.overrides, lengths=args.lengths, max_tokens=args.max_tokens)
+    print(f"results in {out}/compare.json, compare.md, compare.png")
+    return 0

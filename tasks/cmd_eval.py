@@ -1,0 +1,49 @@
+"""``seqpe-nd eval RUN_DIR [RUN_DIR ...] [--lengths 128 256 ...]``: evaluate trained runs.
+
+Dispatches on the ``task`` saved in each run's ``config.json`` (see :mod:`seqpe_nd.tasks.recipes`).
+For the LM recipe this is the length-extrapolation protocol of §4.1; with several runs it also
+prints one comparison table and writes ``--out``'s JSON and PNG.
+"""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from seqpe_nd.tasks.recipes import get_recipe
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser("eval", help="evaluate trained runs (LM: perplexity at longer contexts)")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="training run directories")
+    p.add_argument("--lengths", nargs="+", type=int, default=None, help="evaluation lengths in tokens (default: the run's eval.lengths, else 1-16x the training length)")
+    p.add_argument("--split", default=None, choices=["train", "validation", "test"], help="split to evaluate (default: the run's eval.split)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first chunks covering this many tokens per length")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: CUDA when available)")
+    p.add_argument("--out", type=Path, default=None, help="with several runs: write the comparison here (DIR/compare.json, compare.png)")
+    p.set_defaults(func=run_eval)
+
+
+def task_of(run_dir: Path) -> str:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no config.json; is it a training run directory?")
+    task = json.loads(path.read_text()).get("task")
+    if not task:
+        raise ValueError(f"{path} has no 'task' field")
+    return str(task)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    options: dict[str, Any] = {"lengths": args.lengths, "split": args.split, "max_tokens": args.max_tokens, "device": args.device}
+    options = {k: v for k, v in options.items() if v is not None}
+    results = {}
+    for run_dir in args.run_dirs:
+        results[run_dir.name] = get_recipe(task_of(run_dir)).evaluate(run_dir, **options)
+    if len(results) > 1:
+        from seqpe_nd.tasks.cmd_compare import write_comparison
+
+        if {task_of(r) for r in args.run_dirs} != {"lm"}:
+            raise ValueError("comparing several runs is implemented for LM runs only")
+        write_comparison(results, args.out, title="perplexity vs evaluation length")
+    return 0

@@ -1,0 +1,56 @@
+"""Every YAML under configs/ (recursively) loads and validates against its schema."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seqpe_nd.positions import load_space
+from seqpe_nd.tasks import lm
+from seqpe_nd.tasks.recipes import RECIPES, get_recipe, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+ALL_YAML = sorted(p for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def test_configs_are_found() -> None:
+    assert len(ALL_YAML) >= 10 and any(p.parts[-3:-1] == ("lm", "smoke") for p in ALL_YAML)
+
+
+def validate_lm(path: Path) -> None:
+    config = load_config(path)
+    cfg = lm.parse_config(config)
+    space = lm.resolve_space(cfg.space)  # a space file the config names must exist and validate
+    assert space.ndim == 1 and space.L[0] == cfg.model.block_size, f"{path}: space.L must equal model.block_size"
+    for length in cfg.eval.lengths or []:
+        assert length >= 2, f"{path}: eval length {length}"
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_yaml_validates(path: Path) -> None:
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{path} must hold a mapping"
+    if "task" in data:
+        assert data["task"] in RECIPES, f"{path}: task {data['task']!r} has no recipe (known: {sorted(RECIPES)})"
+        if data["task"] == "lm":
+            validate_lm(path)
+        else:
+            config = load_config(path)
+            parse = getattr(get_recipe(data["task"]), "parse_config", None)
+            if parse is not None:
+                parse(config)
+    else:  # a position space (configs/positions/, or one a run config names)
+        load_space(path)
+
+
+def test_smoke_configs_share_everything_but_the_method() -> None:
+    """Table 1 at smoke scale: same model, data, space, steps and seed for every method."""
+    smoke = {p.stem: load_config(p) for p in (CONFIGS / "lm" / "smoke").glob("*.yaml") if "task" in yaml.safe_load(p.read_text())}
+    assert set(smoke) >= {"default", "nope", "ape_sin", "ape_learn", "rope", "rope-1e6", "rope-1e8", "alibi", "seqpe"}
+    ref = smoke["seqpe"]
+    for name, config in smoke.items():
+        for section in ("model", "data", "space", "train", "eval"):
+            assert config[section] == ref[section], f"{name}.yaml differs from seqpe.yaml in {section}"
+        if name != "default":  # each method file is exactly seqpe.yaml with that method's preset
+            assert lm.parse_config(config) == lm.parse_config(lm.apply_preset(ref, name)), name
+    assert smoke["default"] == smoke["seqpe"]

@@ -1,0 +1,178 @@
+"""The LM recipe: §4.1's chunking protocol, configs and presets, checkpoint checks, end to end."""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from seqpe_nd.tasks import lm
+from seqpe_nd.tasks.cli import main
+from seqpe_nd.tasks.cmd_compare import compare
+from seqpe_nd.tasks.trainer import train
+
+
+class Recorder(nn.Module):
+    """Uniform logits over ``vocab``; remembers every sequence and its positions."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.calls = vocab, []
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, *, input_ids: torch.Tensor, position_ids: torch.Tensor, use_cache: bool) -> nn.Module:
+        self.calls.append((input_ids.clone(), position_ids.clone()))
+        out = nn.Module()
+        out.logits = torch.zeros(*input_ids.shape, self.vocab) + self.anchor
+        return out
+
+
+@pytest.mark.parametrize(("num_tokens", "length", "want"), [(10, 5, [0, 5]), (11, 5, [0, 5]), (9, 5, [0]), (4, 5, [])])
+def test_chunks_keep_the_last_full_chunk(num_tokens: int, length: int, want: list[int]) -> None:
+    assert list(lm.chunk_starts(num_tokens, length)) == want  # the released code gives [0] for (10, 5)
+
+
+def test_chunks_can_be_capped() -> None:
+    assert list(lm.chunk_starts(100, 8, max_tokens=20)) == [0, 8]
+
+
+def test_perplexity_protocol_on_a_handmade_stream() -> None:
+    stream = np.arange(20) % 7  # 20 tokens: four full chunks of 5, none dropped
+    model = Recorder(vocab=7)
+    res = lm.perplexity(model, stream, 5)
+    assert (res["chunks"], res["tokens"]) == (4, 4 * 4)  # 4 next-token predictions per chunk
+    assert res["ppl"] == pytest.approx(7.0)  # uniform over 7 tokens
+    for i, (ids, pos) in enumerate(model.calls):
+        assert ids.shape == (1, 5)  # batch 1
+        assert ids[0].tolist() == stream[5 * i : 5 * i + 5].tolist()  # non-overlapping, in order
+        assert pos[0].tolist() == [0, 1, 2, 3, 4]  # every chunk starts at position 0
+
+
+def test_perplexity_is_token_weighted() -> None:
+    """exp(Σ loss / Σ tokens), not a mean of per-chunk perplexities."""
+    model = Recorder(vocab=3)
+    res = lm.perplexity(model, np.zeros(12, dtype=np.int64), 4)
+    assert res["loss"] == pytest.approx(math.log(3))
+    assert res["tokens"] == 9
+
+
+# --- configs and presets -------------------------------------------------------------------------------
+
+def corpus_file(directory: Path) -> Path:
+    rng = random.Random(0)
+    words = "the cat sat on a mat while seven dogs ran past one old tree near river banks".split()
+    docs = ["\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(8)) for _ in range(60)]
+    path = directory / "corpus.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def tiny_config(tmp_path: Path, pe: dict | None = None, **train: object) -> dict:
+    return {
+        "task": "lm",
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "dropout": 0.0, "block_size": 16},
+        "data": {"source": "files", "data_files": [str(corpus_file(tmp_path))], "vocab_size": 300, "cache_dir": str(tmp_path / "cache")},
+        "space": {"kind": "grid", "L": 16, "L_max": 1000, "contrastive": {"batch": 4, "num_candidates": 8}, "ood": {"num_starts": 2, "num_teachers": 8}},
+        "pe": pe or {"method": "seqpe", "hidden": 32, "layers": 1},
+        "train": {"steps": 6, "batch_size": 4, "lr": 1e-3, "seed": 0, "log_every": 2, "save_every": 3, **train},
+        "eval": {"lengths": [16, 32, 64], "max_tokens": 512, "val_blocks": 4},
+    }
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.n_layr"):
+        lm.parse_config({**cfg, "model": {**cfg["model"], "n_layr": 2}})
+    with pytest.raises(ValueError, match=r"pe\.rope\.alpha"):
+        lm.parse_config({**cfg, "pe": {"method": "rope", "alpha": 0.1}})
+    with pytest.raises(ValueError, match=r"space\.L = 16 must equal model\.block_size = 32"):
+        lm.LMTask(lm.parse_config({**cfg, "model": {**cfg["model"], "block_size": 32}}))
+
+
+def test_presets_set_the_pe_section_and_keep_same_method_options() -> None:
+    base = {"task": "lm", "pe": {"method": "seqpe", "hidden": 128, "alpha": 0.1}, "random_shift": True}
+    assert lm.apply_preset(base, "seqpe-a0-b0.1")["pe"] == {"method": "seqpe", "hidden": 128, "alpha": 0.0, "beta": 0.1, "integration": "attn_bias", "per_layer": False}
+    rope = lm.apply_preset(base, "rope-1e6")
+    assert rope["pe"] == {"method": "rope", "base": 1e6} and rope["random_shift"] is True
+    assert lm.apply_preset(base, "ape_learn")["random_shift"] is False
+    with pytest.raises(ValueError, match="allowed: nope, ape_sin"):
+        lm.apply_preset(base, "rope-1e5")
+
+
+def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -> None:
+    space = {"kind": "grid", "L": 16, "L_max": 1000, "shift": {"prob": 1.0}, "contrastive": {"batch": 4, "num_candidates": 8}, "ood": {"num_starts": 2, "num_teachers": 8}}
+    task = lm.LMTask(lm.parse_config({**tiny_config(tmp_path), "space": space}))
+    model = task.build_model().train()
+    seen = []
+    prepare = model.pe.prepare
+    model.pe.prepare = lambda pos_q, pos_k=None, **kw: seen.append((pos_q, kw)) or prepare(pos_q, pos_k, **kw)
+    loss, metrics = task.loss(model, task.train_batch(0, 0, 0, 1), generator=torch.Generator().manual_seed(0))
+    pos, kwargs = seen[0]
+    assert metrics["shifted"] == 1.0 and kwargs["shifted"] is True
+    assert (pos == pos[:1]).all() and int(pos[0, 0, 0]) > 0  # one shift for the whole step, not at 0
+    assert torch.equal(pos[0, :, 0], pos[0, 0, 0] + torch.arange(16))
+    assert "pe_aux_loss" in metrics and loss.item() == pytest.approx(metrics["lm_loss"] + metrics["pe_aux_loss"], rel=1e-5)
+
+
+def test_train_batches_are_deterministic_per_step(tmp_path: Path) -> None:
+    task = lm.LMTask(lm.parse_config(tiny_config(tmp_path)))
+    a, b = task.train_batch(3, 0, 0, 1), task.train_batch(3, 0, 0, 1)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].shape == (4, 16)
+    assert not torch.equal(a["input_ids"], task.train_batch(4, 0, 0, 1)["input_ids"])
+
+
+# --- trained runs ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("lm")
+    config = tiny_config(root)
+    run_dir = root / "run"
+    train(lm.build_task(config, run_dir), lm.parse_config(config).train, run_dir)
+    return run_dir
+
+
+def test_checkpoint_with_another_pe_config_names_the_field(trained_run: Path) -> None:
+    config = json.loads((trained_run / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"pe\.alpha: checkpoint has 0\.1, config has 0\.5"):
+        lm.load_model(trained_run, {**config, "pe": {**config["pe"], "alpha": 0.5}})
+    with pytest.raises(ValueError, match=r"pe\.method: checkpoint has 'seqpe', config has 'rope'"):
+        lm.load_model(trained_run, {**config, "pe": {"method": "rope"}})
+    assert not lm.load_model(trained_run).training
+
+
+def test_evaluate_writes_json_and_plot(trained_run: Path) -> None:
+    res = lm.evaluate(trained_run, lengths=[16, 64], quiet=True)
+    saved = json.loads((trained_run / "eval.json").read_text())
+    assert saved["lengths"].keys() == {"16", "64"} == res["lengths"].keys()
+    num_test = lm.LMTask(lm.parse_config(json.loads((trained_run / "config.json").read_text()))).corpus.num_tokens("test")
+    chunks = min(num_test // 64, 512 // 64)  # eval.max_tokens = 512
+    assert saved["lengths"]["64"]["chunks"] == chunks > 0 and saved["lengths"]["64"]["tokens"] == chunks * 63
+    assert (trained_run / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert all(math.isfinite(r["ppl"]) for r in saved["lengths"].values())
+
+
+@pytest.mark.slow
+def test_cli_train_eval_and_compare_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    run_dir = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run_dir), "--set", "train.steps=4"]) == 0
+    assert main(["eval", str(run_dir), "--lengths", "16", "32"]) == 0
+    assert "test perplexity" in capsys.readouterr().out
+    assert json.loads((run_dir / "eval.json").read_text())["lengths"].keys() == {"16", "32"}
+
+    out = tmp_path / "cmp"
+    results = compare(config, ["rope", "alibi", "seqpe-a0-b0"], out, overrides=["train.steps=3"], lengths=[16, 48])
+    assert results.keys() == {"rope", "alibi", "seqpe-a0-b0"}
+    table = json.loads((out / "compare.json").read_text())["rows"]
+    assert set(table["alibi"]["ppl"]) == {"16", "48"}  # JSON keys
+    assert (out / "compare.png").is_file() and "| rope |" in (out / "compare.md").read_text()
+    again = compare(config, ["rope"], out, overrides=["train.steps=3"], lengths=[16, 48])  # reuses the finished run
+    assert again["rope"]["train_seconds"] == results["rope"]["train_seconds"]
