@@ -20,6 +20,15 @@ SPACES = ["text-512", "image-14x14", "video-8x14x14", "hybrid-text-image"]
 ATOL = RTOL = 1e-5  # float32: batched and per-row matmuls may sum in a different order
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second intra-op thread only adds sync overhead (10x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def space_of(name: str) -> GridSpace | HybridSpace:
     return load_space(CONFIGS / f"{name}.yaml")
 

@@ -1,0 +1,129 @@
+"""SeqPE's two regularizers, L_δ (Eq. 9) and L_OOD (Eq. 10), for any position space.
+
+Legend: ``*b`` batch dims, ``b`` pivots, ``c`` candidates per pivot, ``r`` shifted regions,
+``m`` teachers per region, ``h`` heads, ``e`` head dim, ``d`` model dim, ``w`` position width.
+
+The losses are plain functions of embeddings, so tests can hold them against loops written
+from the paper; :class:`SeqPERegularizer` samples positions from the space and runs the encoder
+once per training step over main-task and regularizer positions together.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from seqpe_nd.encoder import SeqPE, Space
+
+
+def contrastive_loss(
+    pivot: Float[Tensor, "b d"],
+    candidates: Float[Tensor, "b c d"],
+    target: Int[Tensor, " b"],
+    valid: Bool[Tensor, "b c"],
+) -> Float[Tensor, ""]:
+    """Eq. 9: -log softmax over raw dot products e_p · e_p', at p⁺; invalid candidates leave the softmax."""
+    if not bool(valid.gather(1, target[:, None]).all()):
+        raise ValueError("every target p⁺ must be a valid candidate (valid[i, target[i]] must be True)")
+    logits = torch.einsum("bd,bcd->bc", pivot.float(), candidates.float())  # no temperature, no normalisation
+    logits = logits.masked_fill(~valid, float("-inf"))
+    return F.cross_entropy(logits, target)
+
+
+def ood_loss(
+    teacher: Float[Tensor, "r m d"],
+    student: Float[Tensor, "r m d"],
+    heads: int,
+    *,
+    symmetric: bool = False,
+) -> Float[Tensor, ""]:
+    """Eq. 10, multi-head (App. A.3): KL(SG(P) || S) per head, averaged over heads and regions.
+
+    ``P``/``S`` are row-softmaxed dot-product similarity matrices of the teacher (in D_train) and
+    student (shifted) embeddings. Each row's KL is summed over its columns and averaged over rows
+    (batchmean); the released code's ``reduction="mean"`` also divided by m. ``symmetric`` adds
+    KL(S || SG(P)), the released code's variant; the teacher never receives a gradient.
+    """
+    d = teacher.shape[-1]
+    if heads < 1 or d % heads:
+        raise ValueError(f"heads = {heads} must be a positive divisor of the embedding width d = {d}")
+    r, m, _ = teacher.shape
+
+    def similarity(x: Tensor) -> Tensor:
+        x = x.float().view(r, m, heads, d // heads).transpose(1, 2)  # (r, h, m, e)
+        return torch.log_softmax(x @ x.transpose(-1, -2), dim=-1)  # (r, h, m, m), log rows of P or S
+
+    log_p = similarity(teacher.detach())  # SG(P)
+    log_s = similarity(student)
+    kl = (log_p.exp() * (log_p - log_s)).sum(-1)  # (r, h, m): KL(SG(P) || S) per row
+    if symmetric:
+        kl = kl + (log_s.exp() * (log_s - log_p)).sum(-1)  # + KL(S || SG(P))
+    return kl.mean()  # rows, heads, regions
+
+
+@dataclass(frozen=True)
+class RegularizedStep:
+    """What one training step gets back: main-task embeddings, α·L_δ + β·L_OOD, and its parts."""
+
+    embeddings: Tensor
+    """Embeddings of the main-task positions, shape ``(*main_pos.shape[:-1], d)``."""
+    loss: Tensor
+    """Scalar α·L_δ + β·L_OOD (zero when both are off)."""
+    parts: dict[str, float]
+    """``loss_delta``, ``loss_ood`` (unweighted; 0.0 when skipped) and ``loss_reg`` for logging."""
+
+
+class SeqPERegularizer:
+    """Samples L_δ and L_OOD positions from a space and scores them in one encoder call.
+
+    Args:
+        alpha: weight of L_δ (Eq. 15); 0 skips its sampling and compute.
+        beta: weight of L_OOD (Eq. 15); 0 skips its sampling and compute.
+        ood_heads: heads the embeddings are split into for L_OOD (App. A.3).
+        symmetric_kl: KL(T‖S) + KL(S‖T) as the released code does, instead of Eq. 10's KL(SG(P)‖S).
+    """
+
+    def __init__(
+        self, space: Space, *, alpha: float = 0.1, beta: float = 0.1, ood_heads: int, symmetric_kl: bool = False
+    ) -> None:
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if value < 0:
+                raise ValueError(f"{name} = {value} is not allowed; loss weights must be >= 0")
+        if ood_heads < 1:
+            raise ValueError(f"ood_heads = {ood_heads} is not allowed; it must be a positive integer")
+        self.space, self.alpha, self.beta = space, alpha, beta
+        self.ood_heads, self.symmetric_kl = ood_heads, symmetric_kl
+
+    def step(self, encoder: SeqPE, main_pos: Tensor, generator: torch.Generator, *, shifted: bool) -> RegularizedStep:
+        """Main-task embeddings and α·L_δ + β·L_OOD for one step; L_OOD is skipped on shifted steps."""
+        # model_dump: the spaces' cached tensors make pydantic's == raise.
+        if encoder.space is not self.space and encoder.space.model_dump() != self.space.model_dump():
+            raise ValueError("the encoder was built for a different position space than this regularizer")
+        if self.beta > 0 and encoder.d_model % self.ood_heads:
+            raise ValueError(f"ood_heads = {self.ood_heads} must divide the encoder's d_model = {encoder.d_model}")
+        sets: list[Tensor] = [main_pos]
+        con = self.space.sample_contrastive(generator) if self.alpha > 0 else None
+        ood = self.space.sample_ood(generator) if self.beta > 0 and not shifted else None
+        if con is not None:
+            sets += [con.pivots, con.candidates]
+        if ood is not None:
+            sets += [ood.teacher, ood.student]
+        out = encoder.encode(*(s.to(encoder.place_ids.device) for s in sets))  # one batched, deduplicated call
+        embeddings, rest = out[0], out[1:]
+
+        loss = embeddings.new_zeros((), dtype=torch.float32)
+        parts = {"loss_delta": 0.0, "loss_ood": 0.0}
+        if con is not None:
+            e_pivot, e_cand, rest = rest[0], rest[1], rest[2:]
+            dev = e_pivot.device
+            l_delta = contrastive_loss(e_pivot, e_cand, con.target.to(dev), con.valid.to(dev))
+            loss = loss + self.alpha * l_delta
+            parts["loss_delta"] = float(l_delta.detach())
+        if ood is not None:
+            l_ood = ood_loss(rest[0], rest[1], self.ood_heads, symmetric=self.symmetric_kl)
+            loss = loss + self.beta * l_ood
+            parts["loss_ood"] = float(l_ood.detach())
+        parts["loss_reg"] = float(loss.detach())
+        return RegularizedStep(embeddings=embeddings, loss=loss, parts=parts)
