@@ -15,6 +15,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("train", "seqpe_nd.tasks.cmd_train"),
     ("eval", "seqpe_nd.tasks.cmd_eval"),
     ("compare", "seqpe_nd.tasks.cmd_compare"),
+    ("plot", "seqpe_nd.tasks.cmd_plot"),
 )
 
 
