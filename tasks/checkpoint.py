@@ -315,4 +315,6 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
     path = resolve_checkpoint(path)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if strict and (missing or unexpected):
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+        )

@@ -17,7 +17,9 @@ from seqpe_nd.tasks.trainer import run_dir_has_content, train
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("train", help="train a recipe from a YAML run config")
     p.add_argument("config", type=Path, help="YAML run config (top-level 'task:' and 'train:')")
-    p.add_argument("--run-dir", type=Path, default=None, help="output directory (default runs/<config-stem>-<timestamp>)")
+    p.add_argument(
+        "--run-dir", type=Path, default=None, help="output directory (default runs/<config-stem>-<timestamp>)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -42,7 +44,9 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         run_dir = args.run_dir
     if not args.resume and run_dir_has_content(run_dir):
-        raise ValueError(f"run directory {run_dir} is not empty; pass --resume to continue it or choose another --run-dir")
+        raise ValueError(
+            f"run directory {run_dir} is not empty; pass --resume to continue it or choose another --run-dir"
+        )
 
     cfg = train_config(config)
     try:

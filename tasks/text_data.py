@@ -53,7 +53,8 @@ class TextDataConfig(BaseModel):
     source: Literal["embedded", "hf", "files"] = "embedded"
     """``embedded``: text shipped with Python and timm; ``hf``: a Hugging Face data set; ``files``: local text files."""
     tokenizer: str = "bpe"
-    """``bpe``: train the project's byte-level BPE on the training split; otherwise a Hugging Face tokenizer name or local path (e.g. ``gpt2``)."""
+    """``bpe``: train the project's byte-level BPE on the training split; otherwise a Hugging Face
+    tokenizer name or local path (e.g. ``gpt2``)."""
     vocab_size: int = Field(4096, ge=260)
     """Vocabulary of the project's BPE (ignored for a pretrained tokenizer)."""
     dataset: str = "wikitext"
@@ -61,7 +62,8 @@ class TextDataConfig(BaseModel):
     dataset_config: str | None = "wikitext-103-raw-v1"
     """``hf`` only: data set configuration name."""
     data_files: dict[str, list[str]] | list[str] | None = None
-    """``files`` only: text files; a mapping ``{train: [...], validation: [...], test: [...]}`` keeps given splits, a list is split by document."""
+    """``files`` only: text files; a mapping ``{train: [...], validation: [...], test: [...]}`` keeps
+    the given splits, a list is split by document."""
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
     """``files`` only: what one document is (``datasets``' text builder ``sample_by``)."""
     text_field: str = "text"
@@ -279,6 +281,10 @@ def _load_split_texts(cfg: TextDataConfig) -> dict[str, Sequence[str]]:
 
 # --- cache ---------------------------------------------------------------------------------------
 
+def _files_under(directory: Path) -> list[str]:
+    return sorted(str(p) for p in directory.rglob("*") if p.is_file())
+
+
 def cache_key(cfg: TextDataConfig) -> str:
     """Hash of every setting that changes the tokens (not the cache location)."""
     settings = cfg.model_dump(mode="json", exclude={"cache_dir"})
@@ -289,11 +295,9 @@ def cache_key(cfg: TextDataConfig) -> str:
     elif cfg.source == "files":
         settings["fingerprint"] = _files_fingerprint(cfg.data_files or [])
     elif Path(cfg.dataset).is_dir():  # a local data set directory: its content, not its name
-        settings["fingerprint"] = _files_fingerprint(sorted(str(p) for p in Path(cfg.dataset).rglob("*") if p.is_file()))
+        settings["fingerprint"] = _files_fingerprint(_files_under(Path(cfg.dataset)))
     if cfg.tokenizer != "bpe" and Path(cfg.tokenizer).is_dir():
-        settings["tokenizer_fingerprint"] = _files_fingerprint(
-            sorted(str(p) for p in Path(cfg.tokenizer).rglob("*") if p.is_file())
-        )
+        settings["tokenizer_fingerprint"] = _files_fingerprint(_files_under(Path(cfg.tokenizer)))
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -387,9 +391,10 @@ def prepare_text(cfg: TextDataConfig) -> TextCorpus:
             return TextCorpus(directory)
         directory.mkdir(parents=True, exist_ok=True)
         texts = _load_split_texts(cfg)
-        tokenizer = (
-            train_bpe(texts["train"], cfg.vocab_size) if cfg.tokenizer == "bpe" else load_pretrained_tokenizer(cfg.tokenizer)
-        )
+        if cfg.tokenizer == "bpe":
+            tokenizer = train_bpe(texts["train"], cfg.vocab_size)  # on training text only: nothing leaks
+        else:
+            tokenizer = load_pretrained_tokenizer(cfg.tokenizer)
         tokenizer.save(directory / "tokenizer.json")
         counts = {
             s: write_tokens(directory / f"{s}.bin", texts[s], tokenizer, add_eos=cfg.add_eos, desc=f"tokenize {s}")

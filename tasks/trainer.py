@@ -168,7 +168,8 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (so rank 1's stream is not rank 0's shifted by one)."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    words = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
+    return int(words.view(np.uint64)[0] >> 1)
 
 
 def param_groups(model: nn.Module, task: TrainTask, weight_decay: float) -> list[dict[str, Any]]:
@@ -344,7 +345,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             _restore_rng(state.rng, generator, rank, device)
             start = state.step
             if master:
-                tqdm.write(f"resuming {run_dir} from step {start}" + (f" (changed: {'; '.join(other)})" if other else ""))
+                changed = f" (changed: {'; '.join(other)})" if other else ""
+                tqdm.write(f"resuming {run_dir} from step {start}{changed}")
         if master:
             run_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(run_dir / METRICS, start)

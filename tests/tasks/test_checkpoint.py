@@ -23,7 +23,10 @@ class Tied(nn.Module):
 
 def trained_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     opt = torch.optim.AdamW(
-        [{"params": [model.wte.weight], "weight_decay": 0.1}, {"params": list(model.norm.parameters()), "weight_decay": 0.0}],
+        [
+            {"params": [model.wte.weight], "weight_decay": 0.1},
+            {"params": list(model.norm.parameters()), "weight_decay": 0.0},
+        ],
         lr=1e-2, betas=(0.8, 0.95),
     )
     for _ in range(2):

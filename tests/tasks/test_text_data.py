@@ -33,7 +33,8 @@ def test_embedded_corpus_needs_no_download(embedded: td.TextCorpus) -> None:
     train = embedded.split("train")
     assert isinstance(train, np.memmap) and train.dtype == np.uint16 and len(train) == meta["tokens"]["train"]
     tok = embedded.tokenizer
-    assert tok.vocab_size == 2048 and tok.decode(tok.encode("A call calls a callable object.")) == "A call calls a callable object."
+    sentence = "A call calls a callable object."
+    assert tok.vocab_size == 2048 and tok.decode(tok.encode(sentence)) == sentence
     assert int(train.max()) < tok.vocab_size and (train == tok.eos_id).sum() == meta["documents"]["train"]
     text = tok.decode(embedded.block("train", 0, 200).tolist())
     assert text.isascii() or any(c.isalpha() for c in text)

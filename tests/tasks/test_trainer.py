@@ -208,7 +208,8 @@ def test_parameters_without_gradient_are_named(tmp_path: Path) -> None:
             model.unused = nn.Linear(2, 2)
             return model
 
-    with pytest.warns(UserWarning, match=r"2 trainable parameters received no gradient .*: unused\.weight, unused\.bias"):
+    msg = r"2 trainable parameters received no gradient .*: unused\.weight, unused\.bias"
+    with pytest.warns(UserWarning, match=msg):
         train(Idle(), CFG.model_copy(update={"steps": 1}), tmp_path / "run")
 
 
@@ -275,7 +276,8 @@ def toy_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def test_cli_train_overrides_and_resume(toy_recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    assert main(["train", str(toy_recipe), "--run-dir", str(run), "--set", "train.steps=2", "--set", "pe.base=1e4"]) == 0
+    overrides = ["--set", "train.steps=2", "--set", "pe.base=1e4"]
+    assert main(["train", str(toy_recipe), "--run-dir", str(run), *overrides]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["steps"] == 2 and config["train"]["lr"] == 3e-3 and config["pe"]["base"] == 10000.0
     assert len(train_losses(run)) == 2
