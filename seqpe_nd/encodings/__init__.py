@@ -14,6 +14,7 @@ from seqpe_nd.encodings.config import (
     ALiBiNDConfig,
     APELearnConfig,
     APESinConfig,
+    MultimodalRoPEConfig,
     NoPEConfig,
     PEConfig,
     RoPEAxialConfig,
@@ -23,11 +24,22 @@ from seqpe_nd.encodings.config import (
     build_position_encoding,
     load_pe_config,
 )
+from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 
 __all__ = [
     "METHODS", "ALiBi", "ALiBiConfig", "ALiBiND", "ALiBiNDConfig", "APELearn", "APELearnConfig", "APESin",
-    "APESinConfig", "KVCache", "NoPE", "NoPEConfig", "PEConfig", "PEState", "PositionEncoding", "RoPE",
-    "RoPEAxial", "RoPEAxialConfig", "RoPEConfig", "RoPEMixed", "RoPEMixedConfig", "ScoreMod", "SeqPEConfig",
-    "build_position_encoding", "load_pe_config", "visibility_mask",
+    "APESinConfig", "KVCache", "MultimodalRoPE", "MultimodalRoPEConfig", "NoPE", "NoPEConfig", "PEConfig",
+    "PEState", "PositionEncoding", "RoPE", "RoPEAxial", "RoPEAxialConfig", "RoPEConfig", "RoPEMixed",
+    "RoPEMixedConfig", "ScoreMod", "SeqPEConfig", "SeqPEEncoding", "build_position_encoding", "load_pe_config",
+    "visibility_mask",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # SeqPE pulls in the encoder and regularizers; the baselines must not need them.
+    if name == "SeqPEEncoding":
+        from seqpe_nd.encodings.seqpe import SeqPEEncoding
+
+        return SeqPEEncoding
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

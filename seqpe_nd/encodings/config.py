@@ -222,6 +222,12 @@ def build_position_encoding(
         if len(size) != space.ndim:
             raise ValueError(f"ape_learn size {size} needs {space.ndim} entries for this {space.ndim}-D space")
         interpolation = default_interpolation(space.ndim) if cfg.interpolation == "auto" else cfg.interpolation
+        table_ndim = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}.get(interpolation, space.ndim)
+        if table_ndim != space.ndim:
+            raise ValueError(
+                f"ape_learn interpolation {interpolation!r} resamples {table_ndim}-D tables, but the space is {space.ndim}-D; "
+                f"use 'nearest' or 'auto' ({default_interpolation(space.ndim)})"
+            )
         return APELearn(d_model=d_model, size=size, interpolation=interpolation, resize=cfg.resize, init_std=cfg.init_std, **sizes)
     if method == "rope":
         return RoPE(base=cfg.base, width=1, **sizes)

@@ -67,7 +67,7 @@ def test_methods_without_a_hybrid_rule_say_so(method: str) -> None:
         build({"method": method}, HYBRID)
 
 
-@pytest.mark.parametrize("method", ["nope", "alibi_nd", "seqpe"])
+@pytest.mark.parametrize("method", ["nope", "mrope", "alibi_nd", "seqpe"])
 def test_methods_with_a_hybrid_rule_build(method: str) -> None:
     pe = build({"method": method, **({"hidden": 16, "layers": 1} if method == "seqpe" else {})}, HYBRID)
     assert pe.width == 4  # (modality, t, x_1, x_2)
@@ -80,6 +80,8 @@ def test_invalid_combinations_say_why() -> None:
         build({"method": "alibi"}, GRID_2D)
     with pytest.raises(ValueError, match="needs 2 entries"):
         build({"method": "ape_learn", "size": 8}, GRID_2D)
+    with pytest.raises(ValueError, match="'bicubic' resamples 2-D tables, but the space is 1-D"):
+        build({"method": "ape_learn", "interpolation": "bicubic"})
     with pytest.raises(ValueError, match="uses the space's own metric"):
         build({"method": "alibi_nd", "distance": "manhattan"}, HYBRID)
     with pytest.raises(ValueError, match="num_heads = 0"):
@@ -101,6 +103,8 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("rope_axial", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 4))),
     ("rope_mixed", "base", 50.0, smallest_mixed_magnitude, pytest.approx(50.0 ** (-12 / 16), rel=1e-5)),
     ("rope_mixed", "per_layer", False, lambda pe: pe.freqs.shape[0], 1),
+    ("mrope", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 8))),
+    ("mrope", "sections", (4, 4), lambda pe: pe.sections, (4, 4)),
     ("alibi", "backend", "bias", lambda pe: pe.score_backend, "bias"),
     ("alibi_nd", "distance", "chebyshev", lambda pe: pe.delta, get_distance("chebyshev")),
     ("alibi_nd", "backend", "flex", lambda pe: pe.score_backend, "flex"),
