@@ -54,3 +54,19 @@ def test_smoke_configs_share_everything_but_the_method() -> None:
         if name != "default":  # each method file is exactly seqpe.yaml with that method's preset
             assert lm.parse_config(config) == lm.parse_config(lm.apply_preset(ref, name)), name
     assert smoke["default"] == smoke["seqpe"]
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "lm" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs_build_gpt2_small(path: Path) -> None:
+    """GPT-2 small with the GPT-2 vocabulary (no download); on the meta device where the PE allows it."""
+    import contextlib
+
+    import torch
+
+    cfg = lm.parse_config(load_config(path))
+    assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.train.batch_size, cfg.train.precision) == (12, 768, 512, 32, "bf16")
+    # The SeqPE encoder reads its digit tables at construction, so it is built for real (once).
+    with contextlib.nullcontext() if cfg.pe.method == "seqpe" else torch.device("meta"):
+        model = lm.build_model(cfg, lm.resolve_space(cfg.space), vocab_size=50257, eos_id=50256)
+    backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("pe."))
+    assert 123e6 < backbone < 125e6  # GPT-2 small without its 512 x 768 wpe table (the PE replaces it)
