@@ -109,23 +109,14 @@ class MultimodalRoPE(PositionEncoding):
         """Per-axis rotary ids of ``pos`` in a sequence whose positions are ``context``."""
         return mrope_ids(pos, context, self.local_ndims) if self.hybrid else pos.long()
 
-    def prepare(
-        self,
-        pos_q: Int[Tensor, "b n w"],
-        pos_k: Int[Tensor, "b m w"] | None = None,
-        *,
-        generator: torch.Generator | None = None,
-        shifted: bool = False,
-    ) -> PEState:
+    def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
         """cos/sin of every query and key id, once per forward (the same for all layers)."""
-        state = self._new_state(pos_q, pos_k)
         for side, pos in (("q", state.pos_q), ("k", state.pos_k)):
             if side == "k" and state.pos_k is state.pos_q:
                 state.tensors["cos_k"], state.tensors["sin_k"] = state.tensors["cos_q"], state.tensors["sin_q"]
                 continue
             angles = mrope_angles(self.ids(pos, state.pos_k), self.inv_freq, self.sections)
             state.tensors[f"cos_{side}"], state.tensors[f"sin_{side}"] = (t[:, None] for t in rotary_cos_sin(angles, interleaved=False))
-        return state
 
     def transform_qk(
         self, q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h mk e"], state: PEState, layer: int
