@@ -25,6 +25,8 @@ RECIPES: dict[str, str] = {
     "lm": "seqpe_nd.tasks.lm",
     "vit": "seqpe_nd.tasks.vit",
     "qa": "seqpe_nd.tasks.qa",
+    "video": "seqpe_nd.tasks.video",
+    "hybrid": "seqpe_nd.tasks.hybrid",
 }
 
 
