@@ -304,9 +304,16 @@ def summarize(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return rows
 
 
+def _console() -> Any:
+    import sys
+
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)  # logs: wide enough for every column
+
+
 def print_summary(rows: dict[str, dict[str, Any]], title: str) -> str:
     """Print the comparison table (rich) and return it as Markdown."""
-    from rich.console import Console
     from rich.table import Table
 
     lengths = sorted({L for r in rows.values() for L in r["ppl"]})
@@ -324,7 +331,7 @@ def print_summary(rows: dict[str, dict[str, Any]], title: str) -> str:
             cells += [f"{r.get('train_seconds', float('nan')):.0f}", f"{r.get('eval_seconds', float('nan')):.0f}"]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
-    Console().print(table)
+    _console().print(table)
     return "\n".join(md) + "\n"
 
 
@@ -402,7 +409,6 @@ def evaluate(
 
 
 def print_eval(result: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{result['run_dir']} — {result['split']} perplexity (trained at {result['block_size']} tokens)")
@@ -411,4 +417,4 @@ def print_eval(result: dict[str, Any]) -> None:
     for length, r in result["lengths"].items():
         table.add_row(length, f"{int(length) / result['block_size']:g}", str(r["chunks"]), str(r["tokens"]),
                       f"{r['ppl']:.2f}", f"{r['seconds']:.1f}")
-    Console().print(table)
+    _console().print(table)
