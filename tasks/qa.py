@@ -1,0 +1,614 @@
+"""Long-context question answering (§4.2, Table 2): fine-tune an LM run on multi-document QA.
+
+``build_task(config, run_dir)`` starts from the latest checkpoint of an LM run directory
+(``init_from``). The QA config may restate the LM run's ``model``, ``space``, ``pe`` and
+``lm_data`` (which fixes the tokenizer); whatever it states must equal the LM run's, or the run is
+refused with every differing field named. Training sequences are Fig. 4 prompts of
+``context_length`` tokens (default twice the LM's training length, as the paper's 1024 after 512),
+right-padded, with the loss on the answer tokens and the end-of-text token only. Random start
+shifts follow the LM run (``random_shift``), and a shifted step tells the PE so (SeqPE skips
+L_OOD on it; the released QA code computed it on shifted steps). Validation is answer perplexity
+on the validation split at ``context_length``; the best one is kept in ``run_dir/best`` (written
+with the shared atomic checkpoint writer), and evaluation reads it.
+
+``evaluate(run_dir, lengths=...)`` asks the same questions at every length (default 1, 2, 4 and 8
+times ``context_length``): answer-span perplexity ``exp(Σ loss / Σ tokens)`` over answer + EOS
+tokens, and 16 greedily generated tokens (key-value cache, left padding with explicit positions),
+scored by the paper's EM (the lower-cased gold answer is contained in the lower-cased generation)
+and strict EM (the stripped generation equals a gold answer). It prints a table and writes
+``eval.json`` (atomically) and ``eval.png``.
+
+Legend: b batch, n tokens, t generated tokens, v vocabulary.
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from seqpe_nd.encodings import PEConfig
+from seqpe_nd.positions import GridSpace, HybridSpace
+from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks import lm
+from seqpe_nd.tasks.gpt2 import GPT2WithPE
+from seqpe_nd.tasks.qa_data import (
+    IGNORE_INDEX,
+    PromptBuilder,
+    PromptTooLong,
+    QADataConfig,
+    QAExample,
+    QASource,
+    build_source,
+    collate_prompts,
+    collate_train,
+    make_example,
+)
+from seqpe_nd.tasks.text_data import TextDataConfig, TextTokenizer, first_sample, load_pretrained_tokenizer, prepare_text, sample_blocks
+from seqpe_nd.tasks.trainer import TrainConfig, unwrap
+
+EVAL_JSON = "eval.json"
+EVAL_PNG = "eval.png"
+BEST = "best"
+"""Sub-directory of a QA run holding the checkpoint with the best validation answer perplexity."""
+# Sections that must match an LM run (and, on resume, the QA run's own checkpoint).
+INHERITED: tuple[str, ...] = ("model", "space", "pe", "lm_data")
+_NEXT_TRIES = 64  # training: an example too long for the budget gives way to the next index
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class QAEvalSettings(_Section):
+    """Evaluation (``eval:``) and the validation run during training."""
+
+    lengths: list[PositiveInt] | None = None
+    """Context lengths (tokens) to report; default 1, 2, 4 and 8 times context_length."""
+    split: Literal["validation", "test"] = "test"
+    """Split ``seqpe-nd eval`` reads (embedded: held-out documents; SQuAD: its validation split)."""
+    num_examples: PositiveInt = 100
+    """Questions per length (the same questions at every length)."""
+    max_new_tokens: PositiveInt = 16
+    """Greedy tokens generated per question (the paper: 16)."""
+    batch_tokens: PositiveInt = 8192
+    """Sequences per evaluation batch = max(1, batch_tokens // length)."""
+    val_examples: PositiveInt = 64
+    """Validation during training: questions of the validation split at context_length."""
+    checkpoint: Literal["best", "latest"] = "best"
+    """Which weights ``evaluate`` loads: the best validation answer perplexity, or the last step."""
+
+
+class QAConfig(_Section):
+    """A whole QA fine-tuning run: one YAML file with ``task: qa``."""
+
+    task: Literal["qa"] = "qa"
+    init_from: Path
+    """LM run directory whose latest checkpoint is fine-tuned."""
+    init_checkpoint: str | None = None
+    """Filled in by the recipe: the checkpoint directory actually loaded (provenance)."""
+    model: lm.GPT2Settings | None = None
+    """None: the LM run's; given: must equal it."""
+    space: dict[str, Any] | str | None = None
+    """None: the LM run's; given: must equal it (a YAML path or a mapping)."""
+    pe: PEConfig | None = None
+    """None: the LM run's; given: must equal it field by field."""
+    lm_data: TextDataConfig | None = None
+    """The LM run's ``data:`` section, which fixes the tokenizer. None: the LM run's; given: must equal it."""
+    context_length: PositiveInt | None = None
+    """Training token budget of a prompt + answer + EOS; default 2 × the LM's block_size."""
+    random_shift: bool | None = None
+    """Random start shifts as in LM training (App. A.5); None: as the LM run."""
+    data: QADataConfig = QADataConfig()
+    train: TrainConfig = TrainConfig(steps=1000, lr=5e-5, warmup_steps=100)
+    eval: QAEvalSettings = QAEvalSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "QAConfig":
+        if self.context_length is not None and self.context_length < 16:
+            raise ValueError(f"context_length = {self.context_length} cannot hold Fig. 4's template (need >= 16)")
+        return self
+
+    @property
+    def resolved(self) -> bool:
+        return None not in (self.model, self.space, self.pe, self.lm_data, self.context_length, self.random_shift)
+
+
+def parse_config(config: dict[str, Any] | QAConfig) -> QAConfig:
+    """Validate a run config; errors name the dotted field path."""
+    if isinstance(config, QAConfig):
+        return config
+    try:
+        return QAConfig.model_validate(config)
+    except ValidationError as err:
+        from seqpe_nd.tasks.recipes import format_validation_error
+
+        raise ValueError(format_validation_error(err)) from None
+
+
+def _comparable(section: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if section == "space":
+        return lm.resolve_space(value).model_dump(mode="json")
+    dumped = value.model_dump(mode="json")
+    if section == "lm_data":
+        dumped.pop("cache_dir", None)  # where the cache lives does not change the tokenizer
+    return dumped
+
+
+def resolve_config(cfg: QAConfig) -> QAConfig:
+    """Fill the inherited sections from the ``init_from`` LM run; refuse any stated one that differs.
+
+    Raises a ValueError naming each differing field (``pe.base: LM run has 10000.0, config has 1000000.0``).
+    """
+    init = Path(cfg.init_from)
+    config_file = init / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"init_from: {init} has no config.json; it must be an LM training run directory")
+    raw = json.loads(config_file.read_text())
+    if raw.get("task") != "lm":
+        raise ValueError(f"init_from: {init} is a {raw.get('task')!r} run; allowed: an 'lm' run")
+    found = ckpt.latest_checkpoint(init)
+    if found is None:
+        raise FileNotFoundError(f"init_from: no complete checkpoint in {init}")
+    lm_cfg = lm.parse_config(json.loads((found / "config.json").read_text()))
+    theirs = {"model": lm_cfg.model, "space": lm_cfg.space, "pe": lm_cfg.pe, "lm_data": lm_cfg.data}
+    diffs: list[str] = []
+    for section, mine in (("model", cfg.model), ("space", cfg.space), ("pe", cfg.pe), ("lm_data", cfg.lm_data)):
+        if mine is None:
+            continue
+        a, b = _comparable(section, mine), _comparable(section, theirs[section])
+        diffs += [
+            d.replace("checkpoint has", "LM run has") for d in ckpt.diff_configs({section: a}, {section: b})
+        ]
+    if diffs:
+        raise ValueError(f"init_from: {init} does not match this config: " + "; ".join(diffs))
+    return cfg.model_copy(update={
+        "init_checkpoint": str(found.resolve()),
+        "model": lm_cfg.model,
+        "space": lm.resolve_space(lm_cfg.space).model_dump(mode="json"),
+        "pe": lm_cfg.pe,
+        "lm_data": lm_cfg.data,
+        "context_length": cfg.context_length or 2 * lm_cfg.model.block_size,
+        "random_shift": lm_cfg.random_shift if cfg.random_shift is None else cfg.random_shift,
+    })
+
+
+def load_tokenizer(data: TextDataConfig) -> TextTokenizer:
+    """The LM run's tokenizer: the project BPE of its corpus (cached), or a Hugging Face one by name."""
+    if data.tokenizer == "bpe":
+        return prepare_text(data).tokenizer
+    return load_pretrained_tokenizer(data.tokenizer)
+
+
+def _checkpoint_vocab(path: Path) -> int:
+    """Rows of the checkpoint's token embedding (stored once under either name of the tied weight)."""
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        name = next(k for k in ("transformer.wte.weight", "lm_head.weight") if k in f.keys())
+        return int(f.get_slice(name).get_shape()[0])
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+def contains_match(prediction: str, answers: Sequence[str]) -> bool:
+    """The paper's EM: some lower-cased gold answer is contained in the lower-cased generation."""
+    pred = prediction.lower()
+    return any(a.lower() in pred for a in answers if a)
+
+
+def strict_match(prediction: str, answers: Sequence[str]) -> bool:
+    """Strict EM: the whitespace-stripped generation equals some gold answer exactly (case included)."""
+    pred = prediction.strip()
+    return any(pred == a.strip() for a in answers)
+
+
+# --- model pieces -----------------------------------------------------------------------------------
+
+def answer_loss(
+    model: nn.Module,
+    input_ids: Int[Tensor, "b n"],
+    labels: Int[Tensor, "b n"],
+    position_ids: Int[Tensor, "b n"] | Int[Tensor, "b n w"] | None = None,
+    **forward: Any,
+) -> tuple[Float[Tensor, ""], int, Any]:
+    """Summed cross entropy of the labelled (answer + EOS) tokens, their count, and the model output.
+
+    Only the window of positions that predict a labelled token goes through the vocabulary
+    projection (``logits_to_keep``), which on long prompts is most of the cost.
+    """
+    b, n = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
+    scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]  # positions whose next token is labelled
+    if len(scored) == 0:
+        raise ValueError("the batch has no labelled token (every label is IGNORE_INDEX)")
+    lo, hi = int(scored[0]), int(scored[-1]) + 1
+    keep = torch.arange(lo, hi, device=input_ids.device)
+    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep, **forward)
+    target = labels[:, lo + 1 : hi + 1]  # (b, hi - lo)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((target != IGNORE_INDEX).sum()), out
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    input_ids: Int[Tensor, "b n"],
+    attention_mask: Int[Tensor, "b n"],
+    position_ids: Int[Tensor, "b n"],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    use_cache: bool = True,
+) -> Int[Tensor, "b t"]:
+    """Greedy continuation of left-padded prompts; rows that emitted EOS keep emitting it.
+
+    With ``use_cache`` the prompt is encoded once and each step feeds one token with its explicit
+    position; without it every step re-encodes the whole sequence (the reference the cache must match).
+    """
+    b = input_ids.shape[0]
+    ids, mask, pos = input_ids, attention_mask, position_ids
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    out: list[Tensor] = []
+    cache = None
+    step_ids, step_pos = ids, pos
+    for _ in range(max_new_tokens):
+        if use_cache:
+            res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True,
+                        logits_to_keep=1)
+            cache = res.cache
+        else:
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
+        nxt = res.logits[:, -1].argmax(-1)  # (b,)
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        out.append(nxt)
+        done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+        step_ids, step_pos = nxt[:, None], pos[:, -1:] + 1
+        ids, pos = torch.cat([ids, step_ids], 1), torch.cat([pos, step_pos], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return torch.stack(out, 1)
+
+
+def decode_answer(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
+    """The generated text before the first end-of-text token."""
+    ids = list(ids)
+    if tokenizer.eos_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    return tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def score_examples(
+    model: nn.Module,
+    examples: Sequence[QAExample],
+    tokenizer: TextTokenizer,
+    *,
+    batch_size: int,
+    max_new_tokens: int | None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Answer perplexity (and with ``max_new_tokens``, greedy generations and both EMs) over ``examples``."""
+    total, count = 0.0, 0
+    em = strict = 0
+    samples: list[dict[str, Any]] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = collate_train(chunk, tokenizer.eos_id)
+        loss, n, _ = answer_loss(model, batch["input_ids"].to(device), batch["labels"].to(device))
+        total, count = total + float(loss), count + n
+        if max_new_tokens is None:
+            continue
+        prompts = {k: v.to(device) for k, v in collate_prompts(chunk, tokenizer.eos_id).items()}
+        gen = greedy_generate(model, **prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id).tolist()
+        for e, g in zip(chunk, gen, strict=True):
+            text = decode_answer(tokenizer, g)
+            hit, exact = contains_match(text, e.answers), strict_match(text, e.answers)
+            em, strict = em + hit, strict + exact
+            samples.append({"id": e.id, "answers": list(e.answers), "generation": text, "em": hit, "strict_em": exact,
+                            "depth": e.depth, "num_docs": len(e.documents), "tokens": e.num_tokens})
+    out: dict[str, Any] = {"examples": len(examples), "answer_tokens": count, "loss": total / max(count, 1),
+                           "ppl": math.exp(total / max(count, 1))}
+    if max_new_tokens is not None:
+        out.update({"em": 100.0 * em / max(len(examples), 1), "strict_em": 100.0 * strict / max(len(examples), 1),
+                    "samples": samples})
+    return out
+
+
+# --- the task the training loop runs ----------------------------------------------------------------
+
+class QATask:
+    """TrainTask of the QA recipe (see :class:`seqpe_nd.tasks.trainer.TrainTask`)."""
+
+    def __init__(self, cfg: QAConfig, run_dir: Path | None = None, *, documents: Sequence[str] | None = None) -> None:
+        if not cfg.resolved:
+            raise ValueError("QATask needs a resolved config (see resolve_config)")
+        self.cfg = cfg
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        assert cfg.model is not None and cfg.lm_data is not None and cfg.space is not None and cfg.context_length
+        self.lm_cfg = lm.LMConfig(model=cfg.model, data=cfg.lm_data, space=cfg.space, pe=cfg.pe,
+                                  random_shift=bool(cfg.random_shift))
+        self.space: GridSpace | HybridSpace = lm.resolve_space(cfg.space)
+        if not isinstance(self.space, GridSpace) or self.space.ndim != 1:
+            raise ValueError(f"space: the QA recipe needs a 1-D grid space, got {self.space.kind} with width {self.space.width}")
+        self.tokenizer = load_tokenizer(cfg.lm_data)
+        self.source: QASource = build_source(cfg.data, documents=documents)
+        self.builder = PromptBuilder(self.tokenizer)
+        self._val: list[QAExample] | None = None
+        self._step = 0  # optimizer steps done, seen through train_batch; names the best checkpoint
+        self._best: float | None = None
+
+    # -- data -------------------------------------------------------------------------------
+    def example(self, split: str, index: int, budget: int) -> QAExample:
+        return make_example(self.source, self.builder, split, index, budget=budget, seed=self.cfg.train.seed)
+
+    def eval_indices(self, split: str, count: int) -> list[int]:
+        """The same ``count`` questions of a split at every length: a seeded sample without replacement."""
+        n = self.source.num_items(split)
+        order = np.random.default_rng([self.cfg.train.seed, 7919]).permutation(n)
+        return [int(i) for i in order[: min(count, n)]]
+
+    def eval_examples(self, split: str, count: int, budget: int) -> tuple[list[QAExample], int]:
+        """Up to ``count`` examples at ``budget`` and how many did not fit (their gold document alone overflows)."""
+        out, skipped = [], 0
+        for i in self.eval_indices(split, count):
+            try:
+                out.append(self.example(split, i, budget))
+            except PromptTooLong:
+                skipped += 1
+        return out, skipped
+
+    # -- TrainTask --------------------------------------------------------------------------
+    def build_model(self) -> GPT2WithPE:
+        """The LM run's architecture and PE, with its checkpoint's weights (fp32, CPU)."""
+        assert self.cfg.init_checkpoint is not None
+        model = lm.build_model(self.lm_cfg, self.space, vocab_size=self.tokenizer.vocab_size, eos_id=self.tokenizer.eos_id)
+        ckpt.load_weights(model, Path(self.cfg.init_checkpoint))
+        return model
+
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
+        t = self.cfg.train
+        self._step = step + 1
+        n_items = self.source.num_items("train")
+        first = first_sample(step, micro, rank, world, t.batch_size, t.grad_accum)
+        examples = []
+        for j, idx in enumerate(sample_blocks(n_items, first, t.batch_size, t.seed)):
+            for k in range(_NEXT_TRIES):  # deterministic fallback keeps the batch a pure function of the step
+                try:
+                    examples.append(self.example("train", (int(idx) + k) % n_items, self.cfg.context_length or 0))
+                    break
+                except PromptTooLong:
+                    continue
+            else:
+                raise ValueError(f"{_NEXT_TRIES} training questions in a row from sample {first + j} do not fit "
+                                 f"context_length = {self.cfg.context_length}; raise it")
+        return collate_train(examples, self.tokenizer.eos_id)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        ids = batch["input_ids"]  # (b, n), right-padded
+        b, n = ids.shape
+        pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
+        shifted = False
+        if self.cfg.random_shift:
+            shift = self.space.sample_shift(generator, extent=[n])
+            if shift.applied:  # the whole step moves by one z (App. A.5); the PE then skips L_OOD
+                pos, shifted = self.space.apply_shift(pos, shift.z.to(ids.device)), True
+        total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator, pe_shifted=shifted)
+        qa = total / max(count, 1)
+        metrics = {"answer_loss": float(qa.detach()), "shifted": float(shifted)}
+        loss = qa
+        if out.pe_aux_loss is not None:
+            loss = loss + out.pe_aux_loss
+            metrics["pe_aux_loss"] = float(out.pe_aux_loss.detach())
+        return loss, metrics
+
+    def validation_examples(self) -> list[QAExample]:
+        if self._val is None:
+            self._val, _ = self.eval_examples("validation", self.cfg.eval.val_examples, self.cfg.context_length or 0)
+        return self._val
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Answer perplexity on validation questions at context_length; keeps the best weights in ``run_dir/best``."""
+        device = next(unwrap(model).parameters()).device
+        length = self.cfg.context_length or 0
+        res = score_examples(model, self.validation_examples(), self.tokenizer, batch_size=self._batch(length),
+                             max_new_tokens=None, device=device)
+        metrics = {"answer_loss": res["loss"], "answer_ppl": res["ppl"]}
+        self._keep_best(unwrap(model), res["ppl"])
+        return metrics
+
+    def _batch(self, length: int) -> int:
+        return max(1, self.cfg.eval.batch_tokens // length)
+
+    def _keep_best(self, model: nn.Module, ppl: float) -> None:
+        if self.run_dir is None or self._step == 0:  # not called by the training loop: record nothing
+            return
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        best_dir = self.run_dir / BEST
+        if self._best is None:
+            found = ckpt.latest_checkpoint(best_dir)  # a resumed run continues its record
+            if found is not None:
+                self._best = float(json.loads((found / "state.json").read_text())["val_answer_ppl"])
+        if self._best is not None and not ppl < self._best:
+            return
+        self._best = ppl
+        ckpt.save_checkpoint(
+            best_dir, self._step, model=model, optimizer={}, rng={},
+            state={"val_answer_ppl": ppl}, config={**self.config_dict(), "train": self.cfg.train.model_dump(mode="json")},
+            keep_last=1,
+        )
+
+    def batch_tokens(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["lengths"].sum())
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        return param.ndim < 2 or name.startswith("pe.")  # as the LM recipe: biases, norms, every PE parameter
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.cfg.model_dump(mode="json", exclude={"train"})
+
+
+def build_task(config: dict[str, Any], run_dir: Path) -> QATask:
+    """The recipe entry point (``task: qa``): resolves and checks the LM run before anything trains."""
+    task = QATask(resolve_config(parse_config(config)), run_dir)
+    init = Path(task.cfg.init_checkpoint or "")
+    vocab = _checkpoint_vocab(init)
+    if vocab != task.tokenizer.vocab_size:
+        raise ValueError(
+            f"lm_data.tokenizer: the LM checkpoint {init} has {vocab} token embeddings but its tokenizer "
+            f"({task.lm_cfg.data.tokenizer!r}) has {task.tokenizer.vocab_size}"
+        )
+    return task
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+def load_qa_model(run_dir: Path, task: QATask, checkpoint: str = "best") -> tuple[GPT2WithPE, Path]:
+    """The fine-tuned model of a QA run (best or latest weights), in eval mode, and the checkpoint read."""
+    run_dir = Path(run_dir)
+    found = ckpt.latest_checkpoint(run_dir / BEST) if checkpoint == "best" else None
+    if found is None:
+        found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir} (or {run_dir / BEST})")
+    saved = json.loads((found / "config.json").read_text())
+    ckpt.check_config(task.config_dict(), {k: v for k, v in saved.items() if k != "train"}, INHERITED)
+    vocab = _checkpoint_vocab(found)
+    if vocab != task.tokenizer.vocab_size:
+        raise ValueError(f"lm_data.tokenizer: checkpoint {found} has {vocab} token embeddings, the tokenizer has {task.tokenizer.vocab_size}")
+    model = lm.build_model(task.lm_cfg, task.space, vocab_size=task.tokenizer.vocab_size, eos_id=task.tokenizer.eos_id)
+    ckpt.load_weights(model, found)
+    return model.eval(), found
+
+
+def evaluate(
+    run_dir: Path,
+    *,
+    lengths: Sequence[int] | None = None,
+    split: str | None = None,
+    num_examples: int | None = None,
+    max_tokens: int | None = None,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    write: bool = True,
+    quiet: bool = False,
+    documents: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Table 2 for one run: answer perplexity and EM / strict EM per context length.
+
+    Args:
+        num_examples: questions per length (default ``eval.num_examples``).
+        max_tokens: ``seqpe-nd eval --max-tokens``: at most this many prompt tokens per length,
+            i.e. ``max_tokens // length`` questions (at least one).
+        documents: replaces the embedded text of the embedded generator (tests).
+    """
+    run_dir = Path(run_dir)
+    cfg = parse_config(lm.load_run_config(run_dir))
+    if not cfg.resolved:
+        raise ValueError(f"{run_dir}/config.json is not a resolved QA run config")
+    task = QATask(cfg, run_dir, documents=documents)
+    L = cfg.context_length or 0
+    lengths = list(lengths or cfg.eval.lengths or [L * f for f in (1, 2, 4, 8)])
+    split = split or cfg.eval.split
+    if split not in ("validation", "test"):
+        raise ValueError(f"split {split!r} is not an evaluation split; allowed: validation, test")
+    count = num_examples or cfg.eval.num_examples
+    which = checkpoint or cfg.eval.checkpoint
+    if which not in ("best", "latest"):
+        raise ValueError(f"checkpoint {which!r} unknown; allowed: best, latest")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model, found = load_qa_model(run_dir, task, which)
+    model = model.to(dev)
+    rows: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for length in lengths:
+        t = time.perf_counter()
+        n = count if max_tokens is None else max(1, min(count, max_tokens // length))
+        examples, skipped = task.eval_examples(split, n, length)
+        if not examples:
+            raise ValueError(f"no {split} question fits in {length} tokens")
+        res = score_examples(model, examples, task.tokenizer, batch_size=task._batch(length),
+                             max_new_tokens=cfg.eval.max_new_tokens, device=dev)
+        samples = res.pop("samples")
+        res.update({
+            "skipped": skipped, "seconds": time.perf_counter() - t,
+            "mean_tokens": float(np.mean([e.num_tokens for e in examples])),
+            "mean_docs": float(np.mean([len(e.documents) for e in examples])),
+            "samples": samples[:5],
+        })
+        rows[str(length)] = res
+    result = {
+        "run_dir": str(run_dir), "checkpoint": str(found), "split": split, "context_length": L,
+        "pe": cfg.pe.model_dump(mode="json") if cfg.pe is not None else None, "data": cfg.data.source,
+        "device": str(dev), "seconds": time.perf_counter() - t0, "lengths": rows,
+    }
+    if write:
+        ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
+        plot_qa({run_dir.name: rows}, run_dir / EVAL_PNG, title=f"{run_dir.name}: QA vs context length ({split})", train_length=L)
+    if not quiet:
+        print_eval(result)
+    return result
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    L = result["context_length"]
+    table = Table(title=f"{result['run_dir']} — {result['split']} QA (fine-tuned at {L} tokens)")
+    for col in ("length", "× train", "questions", "docs", "answer PPL", "EM", "strict EM", "seconds"):
+        table.add_column(col, justify="right")
+    for length, r in result["lengths"].items():
+        table.add_row(length, f"{int(length) / L:g}", str(r["examples"]), f"{r['mean_docs']:.1f}", f"{r['ppl']:.2f}",
+                      f"{r['em']:.1f}", f"{r['strict_em']:.1f}", f"{r['seconds']:.1f}")
+    Console().print(table)
+
+
+def plot_qa(
+    runs: dict[str, dict[str, dict[str, Any]]], path: Path, *, title: str, train_length: int | None = None
+) -> Path:
+    """EM (solid) and strict EM (dashed) and answer perplexity (log) against context length, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, (ax_em, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for i, (name, rows) in enumerate(runs.items()):
+        xs = sorted(int(k) for k in rows)
+        colour = f"C{i}"
+        ax_em.plot(xs, [rows[str(x)]["em"] for x in xs], marker="o", color=colour, label=name)
+        ax_em.plot(xs, [rows[str(x)]["strict_em"] for x in xs], marker="x", linestyle="--", color=colour)
+        ax_ppl.plot(xs, [rows[str(x)]["ppl"] for x in xs], marker="o", color=colour, label=name)
+    for ax in (ax_em, ax_ppl):
+        if train_length is not None:
+            ax.axvline(train_length, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_em.set_ylabel("EM % (solid: contains, dashed: strict)")
+    ax_ppl.set_ylabel("answer perplexity")
+    ax_ppl.set_yscale("log")
+    ax_em.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
