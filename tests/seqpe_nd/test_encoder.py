@@ -14,19 +14,11 @@ import torch.nn.functional as F
 
 from seqpe_nd.encoder import SeqPE, load_encoder, save_encoder
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
+from tests.seqpe_nd.single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 SPACES = ["text-512", "image-14x14", "video-8x14x14", "hybrid-text-image"]
 ATOL = RTOL = 1e-5  # float32: batched and per-row matmuls may sum in a different order
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds sync overhead (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def space_of(name: str) -> GridSpace | HybridSpace:

@@ -14,18 +14,10 @@ import torch.nn.functional as F
 from seqpe_nd.encoder import SeqPE
 from seqpe_nd.positions import load_space
 from seqpe_nd.regularizers import RegularizedStep, SeqPERegularizer, contrastive_loss, ood_loss
+from tests.seqpe_nd.single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only adds sync overhead (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def naive_contrastive(pivot, candidates, target, valid) -> float:
@@ -240,11 +232,11 @@ def train_alone(space, seed: int, alpha: float, steps: int) -> SeqPE:
     no_main = torch.zeros(0, 1, dtype=torch.long)
     for _ in range(steps):
         out = reg.step(enc, no_main, g, shifted=False)
-        if out.loss.requires_grad:
+        if out.loss.requires_grad:  # α = 0: the step has nothing to differentiate
             opt.zero_grad()
             out.loss.backward()
             opt.step()
-        sched.step()
+            sched.step()
     return enc.eval()
 
 
