@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics
 
 from seqpe_nd.positions import GridSpace
 from seqpe_nd.positions.samplers import Shift
@@ -14,8 +13,8 @@ from seqpe_nd.tasks import lm, qa, recipes
 from seqpe_nd.tasks.qa_data import IGNORE_INDEX, QAExample, collate_prompts, collate_train
 from seqpe_nd.tasks.text_data import TextTokenizer, train_bpe
 from seqpe_nd.tasks.trainer import TrainConfig, train
+from tests.tasks.test_qa_data import DOCS, _one_thread  # noqa: F401  (_one_thread is autouse here too)
 
-DOCS = [topics[k] for k in sorted(topics)]  # part of the embedded text, available instantly
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
     "kind": "grid", "L": 64, "L_max": 2000,
@@ -25,15 +24,6 @@ SPACE = {
 }
 SEQPE = {"method": "seqpe", "hidden": 32, "layers": 1, "heads": 2}
 CONTEXT = 256  # the template alone is ~100 tokens with this small BPE
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on shared CPUs, two threads spin-waiting on each other make small ops 10-20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --- metrics ----------------------------------------------------------------------------------------
