@@ -111,7 +111,7 @@ class QAConfig(_Section):
     random_shift: bool | None = None
     """Random start shifts as in LM training (App. A.5); None: as the LM run."""
     data: QADataConfig = QADataConfig()
-    train: TrainConfig = TrainConfig(steps=1000, lr=5e-5, warmup_steps=100)
+    train: TrainConfig = TrainConfig()
     eval: QAEvalSettings = QAEvalSettings()
 
     @model_validator(mode="after")
@@ -339,6 +339,7 @@ class QATask:
         self.cfg = cfg
         self.run_dir = None if run_dir is None else Path(run_dir)
         assert cfg.model is not None and cfg.lm_data is not None and cfg.space is not None and cfg.context_length
+        self.context_length: int = cfg.context_length
         self.lm_cfg = lm.LMConfig(model=cfg.model, data=cfg.lm_data, space=cfg.space, pe=cfg.pe,
                                   random_shift=bool(cfg.random_shift))
         self.space: GridSpace | HybridSpace = lm.resolve_space(cfg.space)
@@ -388,7 +389,7 @@ class QATask:
         for j, idx in enumerate(sample_blocks(n_items, first, t.batch_size, t.seed)):
             for k in range(_NEXT_TRIES):  # deterministic fallback keeps the batch a pure function of the step
                 try:
-                    examples.append(self.example("train", (int(idx) + k) % n_items, self.cfg.context_length or 0))
+                    examples.append(self.example("train", (int(idx) + k) % n_items, self.context_length))
                     break
                 except PromptTooLong:
                     continue
@@ -417,13 +418,13 @@ class QATask:
 
     def validation_examples(self) -> list[QAExample]:
         if self._val is None:
-            self._val, _ = self.eval_examples("validation", self.cfg.eval.val_examples, self.cfg.context_length or 0)
+            self._val, _ = self.eval_examples("validation", self.cfg.eval.val_examples, self.context_length)
         return self._val
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Answer perplexity on validation questions at context_length; keeps the best weights in ``run_dir/best``."""
         device = next(unwrap(model).parameters()).device
-        length = self.cfg.context_length or 0
+        length = self.context_length
         res = score_examples(model, self.validation_examples(), self.tokenizer, batch_size=self._batch(length),
                              max_new_tokens=None, device=device)
         metrics = {"answer_loss": res["loss"], "answer_ppl": res["ppl"]}
@@ -521,7 +522,7 @@ def evaluate(
     if not cfg.resolved:
         raise ValueError(f"{run_dir}/config.json is not a resolved QA run config")
     task = QATask(cfg, run_dir, documents=documents)
-    L = cfg.context_length or 0
+    L = task.context_length
     lengths = list(lengths or cfg.eval.lengths or [L * f for f in (1, 2, 4, 8)])
     split = split or cfg.eval.split
     if split not in ("validation", "test"):

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from seqpe_nd.positions import GridSpace
 from seqpe_nd.positions.samplers import Shift
 from seqpe_nd.tasks import lm, qa, recipes
+from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.qa_data import IGNORE_INDEX, QAExample, collate_prompts, collate_train
 from seqpe_nd.tasks.text_data import TextTokenizer, train_bpe
 from seqpe_nd.tasks.trainer import TrainConfig, train
@@ -164,6 +165,15 @@ def test_init_run_must_match_pe_and_tokenizer_naming_the_field(lm_run: Path, tmp
     assert cfg.resolved and cfg.pe.hidden == 32 and cfg.random_shift is True and cfg.context_length == CONTEXT
     assert cfg.init_checkpoint == str(qa.ckpt.latest_checkpoint(lm_run).resolve())
     assert qa.resolve_config(qa.parse_config({**_qa_config(lm_run), "context_length": None})).context_length == 128
+
+
+def test_cli_train_refuses_mismatched_lm_run_naming_the_field(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "qa.yaml"
+    config.write_text(f"task: qa\ninit_from: {lm_run}\npe: {{method: rope, base: 1.0e6}}\n")
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match this config" in err and "pe.method: LM run has 'seqpe', config has 'rope'" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_qa_run_is_refused_as_a_starting_point(lm_run: Path, tmp_path: Path) -> None:
