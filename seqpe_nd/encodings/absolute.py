@@ -26,7 +26,9 @@ class APESin(PositionEncoding):
 
     method = "ape_sin"
 
-    def __init__(self, *, d_model: int, base: float, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+    def __init__(
+        self, *, d_model: int, base: float, num_heads: int, head_dim: int, num_layers: int, width: int
+    ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         if d_model % (2 * width):
             raise ValueError(f"ape_sin in {width}-D needs d_model divisible by {2 * width}, got d_model = {d_model}")
@@ -92,5 +94,7 @@ class APELearn(PositionEncoding):
 
 def default_interpolation(ndim: int) -> str:
     if ndim not in INTERPOLATION_BY_NDIM:
-        raise ValueError(f"ape_learn resamples 1-D, 2-D and 3-D tables (torch.nn.functional.interpolate); got a {ndim}-D space")
+        raise ValueError(
+            f"ape_learn resamples 1-D, 2-D and 3-D tables (torch.nn.functional.interpolate); got a {ndim}-D space"
+        )
     return INTERPOLATION_BY_NDIM[ndim]

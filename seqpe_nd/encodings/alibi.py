@@ -47,7 +47,9 @@ class ALiBiND(ALiBi):
 
     method = "alibi_nd"
 
-    def __init__(self, *, delta: Any, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+    def __init__(
+        self, *, delta: Any, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int
+    ) -> None:
         super().__init__(backend=backend, num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         self.delta = delta  # space.delta or a registered Distance
 

@@ -99,7 +99,11 @@ class KVCache:
             prev = self.key_padding_mask
             if prev is None:
                 prev = torch.ones(b, old, dtype=torch.bool, device=pos.device)
-            new = key_padding_mask if key_padding_mask is not None else torch.ones(b, pos.shape[1], dtype=torch.bool, device=pos.device)
+            new = (
+                key_padding_mask
+                if key_padding_mask is not None
+                else torch.ones(b, pos.shape[1], dtype=torch.bool, device=pos.device)
+            )
             self.key_padding_mask = torch.cat([prev, new], dim=1)
         return self.positions, self.key_padding_mask
 
@@ -147,7 +151,9 @@ def materialize_score_mod(
     return score_mod(zero, b, h, qi, ki).float().expand(batch, heads, n, m)
 
 
-def sdpa(q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h m e"], v: Float[Tensor, "b h m ev"], **kwargs: Any) -> Float[Tensor, "b h n ev"]:
+def sdpa(
+    q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h m e"], v: Float[Tensor, "b h m ev"], **kwargs: Any
+) -> Float[Tensor, "b h n ev"]:
     """``F.scaled_dot_product_attention``, with ``v`` zero-padded to q's width when q/k were widened
     (SeqPE attn_bias by concatenation): fused kernels want one head dim for q, k and v, and the
     padded half of the output is exactly zero (measured on CPU: 3.4× faster at L = 2048 than the
@@ -216,7 +222,10 @@ class PositionEncoding(nn.Module):
             pos_k = pos_q
         for name, pos in (("pos_q", pos_q), ("pos_k", pos_k)):
             if pos.shape[-1] != self.width:
-                raise ValueError(f"{name} has {pos.shape[-1]} coordinates per position, but this {self.method} encoding's space has width {self.width}")
+                raise ValueError(
+                    f"{name} has {pos.shape[-1]} coordinates per position, but this {self.method} encoding's "
+                    f"space has width {self.width}"
+                )
         if pos_q.shape[0] != pos_k.shape[0]:
             raise ValueError(f"pos_q and pos_k disagree on batch size: {pos_q.shape[0]} vs {pos_k.shape[0]}")
         shared = bool((pos_q == pos_q[:1]).all()) and bool((pos_k == pos_k[:1]).all())
@@ -270,19 +279,28 @@ class PositionEncoding(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if k.shape[-2] != m:
-            raise ValueError(f"attention sees {k.shape[-2]} keys but state.pos_k has {m} positions; pass the cache or all keys")
+            raise ValueError(
+                f"attention sees {k.shape[-2]} keys but state.pos_k has {m} positions; pass the cache or all keys"
+            )
         if key_padding_mask is not None and key_padding_mask.shape[-1] != m:
             raise ValueError(f"key_padding_mask covers {key_padding_mask.shape[-1]} keys, expected {m}")
         dropout_p = dropout_p if self.training else 0.0
 
         mod = self.score_mod(state, layer)
         if mod is not None and self._use_flex(q, k, v, dropout_p):
-            block_mask = state.memo(("block_mask", causal, n, m), lambda: _block_mask(q, n, m, causal, key_padding_mask))
+            block_mask = state.memo(
+                ("block_mask", causal, n, m), lambda: _block_mask(q, n, m, causal, key_padding_mask)
+            )
             return _flex(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale)
 
-        mask = state.memo(("mask", causal, n, m), lambda: visibility_mask(n, m, causal=causal, key_padding_mask=key_padding_mask, device=q.device))
+        mask = state.memo(
+            ("mask", causal, n, m),
+            lambda: visibility_mask(n, m, causal=causal, key_padding_mask=key_padding_mask, device=q.device),
+        )
         if mod is None:
-            return sdpa(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and n == m, scale=scale)
+            return sdpa(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and n == m, scale=scale
+            )
         # One dense float32 bias per forward, masked once; relative distances keep it exact
         # before the single cast to q's dtype (the released code cast absolute indices to bf16).
         key = ("bias", layer if self.bias_per_layer else None, causal, q.dtype)
@@ -298,7 +316,10 @@ class PositionEncoding(nn.Module):
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if self.score_backend == "flex":
             if not q.is_cuda and needs_grad:
-                raise ValueError("score_backend='flex' needs a GPU for training: FlexAttention has no backward on CPU (use 'auto' or 'bias')")
+                raise ValueError(
+                    "score_backend='flex' needs a GPU for training: FlexAttention has no backward on CPU "
+                    "(use 'auto' or 'bias')"
+                )
             if dropout_p > 0:
                 raise ValueError("score_backend='flex' does not support attention dropout (use 'auto' or 'bias')")
             return True
@@ -325,7 +346,9 @@ def _block_mask(q: Tensor, n: int, m: int, causal: bool, key_padding_mask: Tenso
     kpm = key_padding_mask
     # Left-pad queries that would see nothing are given every key, as in visibility_mask.
     if causal:
-        seen = (torch.arange(m, device=q.device) <= torch.arange(n, device=q.device)[:, None] + off)[None] & kpm[:, None, :]
+        seen = (torch.arange(m, device=q.device) <= torch.arange(n, device=q.device)[:, None] + off)[None] & kpm[
+            :, None, :
+        ]
     else:
         seen = kpm[:, None, :].expand(-1, n, -1)
     blind = ~seen.any(-1)  # (b, n)

@@ -152,13 +152,33 @@ class SeqPEConfig(_Config):
 
 
 PEConfig = Annotated[
-    NoPEConfig | APESinConfig | APELearnConfig | RoPEConfig | RoPEAxialConfig | RoPEMixedConfig | MultimodalRoPEConfig | ALiBiConfig | ALiBiNDConfig | SeqPEConfig,
+    NoPEConfig
+    | APESinConfig
+    | APELearnConfig
+    | RoPEConfig
+    | RoPEAxialConfig
+    | RoPEMixedConfig
+    | MultimodalRoPEConfig
+    | ALiBiConfig
+    | ALiBiNDConfig
+    | SeqPEConfig,
     Field(discriminator="method"),
 ]
 """Any position-encoding config; YAML picks one with ``method: <name>``."""
 
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(PEConfig)
-METHODS: tuple[str, ...] = ("nope", "ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "mrope", "alibi", "alibi_nd", "seqpe")
+METHODS: tuple[str, ...] = (
+    "nope",
+    "ape_sin",
+    "ape_learn",
+    "rope",
+    "rope_axial",
+    "rope_mixed",
+    "mrope",
+    "alibi",
+    "alibi_nd",
+    "seqpe",
+)
 
 
 def load_pe_config(source: str | Path | dict[str, Any] | BaseModel) -> Any:
@@ -198,7 +218,12 @@ def build_position_encoding(
         d_model: width of the input embeddings (``embed``'s output, SeqPE's encoder output).
     """
     cfg = load_pe_config(config)
-    for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("num_layers", num_layers), ("d_model", d_model)):
+    for name, value in (
+        ("num_heads", num_heads),
+        ("head_dim", head_dim),
+        ("num_layers", num_layers),
+        ("d_model", d_model),
+    ):
         if value < 1:
             raise ValueError(f"{name} = {value} must be a positive integer")
     sizes = dict(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers)
@@ -208,7 +233,9 @@ def build_position_encoding(
     if hybrid and method in ("ape_sin", "ape_learn", "rope", "rope_axial", "rope_mixed", "alibi"):
         raise ValueError(_NO_HYBRID_RULE.format(method=method))
     if method == "rope" and ndim != 1:
-        raise ValueError(f"rope is 1-D, but the space is {ndim}-D; use rope_axial (axes split) or rope_mixed (learned mixing)")
+        raise ValueError(
+            f"rope is 1-D, but the space is {ndim}-D; use rope_axial (axes split) or rope_mixed (learned mixing)"
+        )
     if method == "alibi" and ndim != 1:
         raise ValueError(f"alibi is 1-D, but the space is {ndim}-D; use alibi_nd, which biases by the space's distance")
 
@@ -225,10 +252,13 @@ def build_position_encoding(
         table_ndim = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}.get(interpolation, space.ndim)
         if table_ndim != space.ndim:
             raise ValueError(
-                f"ape_learn interpolation {interpolation!r} resamples {table_ndim}-D tables, but the space is {space.ndim}-D; "
+                f"ape_learn interpolation {interpolation!r} resamples {table_ndim}-D tables, "
+                f"but the space is {space.ndim}-D; "
                 f"use 'nearest' or 'auto' ({default_interpolation(space.ndim)})"
             )
-        return APELearn(d_model=d_model, size=size, interpolation=interpolation, resize=cfg.resize, init_std=cfg.init_std, **sizes)
+        return APELearn(
+            d_model=d_model, size=size, interpolation=interpolation, resize=cfg.resize, init_std=cfg.init_std, **sizes
+        )
     if method == "rope":
         return RoPE(base=cfg.base, width=1, **sizes)
     if method == "rope_axial":
@@ -247,15 +277,24 @@ def build_position_encoding(
     return _build_seqpe(cfg, space=space, d_model=d_model, **sizes)
 
 
-def _build_seqpe(cfg: SeqPEConfig, *, space: GridSpace | HybridSpace, d_model: int, num_heads: int, head_dim: int, num_layers: int) -> PositionEncoding:
+def _build_seqpe(
+    cfg: SeqPEConfig, *, space: GridSpace | HybridSpace, d_model: int, num_heads: int, head_dim: int, num_layers: int
+) -> PositionEncoding:
     # Imported here so the baselines work while the encoder module is absent or being edited.
     from seqpe_nd.encoder import SeqPE
     from seqpe_nd.encodings.seqpe import SeqPEEncoding
     from seqpe_nd.regularizers import SeqPERegularizer
 
     encoder = SeqPE(
-        space, d_model, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-        dropout=cfg.dropout, causal=cfg.causal, init=cfg.init,
+        space,
+        d_model,
+        hidden=cfg.hidden,
+        layers=cfg.layers,
+        heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        dropout=cfg.dropout,
+        causal=cfg.causal,
+        init=cfg.init,
     )
     regularizer = None
     if cfg.alpha > 0 or cfg.beta > 0:
@@ -263,6 +302,11 @@ def _build_seqpe(cfg: SeqPEConfig, *, space: GridSpace | HybridSpace, d_model: i
             space, alpha=cfg.alpha, beta=cfg.beta, ood_heads=cfg.ood_heads or num_heads, symmetric_kl=cfg.symmetric_kl
         )
     return SeqPEEncoding(
-        encoder=encoder, regularizer=regularizer, integration=cfg.integration, per_layer=cfg.per_layer,
-        num_heads=num_heads, head_dim=head_dim, num_layers=num_layers,
+        encoder=encoder,
+        regularizer=regularizer,
+        integration=cfg.integration,
+        per_layer=cfg.per_layer,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        num_layers=num_layers,
     )

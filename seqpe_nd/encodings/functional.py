@@ -35,7 +35,9 @@ def mixed_angles(pos: Int[Tensor, "b n w"], freqs: Float[Tensor, "w h f"]) -> Fl
     return (pos.float()[:, None, :, :, None] * freqs.float().transpose(0, 1)[None, :, None]).sum(-2)  # (b, h, n, f)
 
 
-def init_mixed_freqs(ndim: int, num_heads: int, head_dim: int, base: float, generator: torch.Generator | None = None) -> Float[Tensor, "w h f"]:
+def init_mixed_freqs(
+    ndim: int, num_heads: int, head_dim: int, base: float, generator: torch.Generator | None = None
+) -> Float[Tensor, "w h f"]:
     """RoPE-Mixed's initial frequencies: per head, ``ndim`` random orthogonal directions, each
     carrying the magnitudes ``1 / base^(2·ndim·i/e)``.
 
@@ -47,8 +49,13 @@ def init_mixed_freqs(ndim: int, num_heads: int, head_dim: int, base: float, gene
     mag = 1.0 / base ** (torch.arange(0, head_dim, 2 * ndim, dtype=torch.float32) / head_dim)  # (f/ndim,)
     if ndim == 2:
         theta = torch.rand(num_heads, 1, generator=generator) * 2 * math.pi
-        rot = torch.stack([torch.stack([theta.cos(), (theta + math.pi / 2).cos()], -1),
-                           torch.stack([theta.sin(), (theta + math.pi / 2).sin()], -1)], 1)[:, :, 0]  # (h, axis, dir)
+        rot = torch.stack(
+            [
+                torch.stack([theta.cos(), (theta + math.pi / 2).cos()], -1),
+                torch.stack([theta.sin(), (theta + math.pi / 2).sin()], -1),
+            ],
+            1,
+        )[:, :, 0]  # (h, axis, dir)
     else:
         qr, r = torch.linalg.qr(torch.randn(num_heads, ndim, ndim, generator=generator))
         rot = qr * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar: fix QR's signs
@@ -56,7 +63,9 @@ def init_mixed_freqs(ndim: int, num_heads: int, head_dim: int, base: float, gene
     return (rot[..., None] * mag).flatten(-2).permute(1, 0, 2).contiguous()  # (w, h, f)
 
 
-def rotary_cos_sin(angles: Float[Tensor, "*b f"], *, interleaved: bool) -> tuple[Float[Tensor, "*b e"], Float[Tensor, "*b e"]]:
+def rotary_cos_sin(
+    angles: Float[Tensor, "*b f"], *, interleaved: bool
+) -> tuple[Float[Tensor, "*b e"], Float[Tensor, "*b e"]]:
     """cos/sin in the layout ``apply_rotary`` expects: ``[f0, f0, f1, f1, …]`` (interleaved pairs,
     timm) or ``[f0, f1, …, f0, f1, …]`` (halves, Hugging Face / GPT-NeoX)."""
     full = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)

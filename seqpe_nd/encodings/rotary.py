@@ -45,7 +45,9 @@ class _Rotary(PositionEncoding):
             ck, sk = cq, sq
         else:
             ck, sk = self._cos_sin(state, state.pos_k[:, -mk:], "k", layer)
-        return apply_rotary(q, cq, sq, interleaved=self.interleaved), apply_rotary(k, ck, sk, interleaved=self.interleaved)
+        return apply_rotary(q, cq, sq, interleaved=self.interleaved), apply_rotary(
+            k, ck, sk, interleaved=self.interleaved
+        )
 
 
 class RoPEAxial(_Rotary):
@@ -58,7 +60,9 @@ class RoPEAxial(_Rotary):
     def __init__(self, *, base: float, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         if head_dim % (2 * width):
-            raise ValueError(f"{self.method} in {width}-D needs head_dim divisible by {2 * width}, got head_dim = {head_dim}")
+            raise ValueError(
+                f"{self.method} in {width}-D needs head_dim divisible by {2 * width}, got head_dim = {head_dim}"
+            )
         self.base = base
         self.register_buffer("inv_freq", rope_inv_freq(head_dim // (2 * width), base), persistent=False)
 
@@ -83,11 +87,15 @@ class RoPEMixed(_Rotary):
 
     method = "rope_mixed"
 
-    def __init__(self, *, base: float, per_layer: bool, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+    def __init__(
+        self, *, base: float, per_layer: bool, num_heads: int, head_dim: int, num_layers: int, width: int
+    ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         self.base, self.per_layer = base, per_layer
         depth = num_layers if per_layer else 1
-        self.freqs = nn.Parameter(torch.stack([init_mixed_freqs(width, num_heads, head_dim, base) for _ in range(depth)]))  # (depth, w, h, e/2)
+        self.freqs = nn.Parameter(
+            torch.stack([init_mixed_freqs(width, num_heads, head_dim, base) for _ in range(depth)])
+        )  # (depth, w, h, e/2)
 
     def _layer_key(self, layer: int) -> int:
         if not 0 <= layer < self.num_layers:

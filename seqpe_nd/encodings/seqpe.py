@@ -29,9 +29,7 @@ Integration = Literal["attn_sum", "attn_mul", "attn_bias", "input_add"]
 INTEGRATIONS: tuple[str, ...] = ("attn_sum", "attn_mul", "attn_bias", "input_add")
 
 
-def integrate(
-    x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integration: str
-) -> Float[Tensor, "b h n ex"]:
+def integrate(x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integration: str) -> Float[Tensor, "b h n ex"]:
     """One side (q or k) of Eq. 12-14 as a transform whose dot products give the paper's scores."""
     pe = pe.to(x.dtype)
     if integration == "attn_sum":
@@ -67,7 +65,9 @@ class SeqPEEncoding(PositionEncoding):
         if integration != "input_add":
             depth = num_layers if per_layer else 1
             # Eq. 11: W_PE^{q,k} ∈ R^{d × 2·h·e}; rows [:h·e] give E^q, rows [h·e:] give E^k.
-            self.w_pe = nn.ModuleList(nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=False) for _ in range(depth))
+            self.w_pe = nn.ModuleList(
+                nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=False) for _ in range(depth)
+            )
 
     def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
         """Encode query and key positions in one call; in training, with the regularizers' sets."""

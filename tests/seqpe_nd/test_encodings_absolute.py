@@ -16,7 +16,9 @@ def space(extent: list[int]):
 
 
 def build(method: str, extent: list[int], d: int = 12, **cfg):
-    return build_position_encoding({"method": method, **cfg}, space=space(extent), num_heads=2, head_dim=d // 2, num_layers=1, d_model=d)
+    return build_position_encoding(
+        {"method": method, **cfg}, space=space(extent), num_heads=2, head_dim=d // 2, num_layers=1, d_model=d
+    )
 
 
 @pytest.mark.parametrize("extent", [[5], [2, 3], [2, 2, 2]])
@@ -69,7 +71,9 @@ def test_ape_learn_1d_extends_linearly_beyond_its_table() -> None:
 def test_ape_learn_2d_resamples_like_timm() -> None:
     pe = build("ape_learn", [4, 4])
     pos = space([7, 7]).positions()[None]
-    want = resample_abs_pos_embed(pe.table.detach().reshape(1, 16, 12), [7, 7], old_size=[4, 4], num_prefix_tokens=0)  # bicubic, antialias
+    want = resample_abs_pos_embed(
+        pe.table.detach().reshape(1, 16, 12), [7, 7], old_size=[4, 4], num_prefix_tokens=0
+    )  # bicubic, antialias
     torch.testing.assert_close(pe.embed(pe.prepare(pos)), want)
 
 
@@ -89,8 +93,12 @@ def test_ape_learn_resize_modes_and_options() -> None:
     with torch.no_grad():
         exact.table.copy_(grow.table)
     small = space([2, 3]).positions()[None]
-    torch.testing.assert_close(grow.embed(grow.prepare(small))[0], grow.table[:2, :3].reshape(-1, 12))  # trained rows kept
-    want = resample_abs_pos_embed(exact.table.detach().reshape(1, 16, 12), [2, 3], old_size=[4, 4], num_prefix_tokens=0, interpolation="bilinear")
+    torch.testing.assert_close(
+        grow.embed(grow.prepare(small))[0], grow.table[:2, :3].reshape(-1, 12)
+    )  # trained rows kept
+    want = resample_abs_pos_embed(
+        exact.table.detach().reshape(1, 16, 12), [2, 3], old_size=[4, 4], num_prefix_tokens=0, interpolation="bilinear"
+    )
     torch.testing.assert_close(exact.embed(exact.prepare(small)), want)  # timm's dynamic size
     # One axis outgrown: only that axis is resampled under "grow".
     wide = space([4, 6]).positions()[None]

@@ -13,7 +13,10 @@ from seqpe_nd.positions import get_distance, load_space
 
 HYBRID = {
     "kind": "hybrid",
-    "modalities": [{"name": "text", "space": {"L": 16, "L_max": 300}}, {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}}],
+    "modalities": [
+        {"name": "text", "space": {"L": 16, "L_max": 300}},
+        {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}},
+    ],
 }
 
 
@@ -31,7 +34,9 @@ def space(extent: list[int], distance: str = "euclidean"):
 
 
 def build(method: str, sp, heads: int = 4, **cfg):
-    return build_position_encoding({"method": method, **cfg}, space=sp, num_heads=heads, head_dim=8, num_layers=2, d_model=heads * 8)
+    return build_position_encoding(
+        {"method": method, **cfg}, space=sp, num_heads=heads, head_dim=8, num_layers=2, d_model=heads * 8
+    )
 
 
 def test_slopes_are_press_et_al_for_8_and_12_heads() -> None:
@@ -77,10 +82,19 @@ def test_flex_backend_refuses_cpu_training() -> None:
         pe.attend(q, q, q, pe.prepare(torch.arange(8)[None, :, None]), 0, causal=True)
 
 
-ND_CASES = [([7], "euclidean"), ([3, 3], "manhattan"), ([3, 3], "euclidean"), ([2, 2, 2], "chebyshev"), ([3, 2], "squared_euclidean")]
+ND_CASES = [
+    ([7], "euclidean"),
+    ([3, 3], "manhattan"),
+    ([3, 3], "euclidean"),
+    ([2, 2, 2], "chebyshev"),
+    ([3, 2], "squared_euclidean"),
+]
 
 
-@pytest.mark.parametrize(("extent", "distance", "backend"), [(*c, "bias") for c in ND_CASES] + [(*ND_CASES[1], "flex"), (*ND_CASES[3], "flex")])
+@pytest.mark.parametrize(
+    ("extent", "distance", "backend"),
+    [(*c, "bias") for c in ND_CASES] + [(*ND_CASES[1], "flex"), (*ND_CASES[3], "flex")],
+)
 @pytest.mark.usefixtures("flex_traceable")
 def test_alibi_nd_equals_loops(extent: list[int], distance: str, backend: str) -> None:
     torch.manual_seed(0)
@@ -95,7 +109,12 @@ def test_alibi_nd_equals_loops(extent: list[int], distance: str, backend: str) -
 
     def bias(b: int, h: int, i: int, j: int) -> torch.Tensor:
         d = pos[0, i] - pos[0, j]
-        delta = {"euclidean": d.double().norm(), "manhattan": d.abs().sum(), "chebyshev": d.abs().max(), "squared_euclidean": d.square().sum()}[distance]
+        delta = {
+            "euclidean": d.double().norm(),
+            "manhattan": d.abs().sum(),
+            "chebyshev": d.abs().max(),
+            "squared_euclidean": d.square().sum(),
+        }[distance]
         return -slopes[h] * float(delta)
 
     torch.testing.assert_close(got, naive_attention(q, k, v, bias, causal=False), rtol=1e-5, atol=1e-5)
@@ -113,14 +132,22 @@ def test_alibi_nd_on_a_hybrid_space_uses_its_metric() -> None:
     sp = load_space(HYBRID)
     pe = build("alibi_nd", sp, heads=2)
     pos = sp.layout("text:3, image:2x2, text:2").positions[None]
-    bias = pe.score_mod(pe.prepare(pos), 0)(torch.zeros(()), torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(2).view(1, 2, 1, 1), torch.arange(9).view(1, 1, 9, 1), torch.arange(9).view(1, 1, 1, 9))
+    bias = pe.score_mod(pe.prepare(pos), 0)(
+        torch.zeros(()),
+        torch.zeros(1, 1, 1, 1, dtype=torch.long),
+        torch.arange(2).view(1, 2, 1, 1),
+        torch.arange(9).view(1, 1, 9, 1),
+        torch.arange(9).view(1, 1, 1, 9),
+    )
     want = -alibi_slopes(2).view(2, 1, 1) * sp.delta(pos[0, :, None], pos[0, None, :]).float()
     torch.testing.assert_close(bias[0], want)
     with pytest.raises(ValueError, match="no rule for hybrid"):
         build("alibi", sp)
 
 
-@pytest.mark.parametrize(("method", "extent"), [("alibi", [10]), ("alibi_nd", [10]), ("alibi_nd", [3, 4]), ("alibi_nd", [2, 2, 3])])
+@pytest.mark.parametrize(
+    ("method", "extent"), [("alibi", [10]), ("alibi_nd", [10]), ("alibi_nd", [3, 4]), ("alibi_nd", [2, 2, 3])]
+)
 def test_alibi_is_shift_invariant_even_far_out(method: str, extent: list[int]) -> None:
     """Biases come from relative distances in float32: a start shift of ~16K changes nothing
     (the released code's absolute-index bias in bf16 collapsed there)."""

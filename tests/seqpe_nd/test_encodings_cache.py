@@ -22,8 +22,16 @@ class Toy(nn.Module):
         self.qkv = nn.ModuleList(nn.Linear(D, 3 * D) for _ in range(LAYERS))
         self.out = nn.ModuleList(nn.Linear(D, D) for _ in range(LAYERS))
 
-    def forward(self, x: Tensor, pos: Tensor, *, causal: bool = True, key_padding_mask: Tensor | None = None,
-                cache: KVCache | None = None, raw: dict | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        *,
+        causal: bool = True,
+        key_padding_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        raw: dict | None = None,
+    ) -> Tensor:
         """``cache``: transformed keys cached by KVCache; ``raw``: raw k/v cached by the caller
         (as Hugging Face does), all keys re-passed to attend with their positions."""
         pos_k, mask = pos, key_padding_mask
@@ -85,7 +93,11 @@ def padded_batch(rows: list[tuple[Tensor, Tensor]], side: str) -> tuple[Tensor, 
     xs, ps, ms = [], [], []
     for x, p in rows:
         pad = n - x.shape[0]
-        zx, zp, ones = torch.zeros(pad, D), torch.zeros(pad, p.shape[1], dtype=torch.long), torch.ones(x.shape[0], dtype=torch.bool)
+        zx, zp, ones = (
+            torch.zeros(pad, D),
+            torch.zeros(pad, p.shape[1], dtype=torch.long),
+            torch.ones(x.shape[0], dtype=torch.bool),
+        )
         cat = (lambda a, b: torch.cat([a, b])) if side == "right" else (lambda a, b: torch.cat([b, a]))
         xs.append(cat(x, zx))
         ps.append(cat(p, zp))
@@ -122,7 +134,9 @@ def test_padded_bidirectional_batch_equals_unpadded_rows_nd(method: str, extent:
     with torch.no_grad():
         got = model(x, pos, causal=False, key_padding_mask=mask)
         for i, (rx, rp) in enumerate(rows):
-            torch.testing.assert_close(got[i][mask[i]], model(rx[None], rp[None], causal=False)[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                got[i][mask[i]], model(rx[None], rp[None], causal=False)[0], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_attend_says_when_keys_and_positions_disagree() -> None:
@@ -136,7 +150,10 @@ def test_attend_says_when_keys_and_positions_disagree() -> None:
 
 HYBRID = {
     "kind": "hybrid",
-    "modalities": [{"name": "text", "space": {"L": 16, "L_max": 300}}, {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}}],
+    "modalities": [
+        {"name": "text", "space": {"L": 16, "L_max": 300}},
+        {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}},
+    ],
 }
 
 

@@ -13,7 +13,10 @@ from seqpe_nd.positions import get_distance, load_space
 
 HYBRID = {
     "kind": "hybrid",
-    "modalities": [{"name": "text", "space": {"L": 16, "L_max": 300}}, {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}}],
+    "modalities": [
+        {"name": "text", "space": {"L": 16, "L_max": 300}},
+        {"name": "image", "space": {"L": [3, 3], "L_max": [20, 20]}},
+    ],
 }
 GRID_2D = {"L": [4, 4], "L_max": [40, 40]}
 SIZES = {"num_heads": 2, "head_dim": 16, "num_layers": 3, "d_model": 32}
@@ -85,7 +88,9 @@ def test_invalid_combinations_say_why() -> None:
     with pytest.raises(ValueError, match="uses the space's own metric"):
         build({"method": "alibi_nd", "distance": "manhattan"}, HYBRID)
     with pytest.raises(ValueError, match="num_heads = 0"):
-        build_position_encoding({"method": "nope"}, space=load_space(GRID_2D), num_heads=0, head_dim=4, num_layers=1, d_model=4)
+        build_position_encoding(
+            {"method": "nope"}, space=load_space(GRID_2D), num_heads=0, head_dim=4, num_layers=1, d_model=4
+        )
 
 
 def smallest_mixed_magnitude(pe: Any) -> float:
@@ -94,7 +99,13 @@ def smallest_mixed_magnitude(pe: Any) -> float:
 
 # (method, field, value, probe(pe) -> what the option controls, expected); 2-D where it matters.
 PROBES: list[tuple[str, str, Any, Any, Any]] = [
-    ("ape_sin", "base", 100.0, lambda pe: pe.embed(pe.prepare(torch.tensor([[[1, 0]]])))[0, 0, 2].item(), pytest.approx(torch.tensor(100 ** (-2 / 16)).sin().item())),
+    (
+        "ape_sin",
+        "base",
+        100.0,
+        lambda pe: pe.embed(pe.prepare(torch.tensor([[[1, 0]]])))[0, 0, 2].item(),
+        pytest.approx(torch.tensor(100 ** (-2 / 16)).sin().item()),
+    ),
     ("ape_learn", "size", (5, 6), lambda pe: tuple(pe.table.shape), (5, 6, 32)),
     ("ape_learn", "interpolation", "nearest", lambda pe: pe.interpolation, "nearest"),
     ("ape_learn", "resize", "exact", lambda pe: pe.target_size(torch.tensor([[[1, 1]]])).tolist(), [[2, 2]]),
@@ -110,10 +121,22 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("alibi_nd", "backend", "flex", lambda pe: pe.score_backend, "flex"),
     ("seqpe", "integration", "attn_mul", lambda pe: pe.integration, "attn_mul"),
     ("seqpe", "per_layer", True, lambda pe: len(pe.w_pe), 3),
-    *[("seqpe", f, v, (lambda f: lambda pe: pe.encoder.config[f])(f), v)
-      for f, v in (("hidden", 24), ("layers", 3), ("heads", 3), ("mlp_ratio", 2.0), ("dropout", 0.3), ("causal", False), ("init", "trunc_normal"))],
-    *[("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
-      for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True))],
+    *[
+        ("seqpe", f, v, (lambda f: lambda pe: pe.encoder.config[f])(f), v)
+        for f, v in (
+            ("hidden", 24),
+            ("layers", 3),
+            ("heads", 3),
+            ("mlp_ratio", 2.0),
+            ("dropout", 0.3),
+            ("causal", False),
+            ("init", "trunc_normal"),
+        )
+    ],
+    *[
+        ("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
+        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True))
+    ],
 ]
 
 

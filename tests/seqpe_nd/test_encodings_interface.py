@@ -32,7 +32,9 @@ CASES = [(m, n) for m in METHODS for n in (1, 2, 3) if exists(m, n)]
 def test_every_method_runs_through_the_hooks(method: str, ndim: int) -> None:
     torch.manual_seed(0)
     space = grid(ndim)
-    pe = build_position_encoding(config(method), space=space, num_heads=HEADS, head_dim=HEAD_DIM, num_layers=LAYERS, d_model=D)
+    pe = build_position_encoding(
+        config(method), space=space, num_heads=HEADS, head_dim=HEAD_DIM, num_layers=LAYERS, d_model=D
+    )
     pos = space.positions()[None].expand(2, -1, -1)
     state = pe.prepare(pos, generator=torch.Generator().manual_seed(0))
     assert isinstance(state, PEState)
@@ -43,18 +45,26 @@ def test_every_method_runs_through_the_hooks(method: str, ndim: int) -> None:
     for layer in range(LAYERS):
         out = pe.attend(out, out, out, state, layer, causal=True)
     assert out.shape == q.shape and bool(out.isfinite().all())
-    loss = out.square().sum() + (0 if state.aux_loss is None else state.aux_loss) + (0 if emb is None else emb.square().sum())
+    loss = (
+        out.square().sum()
+        + (0 if state.aux_loss is None else state.aux_loss)
+        + (0 if emb is None else emb.square().sum())
+    )
     loss.backward()
     assert q.grad is not None and bool(q.grad.isfinite().all())
     trainable = [p for p in pe.parameters() if p.requires_grad]
     assert all(p.grad is not None for p in trainable), "every parameter of the encoding gets a gradient"
 
 
-@pytest.mark.parametrize(("method", "ndim"), [(m, n) for m, n in [("rope", 2), ("rope", 3), ("alibi", 2), ("alibi", 3)]])
+@pytest.mark.parametrize(
+    ("method", "ndim"), [(m, n) for m, n in [("rope", 2), ("rope", 3), ("alibi", 2), ("alibi", 3)]]
+)
 def test_one_d_methods_refuse_grids_and_say_what_to_use(method: str, ndim: int) -> None:
     hint = "rope_axial" if method == "rope" else "alibi_nd"
     with pytest.raises(ValueError, match=hint):
-        build_position_encoding({"method": method}, space=grid(ndim), num_heads=2, head_dim=12, num_layers=1, d_model=24)
+        build_position_encoding(
+            {"method": method}, space=grid(ndim), num_heads=2, head_dim=12, num_layers=1, d_model=24
+        )
 
 
 def test_visibility_mask_aligns_queries_to_the_end_of_the_keys() -> None:

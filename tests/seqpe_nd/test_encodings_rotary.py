@@ -24,7 +24,14 @@ def space(extent: list[int]):
 
 
 def build(method: str, extent: list[int], heads: int = 2, head_dim: int = 16, layers: int = 2, **cfg):
-    return build_position_encoding({"method": method, **cfg}, space=space(extent), num_heads=heads, head_dim=head_dim, num_layers=layers, d_model=heads * head_dim)
+    return build_position_encoding(
+        {"method": method, **cfg},
+        space=space(extent),
+        num_heads=heads,
+        head_dim=head_dim,
+        num_layers=layers,
+        d_model=heads * head_dim,
+    )
 
 
 @pytest.mark.parametrize("base", [10_000.0, 500.0, 1_000_000.0])
@@ -36,7 +43,11 @@ def test_rope_equals_transformers(base: float) -> None:
     q, k = torch.randn(b, h, n, e), torch.randn(b, h, n, e)
     got_q, got_k = pe.transform_qk(q, k, pe.prepare(pos), 0)
 
-    hf = LlamaRotaryEmbedding(LlamaConfig(hidden_size=h * e, num_attention_heads=h, rope_parameters={"rope_type": "default", "rope_theta": base}))
+    hf = LlamaRotaryEmbedding(
+        LlamaConfig(
+            hidden_size=h * e, num_attention_heads=h, rope_parameters={"rope_type": "default", "rope_theta": base}
+        )
+    )
     cos, sin = hf(q, pos[..., 0])
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
     torch.testing.assert_close(got_q, want_q)
@@ -134,12 +145,26 @@ def test_rope_axial_in_1d_gives_rope_scores() -> None:
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("method", "extent"), [("rope", [16]), ("rope_axial", [16]), ("rope_axial", [4, 4]), ("rope_axial", [2, 2, 3]), ("rope_mixed", [16]), ("rope_mixed", [4, 4]), ("rope_mixed", [2, 2, 3])])
+@pytest.mark.parametrize(
+    ("method", "extent"),
+    [
+        ("rope", [16]),
+        ("rope_axial", [16]),
+        ("rope_axial", [4, 4]),
+        ("rope_axial", [2, 2, 3]),
+        ("rope_mixed", [16]),
+        ("rope_mixed", [4, 4]),
+        ("rope_mixed", [2, 2, 3]),
+    ],
+)
 def test_rotary_scores_are_shift_invariant(method: str, extent: list[int]) -> None:
     torch.manual_seed(0)
     pe = build(method, extent, head_dim=12)
     pos = space(extent).positions()[None]
-    q, k = torch.randn(1, 2, pos.shape[1], 12, dtype=torch.float64), torch.randn(1, 2, pos.shape[1], 12, dtype=torch.float64)
+    q, k = (
+        torch.randn(1, 2, pos.shape[1], 12, dtype=torch.float64),
+        torch.randn(1, 2, pos.shape[1], 12, dtype=torch.float64),
+    )
     z = torch.tensor([7, 300, 41][: len(extent)])
 
     def scores(p: torch.Tensor) -> torch.Tensor:
@@ -149,7 +174,9 @@ def test_rotary_scores_are_shift_invariant(method: str, extent: list[int]) -> No
     torch.testing.assert_close(scores(pos + z), scores(pos), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("method", "ndim", "head_dim"), [("rope_axial", 3, 16), ("rope_mixed", 3, 20), ("rope", 1, 15)])
+@pytest.mark.parametrize(
+    ("method", "ndim", "head_dim"), [("rope_axial", 3, 16), ("rope_mixed", 3, 20), ("rope", 1, 15)]
+)
 def test_rotary_refuses_head_dims_the_axes_cannot_split(method: str, ndim: int, head_dim: int) -> None:
     with pytest.raises(ValueError, match="head_dim"):
         build(method, [2] * ndim, head_dim=head_dim)

@@ -17,11 +17,20 @@ TINY = {"hidden": 16, "layers": 1, "heads": 2, "dropout": 0.0}
 
 
 def space(extent: list[int]):
-    return load_space({"L": extent, "L_max": [e * 8 for e in extent], "contrastive": {"batch": 4, "num_candidates": 8, "local_window": [4] * len(extent)}, "ood": {"num_starts": 2, "num_teachers": 4}})
+    return load_space(
+        {
+            "L": extent,
+            "L_max": [e * 8 for e in extent],
+            "contrastive": {"batch": 4, "num_candidates": 8, "local_window": [4] * len(extent)},
+            "ood": {"num_starts": 2, "num_teachers": 4},
+        }
+    )
 
 
 def build(extent: list[int], **cfg) -> SeqPEEncoding:
-    pe = build_position_encoding({"method": "seqpe", **TINY, **cfg}, space=space(extent), num_heads=H, head_dim=E, num_layers=LAYERS, d_model=D)
+    pe = build_position_encoding(
+        {"method": "seqpe", **TINY, **cfg}, space=space(extent), num_heads=H, head_dim=E, num_layers=LAYERS, d_model=D
+    )
     assert isinstance(pe, SeqPEEncoding)
     return pe
 
@@ -78,7 +87,7 @@ def test_attn_bias_runs_in_plain_sdpa_with_the_original_scale(monkeypatch: pytes
     state = pe.prepare(torch.arange(12)[None, :, None])  # the encoder's own attention runs here
     monkeypatch.setattr(base_module.F, "scaled_dot_product_attention", spy)
     pe.attend(q, q, q, state, 0, causal=True)
-    (q_shape, k_shape, v_shape, kwargs), = calls
+    ((q_shape, k_shape, v_shape, kwargs),) = calls
     assert q_shape[-1] == k_shape[-1] == v_shape[-1] == 2 * E  # v zero-padded: one head dim for fused kernels
     assert kwargs["attn_mask"] is None and kwargs["is_causal"] is True
     assert kwargs["scale"] == pytest.approx(1 / math.sqrt(E))
@@ -104,7 +113,9 @@ def test_w_pe_shared_or_per_layer() -> None:
     s = shared.prepare(pos)
     torch.testing.assert_close(shared.attend(q, q, q, s, 0, causal=True), shared.attend(q, q, q, s, 2, causal=True))
     p = per_layer.prepare(pos)
-    assert not torch.allclose(per_layer.attend(q, q, q, p, 0, causal=True), per_layer.attend(q, q, q, p, 2, causal=True))
+    assert not torch.allclose(
+        per_layer.attend(q, q, q, p, 0, causal=True), per_layer.attend(q, q, q, p, 2, causal=True)
+    )
     with pytest.raises(ValueError, match="out of range"):
         shared.attend(q, q, q, s, LAYERS, causal=True)
 
@@ -126,8 +137,18 @@ def test_regularizer_loss_in_training_only_and_options_reach_it() -> None:
 
 
 def test_encoder_options_reach_the_encoder() -> None:
-    cfg = {"hidden": 24, "layers": 3, "heads": 3, "mlp_ratio": 2.0, "dropout": 0.2, "causal": False, "init": "trunc_normal"}
-    pe = build_position_encoding({"method": "seqpe", **cfg}, space=space([4]), num_heads=H, head_dim=E, num_layers=1, d_model=D)
+    cfg = {
+        "hidden": 24,
+        "layers": 3,
+        "heads": 3,
+        "mlp_ratio": 2.0,
+        "dropout": 0.2,
+        "causal": False,
+        "init": "trunc_normal",
+    }
+    pe = build_position_encoding(
+        {"method": "seqpe", **cfg}, space=space([4]), num_heads=H, head_dim=E, num_layers=1, d_model=D
+    )
     assert isinstance(pe, SeqPEEncoding)
     assert {k: pe.encoder.config[k] for k in cfg} == cfg
     assert pe.encoder.d_model == D
