@@ -112,6 +112,17 @@ def markdown(rows: dict[str, dict[str, Any]], lengths: list[int]) -> tuple[str, 
     return "\n".join(out) + "\n", "\n".join(strict) + "\n"
 
 
+def plot(rows: dict[str, dict[str, Any]], context_length: int) -> None:
+    qa.plot_qa({LABELS.get(m, m): r["lengths"] for m, r in rows.items()}, RESULTS / "qa_table2.png",
+               title=f"Table 2 at smoke scale: QA vs context length (fine-tuned at {context_length})",
+               train_length=context_length)
+
+
+def replot() -> None:
+    saved = json.loads((RESULTS / "qa_table2.json").read_text())
+    plot(saved["runs"], saved["setup"]["context_length"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -121,8 +132,12 @@ def main() -> None:
     parser.add_argument("--own-lm-steps", type=int, default=150, help="steps of a fallback LM run of our own")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--replot", action="store_true", help="only redraw qa_table2.png from qa_table2.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.replot:
+        replot()
+        return
 
     t0 = time.perf_counter()
     deadline = time.time() + 60 * args.wait_minutes
@@ -164,8 +179,7 @@ def main() -> None:
         f"## Strict EM % (generation up to EOS, stripped, equals the answer) and fine-tuning\n\n{strict}"
     )
     ckpt.atomic_write_text(RESULTS / "qa_table2.md", text)
-    qa.plot_qa({LABELS.get(m, m): r["lengths"] for m, r in rows.items()}, RESULTS / "qa_table2.png",
-               title=f"Table 2 at smoke scale: QA vs context length (fine-tuned at {L})", train_length=L)
+    plot(rows, L)
     print(text)
 
 

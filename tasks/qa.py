@@ -596,12 +596,17 @@ def plot_qa(
         ax_em.plot(xs, [rows[str(x)]["em"] for x in xs], marker="o", color=colour, label=name)
         ax_em.plot(xs, [rows[str(x)]["strict_em"] for x in xs], marker="x", linestyle="--", color=colour)
         ax_ppl.plot(xs, [rows[str(x)]["ppl"] for x in xs], marker="o", color=colour, label=name)
+    lengths = sorted({int(k) for rows in runs.values() for k in rows})
+    top = max([rows[k]["em"] for rows in runs.values() for k in rows] + [0.0])
+    ax_em.set_ylim(-2, max(10.0, 1.15 * top))
     for ax in (ax_em, ax_ppl):
         if train_length is not None:
             ax.axvline(train_length, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(x) for x in lengths])
+        ax.minorticks_off()
         ax.set_xlabel("context length (tokens)")
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, which="major", alpha=0.3)
     ax_em.set_ylabel("EM % (solid: contains, dashed: strict)")
     ax_ppl.set_ylabel("answer perplexity")
     ax_ppl.set_yscale("log")
