@@ -6,9 +6,10 @@ GPT-2 trained at 128 tokens) on the embedded multi-document QA generator at 256 
 best validation answer perplexity, and evaluates the same test questions at 256, 512, 1024 and 2048
 tokens (1×…8×): answer perplexity, EM (gold answer contained, lower-cased) and strict EM.
 
-Each LM run is used as soon as it is complete (its final checkpoint exists); one that is not
-complete within ``--wait-minutes`` is replaced by a short LM run of this script's own
-(``configs/lm/smoke/<method>.yaml`` with ``--own-lm-steps``), and the results say so.
+Methods go in the order their LM runs complete (final checkpoint written). ``--lm-run
+METHOD=DIR`` takes a method's LM run from elsewhere (e.g. one trained with the same smoke config);
+one still missing after ``--wait-minutes`` is trained here (``configs/lm/smoke/<method>.yaml``,
+``--own-lm-steps`` to shorten it). The results name the LM run each model started from.
 Results go to ``benchmarks/results/qa_table2.{json,md,png}``; runs to ``runs/bench-qa-table2/``
 (rerunning reuses finished runs).
 
@@ -47,19 +48,31 @@ def finished(run_dir: Path) -> bool:
     return steps is not None and int(json.loads((found / "state.json").read_text())["step"]) >= int(steps)
 
 
-def lm_run_for(method: str, lm_runs: Path, own: Path, deadline: float, own_steps: int) -> tuple[Path, str]:
-    """The LM run to start from: the LM benchmark's once complete, else one of our own after the deadline."""
-    theirs = lm_runs / method
-    while time.time() < deadline and not finished(theirs):
+def describe(lm_run: Path) -> str:
+    """Where an LM run lives and how long it trained, for the results."""
+    steps = json.loads((lm_run / "config.json").read_text())["train"]["steps"]
+    return f"{lm_run.relative_to(ROOT) if lm_run.is_relative_to(ROOT) else lm_run} ({steps} steps)"
+
+
+def train_own_lm(method: str, run_dir: Path, steps: int | None) -> Path:
+    """A LM smoke run of our own (``configs/lm/smoke/<method>.yaml``, optionally shortened)."""
+    if not finished(run_dir):
+        overrides = [] if steps is None else [f"train.steps={steps}", "train.save_every=0"]
+        config = load_config(ROOT / f"configs/lm/smoke/{method}.yaml", overrides)
+        print(f"[qa_table2] training our own LM run {run_dir} ({config['train']['steps']} steps)", flush=True)
+        train(lm.build_task(config, run_dir), TrainConfig(**config["train"]), run_dir, resume=run_dir.exists())
+    return run_dir
+
+
+def next_ready(pending: list[str], lm_dirs: dict[str, Path], deadline: float) -> tuple[str, Path | None]:
+    """The first pending method whose LM run is complete (waiting until ``deadline``), else the first one and None."""
+    while True:
+        for method in pending:
+            if finished(lm_dirs[method]):
+                return method, lm_dirs[method]
+        if time.time() >= deadline:
+            return pending[0], None
         time.sleep(20)
-    if finished(theirs):
-        return theirs, f"benchmarks/lm_table1.py ({theirs.relative_to(ROOT) if theirs.is_relative_to(ROOT) else theirs})"
-    mine = own / method
-    if not finished(mine):
-        config = load_config(ROOT / f"configs/lm/smoke/{method}.yaml", [f"train.steps={own_steps}", "train.save_every=0"])
-        print(f"[qa_table2] {theirs} not complete; training {mine} for {own_steps} steps", flush=True)
-        train(lm.build_task(config, mine), TrainConfig(**config["train"]), mine, resume=mine.exists())
-    return mine, f"own LM smoke run ({own_steps} steps)"
 
 
 def run_method(method: str, init: Path, runs: Path, overrides: list[str]) -> dict[str, Any]:
@@ -84,9 +97,13 @@ def run_method(method: str, init: Path, runs: Path, overrides: list[str]) -> dic
             state = json.loads((best / "state.json").read_text())
             bench.update({"val_answer_ppl_best": state["val_answer_ppl"], "best_step": state["step"]})
         ckpt.atomic_write_text(bench_file, json.dumps(bench, indent=1) + "\n")
+    if "eval_seconds" in bench and (run_dir / qa.EVAL_JSON).is_file():  # a rerun: this run was evaluated already
+        return {**json.loads((run_dir / qa.EVAL_JSON).read_text()), **bench}
     t = time.perf_counter()
     res = qa.evaluate(run_dir, quiet=False)
-    return {**res, **bench, "eval_seconds": time.perf_counter() - t}
+    bench["eval_seconds"] = time.perf_counter() - t
+    ckpt.atomic_write_text(bench_file, json.dumps(bench, indent=1) + "\n")
+    return {**res, **bench}
 
 
 def fmt_ppl(x: float) -> str:
@@ -127,9 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--lm-runs", type=Path, default=ROOT / "runs/bench-lm-table1", help="where benchmarks/lm_table1.py writes its runs")
+    parser.add_argument("--lm-run", action="append", default=[], metavar="METHOD=DIR",
+                        help="take this method's LM run from DIR instead (e.g. one trained with the same smoke config)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/bench-qa-table2")
-    parser.add_argument("--wait-minutes", type=float, default=50.0, help="how long to wait for the LM benchmark's runs in total")
-    parser.add_argument("--own-lm-steps", type=int, default=150, help="steps of a fallback LM run of our own")
+    parser.add_argument("--wait-minutes", type=float, default=50.0, help="how long to wait for LM runs to complete, in total")
+    parser.add_argument("--own-lm-steps", type=int, default=None,
+                        help="after the wait: train missing LM runs ourselves with this many steps (default: the smoke config's)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--replot", action="store_true", help="only redraw qa_table2.png from qa_table2.json")
@@ -141,11 +161,22 @@ def main() -> None:
 
     t0 = time.perf_counter()
     deadline = time.time() + 60 * args.wait_minutes
+    lm_dirs = {m: args.lm_runs / m for m in args.methods}
+    for item in args.lm_run:
+        method, _, path = item.partition("=")
+        if method not in lm_dirs or not path:
+            raise ValueError(f"--lm-run {item!r}: expected METHOD=DIR with METHOD one of {list(lm_dirs)}")
+        lm_dirs[method] = Path(path).resolve()
     rows: dict[str, dict[str, Any]] = {}
-    for method in args.methods:
-        init, source = lm_run_for(method, args.lm_runs, args.runs / "lm", deadline, args.own_lm_steps)
-        print(f"[qa_table2] {method}: fine-tuning from {init} ({source})", flush=True)
-        rows[method] = {**run_method(method, init, args.runs, args.overrides), "lm_source": source}
+    pending = list(args.methods)
+    while pending:  # whichever LM run is complete first goes first
+        method, init = next_ready(pending, lm_dirs, deadline)
+        if init is None:
+            init = train_own_lm(method, args.runs / "lm" / method, args.own_lm_steps)
+        pending.remove(method)
+        print(f"[qa_table2] {method}: fine-tuning from {describe(init)}", flush=True)
+        rows[method] = {**run_method(method, init, args.runs, args.overrides), "lm_source": describe(init)}
+    rows = {m: rows[m] for m in args.methods}
     wall = time.perf_counter() - t0
 
     first = next(iter(rows.values()))
