@@ -74,7 +74,7 @@ class _Table:
 
     version: tuple[tuple[int, int], ...]
     emb: Tensor  # (m, d)
-    box: Tensor | None = None  # dense: extent per coordinate, rows are space.positions(box)
+    box: tuple[int, ...] | None = None  # dense: extent per coordinate, rows are space.positions(box)
     box_strides: Tensor | None = None
     keys: Tensor | None = None  # sparse: sorted position keys, one per row of emb
 
@@ -144,6 +144,7 @@ class SeqPE(nn.Module):
         self._radix = _radix(space)
         self._strides = _strides(self._radix) if math.prod(self._radix) < 2**62 else None
         self._table: _Table | None = None
+        self._param_list: list[nn.Parameter] | None = None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -193,9 +194,9 @@ class SeqPE(nn.Module):
                 raise ValueError(f"pos_sets[{i}] has shape {tuple(pos.shape)}; positions need a last dim of {w} coordinates")
         dev = self.place_ids.device
         flat = torch.cat([p.reshape(-1, w).to(dev, torch.int64) for p in pos_sets])  # (n, w)
-        self._check(flat)
+        hi = self._check(flat)
         if self._serve_from_table():
-            out = self._lookup(flat)
+            out = self._lookup(flat, hi)
         else:
             uniq, inverse = self._unique(flat)
             out = self.encode_unique(uniq)[inverse]  # (n, d)
@@ -219,14 +220,20 @@ class SeqPE(nn.Module):
 
     def train(self, mode: bool = True) -> "SeqPE":
         if mode:
-            self._table = None  # training invalidates the inference table
+            self._table, self._param_list = None, None  # training invalidates the inference table
         return super().train(mode)
 
     # -- dedup ----------------------------------------------------------------------------
-    def _check(self, flat: Tensor) -> None:
-        # Cheap range test first; the space's own check names the offending coordinate.
-        if flat.numel() and (bool((flat < 0).any()) or bool((flat >= self._radix_t(flat)).any())):
+    def _check(self, flat: Tensor) -> list[int]:
+        """Largest value of each coordinate; the space's own check names a bad coordinate."""
+        w = flat.shape[1]
+        if flat.shape[0] == 0:
+            return [-1] * w
+        lo, hi = torch.aminmax(flat, dim=0)
+        bounds = torch.cat([lo, hi]).tolist()  # one pass, one sync
+        if min(bounds[:w]) < 0 or any(h >= r for h, r in zip(bounds[w:], self._radix)):
             self.space.check(flat)
+        return bounds[w:]
 
     def _radix_t(self, like: Tensor) -> Tensor:
         return torch.tensor(self._radix, dtype=torch.int64, device=like.device)
@@ -253,18 +260,29 @@ class SeqPE(nn.Module):
     def _serve_from_table(self) -> bool:
         if self.training or self._strides is None:
             return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._params()))
+
+    def _params(self) -> list[nn.Parameter]:
+        # Walking the module tree costs ~150 us per call; the list only changes in _apply (.to, .cuda).
+        # A parameter replaced by assignment (enc.proj.weight = nn.Parameter(...)) needs enc.train() or .to().
+        if self._param_list is None:
+            self._param_list = list(self.parameters())
+        return self._param_list
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SeqPE":
+        self._table, self._param_list = None, None
+        return super()._apply(fn, recurse)
 
     def _version(self) -> tuple[tuple[int, int], ...]:
         # Any in-place update (optimizer.step, load_state_dict) bumps _version; .to() moves data_ptr.
-        return tuple((p.data_ptr(), p._version) for p in self.parameters())
+        return tuple((p.data_ptr(), p._version) for p in self._params())
 
     @torch.no_grad()
     def _encode_chunked(self, pos: Tensor) -> Tensor:
         with torch.autocast(pos.device.type, enabled=False):  # the table keeps the parameters' precision
             return torch.cat([self.encode_unique(c) for c in pos.split(_TABLE_CHUNK)]) if len(pos) else self.encode_unique(pos)
 
-    def _lookup(self, flat: Tensor) -> Tensor:
+    def _lookup(self, flat: Tensor, hi: list[int]) -> Tensor:
         version = self._version()
         table = self._table
         if table is not None and table.version != version:
@@ -272,35 +290,36 @@ class SeqPE(nn.Module):
         if flat.shape[0] == 0:
             return self.proj.weight.new_zeros(0, self.d_model)
         if table is None or table.box is not None:  # grid: dense while the box stays compact
-            need = flat.amax(0) + 1
-            if table is not None and table.box is not None and bool((need <= table.box).all()):
+            need = [h + 1 for h in hi]
+            if table is not None and table.box is not None and all(n <= b for n, b in zip(need, table.box)):
                 idx = flat[:, 0] if flat.shape[1] == 1 else (flat * table.box_strides).sum(-1)
                 return F.embedding(idx, table.emb)  # the fast path: an APE-style gather
             if isinstance(self.space, GridSpace):
-                box = need if table is None else torch.maximum(need, table.box)  # type: ignore[arg-type]
+                box = need if table is None or table.box is None else [max(n, b) for n, b in zip(need, table.box)]
                 cached = 0 if table is None else len(table.emb)
                 # A far request would fill a huge box (one corner of a 64x100x100 video is 640k
                 # rows): stay dense only while the box is a few times what is actually asked for.
-                if math.prod(box.tolist()) <= 4 * (cached + len(flat)) + _TABLE_CHUNK:
+                if math.prod(box) <= 4 * (cached + len(flat)) + _TABLE_CHUNK:
                     self._table = self._extend_dense(table, box, version)
-                    return self._lookup(flat)
+                    return self._lookup(flat, hi)
             table = self._to_sparse(table, version)
         self._table = self._extend_sparse(table, flat, version)
         return self._lookup_sparse(self._table, flat)
 
-    def _extend_dense(self, old: _Table | None, box: Tensor, version: tuple[tuple[int, int], ...]) -> _Table:
+    def _extend_dense(self, old: _Table | None, box: list[int], version: tuple[tuple[int, int], ...]) -> _Table:
         """Grid spaces: the table covers the box ``[0, box)`` row-major; old rows are kept."""
         assert isinstance(self.space, GridSpace)
-        pos = self.space.positions(box.tolist()).to(box.device)  # (m, w) row-major
+        dev = self.place_ids.device
+        pos = self.space.positions(box).to(dev)  # (m, w) row-major
         emb = self.proj.weight.new_empty(pos.shape[0], self.d_model)
-        todo = torch.ones(pos.shape[0], dtype=torch.bool, device=pos.device)
+        todo = torch.ones(pos.shape[0], dtype=torch.bool, device=dev)
         if old is not None:
             assert old.box is not None and old.box_strides is not None
-            todo = ~(pos < old.box).all(-1)
+            todo = ~(pos < torch.tensor(old.box, device=dev)).all(-1)
             emb[~todo] = old.emb[(pos[~todo] * old.box_strides).sum(-1)]
         emb[todo] = self._encode_chunked(pos[todo])
-        strides = torch.tensor(_strides(box.tolist()), device=box.device)
-        return _Table(version=version, emb=emb, box=box, box_strides=strides)
+        strides = torch.tensor(_strides(box), device=dev)
+        return _Table(version=version, emb=emb, box=tuple(box), box_strides=strides)
 
     def _to_sparse(self, table: _Table | None, version: tuple[tuple[int, int], ...]) -> _Table:
         if table is None:
@@ -308,7 +327,7 @@ class SeqPE(nn.Module):
                           keys=torch.zeros(0, dtype=torch.int64, device=self.place_ids.device))
         assert isinstance(self.space, GridSpace) and table.box is not None
         # Row-major order over the box is also key order, so the keys come out sorted.
-        keys = self._keys(self.space.positions(table.box.tolist()).to(table.box.device))
+        keys = self._keys(self.space.positions(table.box).to(self.place_ids.device))
         return _Table(version=version, emb=table.emb, keys=keys)
 
     def _extend_sparse(self, table: _Table, flat: Tensor, version: tuple[tuple[int, int], ...]) -> _Table:

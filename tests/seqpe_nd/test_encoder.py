@@ -227,7 +227,7 @@ def test_grid_table_grows_densely_from_the_origin(monkeypatch):
     with torch.no_grad():
         enc(torch.arange(100)[:, None])
         enc(torch.arange(300)[None, :, None].expand(2, -1, -1))  # (2, 300, 1)
-        assert seen == [100, 200] and enc._table.box.tolist() == [300]
+        assert seen == [100, 200] and enc._table.box == (300,)
         enc(torch.tensor([[19_999]]))  # far away: switch to sorted keys, encode only that one
         assert seen == [100, 200, 1] and enc._table.box is None
         torch.testing.assert_close(enc(torch.tensor([[5], [19_999]])), enc.encode_unique(torch.tensor([[5], [19_999]])), atol=ATOL, rtol=RTOL)
@@ -311,3 +311,15 @@ def test_table_lookup_matches_embedding_gather():
     pos = torch.tensor([[0, 0], [2, 5], [13, 13]])
     with torch.no_grad():
         torch.testing.assert_close(enc(pos), F.embedding(pos[:, 0] * 14 + pos[:, 1], table))
+
+
+def test_table_follows_dtype_changes():
+    space = space_of("text-512")
+    enc = tiny(space).eval()
+    pos = torch.arange(16)[:, None]
+    with torch.no_grad():
+        enc(pos)
+        enc.double()  # parameters replaced by _apply: table and parameter list rebuilt
+        out = enc(pos)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, enc.encode_unique(pos))
