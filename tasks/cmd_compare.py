@@ -64,7 +64,7 @@ def compare(
             train(lm.build_task(config, run_dir), cfg, run_dir, resume=True)
             train_seconds = time.perf_counter() - t0
             ckpt.atomic_write_text(timing, json.dumps({"seconds": train_seconds}) + "\n")
-        res = lm.evaluate(run_dir, lengths=lengths, max_tokens=max_tokens, quiet=True)
+        res = lm.evaluate(run_dir, lengths=lengths, max_tokens=max_tokens, quiet=True, reuse=True)
         results[name] = {**res, "train_seconds": train_seconds, "eval_seconds": res["seconds"]}
     write_comparison(results, out, title=f"{config_path}: perplexity vs evaluation length")
     return results

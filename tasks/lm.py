@@ -376,15 +376,26 @@ def evaluate(
     device: str = "auto",
     write: bool = True,
     quiet: bool = False,
+    reuse: bool = False,
 ) -> dict[str, Any]:
-    """§4.1 perplexity of a trained run at each length; writes ``eval.json`` and ``eval.png``."""
+    """§4.1 perplexity of a trained run at each length; writes ``eval.json`` and ``eval.png``.
+
+    With ``reuse``, an ``eval.json`` of the same checkpoint, split, lengths and token cap is
+    returned instead of evaluating again.
+    """
     run_dir = Path(run_dir)
     cfg = parse_config(load_run_config(run_dir))
-    task = LMTask(cfg, run_dir)
     L = cfg.model.block_size
     lengths = list(lengths or cfg.eval.lengths or [L * f for f in (1, 2, 4, 8, 16)])
     split = split or cfg.eval.split
     max_tokens = max_tokens if max_tokens is not None else cfg.eval.max_tokens
+    checkpoint = ckpt.resolve_checkpoint(run_dir).name
+    if reuse and (run_dir / EVAL_JSON).is_file():
+        saved = json.loads((run_dir / EVAL_JSON).read_text())
+        same = (saved.get("checkpoint"), saved.get("split"), saved.get("max_tokens"), list(saved.get("lengths", {})))
+        if same == (checkpoint, split, max_tokens, [str(x) for x in lengths]):
+            return saved
+    task = LMTask(cfg, run_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model = load_model(run_dir, task=task).to(dev)
     tokens = task.corpus.split(split)
@@ -394,7 +405,7 @@ def evaluate(
         t = time.perf_counter()
         rows[str(length)] = {**perplexity(model, tokens, length, max_tokens=max_tokens, device=dev), "seconds": time.perf_counter() - t}
     result = {
-        "run_dir": str(run_dir), "split": split, "block_size": L, "max_tokens": max_tokens,
+        "run_dir": str(run_dir), "checkpoint": checkpoint, "split": split, "block_size": L, "max_tokens": max_tokens,
         "pe": cfg.pe.model_dump(mode="json"), "device": str(dev), "seconds": time.perf_counter() - t0, "lengths": rows,
     }
     if write:
