@@ -1,0 +1,177 @@
+"""The interleaved text + image recipe: a YAML-only hybrid space, seeded examples, positions per
+view, every method with more and larger images, a tiny run."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from seqpe_nd.positions import HybridSpace, load_space
+from seqpe_nd.tasks import hybrid
+from seqpe_nd.tasks.hybrid_data import SENTENCE_LEN, VOCAB, HybridDataConfig, example_batch, make_example, segments
+from seqpe_nd.tasks.recipes import get_recipe, load_config
+from seqpe_nd.tasks.trainer import train
+from seqpe_nd.tasks.vision_data import render
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "hybrid"
+SMOKE = sorted((CONFIGS / "smoke").glob("*.yaml"))
+SEQPE = {"method": "seqpe", "integration": "attn_mul", "per_layer": True, "hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0}
+# (positions view, PE config) of every method the recipe compares.
+METHODS = {
+    "nope": ("hybrid", {"method": "nope"}),
+    "rope_flat": ("flat", {"method": "rope"}),
+    "ape_sin_flat": ("flat", {"method": "ape_sin"}),
+    "ape_learn_flat": ("flat", {"method": "ape_learn"}),
+    "mrope": ("hybrid", {"method": "mrope"}),
+    "alibi_nd": ("hybrid", {"method": "alibi_nd"}),
+    "seqpe": ("hybrid", SEQPE),
+}
+
+
+def tiny_config(view: str, pe: dict, **train: object) -> dict:
+    """A reference and two candidates of 24 px (3 × 3 patches): small enough to learn on a shared CPU in seconds."""
+    return {
+        "task": "hybrid",
+        "model": {"img_size": 24, "num_images": 2, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "data": {"val_size": 128},
+        "space": {
+            "kind": "hybrid",
+            "modalities": [{"name": "text", "space": {"L": 11, "L_max": 100}},
+                           {"name": "image", "space": {"L": [3, 3], "L_max": [32, 32]}}],
+            "contrastive": {"batch": 4, "num_candidates": 8},
+            "ood": {"num_starts": 4, "num_teachers": 8},
+        },
+        "positions": view,
+        "pe": pe,
+        "train": {"steps": 200, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 10, "schedule": "cosine", "log_every": 50, "seed": 0, **train},
+        "eval": {"sizes": [[2, 24], [4, 24], [2, 48]], "batch_size": 128, "val_examples": 128},
+    }
+
+
+def test_space_is_defined_by_yaml_alone() -> None:
+    for path in SMOKE:
+        config = load_config(path)
+        space = load_space(yaml.safe_load(path.read_text())["space"])
+        assert isinstance(space, HybridSpace) and [m.name for m in space.modalities] == ["text", "image"]
+        task = get_recipe("hybrid").build_task(config, Path("unused"))
+        assert task.space.model_dump() == space.model_dump()
+
+
+def test_smoke_configs_cover_every_method_and_differ_only_in_it() -> None:
+    configs = {p.stem: load_config(p) for p in SMOKE}
+    methods = {(hybrid.parse_config(c).positions, hybrid.parse_config(c).pe.method) for c in configs.values()}
+    assert methods == {(view, pe["method"]) for view, pe in METHODS.values()}
+    ref = configs["seqpe"]
+    for name, c in configs.items():
+        for section in ("model", "data", "space", "train", "eval"):
+            assert c[section] == ref[section], f"{name}.yaml differs from seqpe.yaml in {section}"
+
+
+def test_examples_are_deterministic_under_a_seed() -> None:
+    cfg = HybridDataConfig()
+    a = make_example(5, "train", 11, 3, cfg)
+    assert a == make_example(5, "train", 11, 3, cfg)
+    assert a != make_example(5, "train", 12, 3, cfg) and a != make_example(6, "train", 11, 3, cfg)
+    np.testing.assert_array_equal(render(a.images[0], 24), render(make_example(5, "train", 11, 3, cfg).images[0], 24))
+    b1 = example_batch(cfg, 0, "validation", range(5), 3, 16)
+    b2 = example_batch(cfg, 0, "validation", range(5), 3, 16)
+    for key in b1:
+        torch.testing.assert_close(b1[key], b2[key], rtol=0, atol=0)
+    assert b1["images"].shape == (5, 4, 3, 16, 16) and b1["text"].shape == (5, SENTENCE_LEN + 4)  # reference + 3
+
+
+@pytest.mark.parametrize("question", ["colour", "place", "sentence"])
+def test_exactly_one_candidate_answers(question: str) -> None:
+    cfg = HybridDataConfig(question=question)
+    for i in range(30):
+        ex = make_example(0, "train", i, 4, cfg)
+        assert all(w in VOCAB for w in ex.words) and len(ex.words) == SENTENCE_LEN
+        cands = ex.descriptions if question == "sentence" else ex.descriptions[1:]
+        ref = ex.descriptions[0]
+        assert len(cands) == 4 and len(ex.images) == len(ex.descriptions)
+        for j, d in enumerate(cands):
+            if question == "colour":
+                hit = d.color == ref.color
+            elif question == "place":
+                hit = (d.row, d.col) == (ref.row, ref.col)
+            else:
+                hit = d.words() == list(ex.words)
+            assert hit == (j == ex.target)
+        # The scene shows its description: colour, and a centre inside the described cell.
+        shape = ex.images[-1].shapes[0]
+        assert (int(shape.cy * 3), int(shape.cx * 3)) == (ex.descriptions[-1].row, ex.descriptions[-1].col)
+
+
+def test_hard_distractors_copy_everything_but_the_answer() -> None:
+    ex = make_example(0, "train", 3, 6, HybridDataConfig(question="colour", hard_fraction=1.0))
+    ref = ex.descriptions[0]
+    for j, d in enumerate(ex.descriptions[1:]):
+        if j != ex.target:
+            assert (d.shape, d.row, d.col) == (ref.shape, ref.row, ref.col) and d.color != ref.color
+
+
+def test_positions_per_view() -> None:
+    task = hybrid.build_task(tiny_config("hybrid", {"method": "nope"}), Path("unused"))
+    pos, is_image = task.layout(2, (2, 2), torch.device("cpu"))
+    text, image = task.text_id, task.image_id
+    # sentence t = 0..4, [image] at 5, image 1 anchored at 6, [image] at 7, image 2 at 8
+    assert pos[:SENTENCE_LEN].tolist() == [[text, t, 0, 0] for t in range(5)]
+    assert pos[5].tolist() == [text, 5, 0, 0]
+    assert pos[6:10].tolist() == [[image, 6, r, c] for r in range(2) for c in range(2)]
+    assert pos[10].tolist() == [text, 7, 0, 0] and pos[11:15, 1].tolist() == [8] * 4
+    assert is_image.tolist() == [False] * 6 + [True] * 4 + [False] + [True] * 4
+    # A hybrid distance that respects the metric: a patch is nearer its own image's patches.
+    assert float(task.space.delta(pos[6], pos[9])) < float(task.space.delta(pos[6], pos[11]))
+    flat = hybrid.build_task(tiny_config("flat", {"method": "rope"}), Path("unused"))
+    assert flat.pe_positions(pos, 3).shape == (3, 15, 1) and flat.pe_positions(pos, 1)[0, :, 0].tolist() == list(range(15))
+    assert segments(2, (2, 2))[0] == ("text", SENTENCE_LEN)
+
+
+def test_methods_without_a_hybrid_rule_ask_for_the_flat_view() -> None:
+    task = hybrid.build_task(tiny_config("hybrid", {"method": "rope"}), Path("unused"))
+    with pytest.raises(ValueError, match="no rule for hybrid positions"):
+        task.build_model()
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_with_more_and_larger_images(name: str) -> None:
+    view, pe = METHODS[name]
+    task = hybrid.build_task(tiny_config(view, pe), Path("unused"))
+    torch.manual_seed(0)
+    model = task.build_model()
+    g = torch.Generator().manual_seed(0)
+    loss, _ = task.loss(model, task.train_batch(0, 0, 0, 1), generator=g)
+    loss.backward()
+    model.eval()
+    with torch.no_grad():
+        for k, size in [(2, 16), (5, 16), (2, 40), (4, 32)]:
+            batch = example_batch(task.cfg.data, 0, "validation", range(2), k, size)
+            logits = task.forward(model, batch).logits
+            assert logits.shape == (2, k) and torch.isfinite(logits).all()
+
+
+def test_layout_and_batch_must_agree() -> None:
+    task = hybrid.build_task(tiny_config("hybrid", {"method": "nope"}), Path("unused"))
+    model = task.build_model().eval()
+    batch = example_batch(task.cfg.data, 0, "validation", range(2), 2, 16)
+    batch["text"] = batch["text"][:, :-1]
+    with pytest.raises(ValueError, match=r"text has 7 tokens, expected 5 \+ one per image = 8"):
+        task.forward(model, batch)
+
+
+@pytest.mark.slow
+def test_tiny_run_beats_chance_and_evaluates_more_and_larger_images(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared 2-core CPU: one thread is faster than two contended ones
+    try:
+        task = hybrid.build_task(tiny_config("hybrid", {"method": "mrope"}), tmp_path)
+        result = train(task, task.cfg.train, tmp_path)
+        assert result["val/top1"] > 65.0, result  # chance: 50 %
+        out = hybrid.evaluate(tmp_path, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(out["sizes"]) == {"2x24", "4x24", "2x48"}
+    assert out["sizes"]["4x24"]["chance"] == 25.0 and out["sizes"]["2x48"]["tokens"] == SENTENCE_LEN + 3 * (1 + 36)
+    assert (tmp_path / hybrid.EVAL_JSON).is_file()
