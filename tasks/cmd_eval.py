@@ -19,6 +19,15 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--lengths", nargs="+", type=int, default=None, help="evaluation lengths in tokens (default: the run's eval.lengths, else 1-16x the training length)")
     p.add_argument("--split", default=None, choices=["train", "validation", "test"], help="split to evaluate (default: the run's eval.split)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first chunks covering this many tokens per length")
+    p.add_argument(
+        "--resolutions", nargs="+", type=int, default=None,
+        help="ViT: evaluation resolutions in pixels (default: the run's eval.resolutions, else Table 3's 224…672 "
+        "scaled to the training resolution)",
+    )
+    p.add_argument(
+        "--max-images", type=int, default=None,
+        help="ViT: evaluate only the first this many validation images per resolution",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: CUDA when available)")
     p.add_argument("--out", type=Path, default=None, help="with several runs: write the comparison here (DIR/compare.json, compare.png)")
     p.set_defaults(func=run_eval)
@@ -36,10 +45,16 @@ def task_of(run_dir: Path) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"lengths": args.lengths, "split": args.split, "max_tokens": args.max_tokens, "device": args.device}
+    options |= {"resolutions": args.resolutions, "max_images": args.max_images}  # ViT
     options = {k: v for k, v in options.items() if v is not None}
     results = {}
     for run_dir in args.run_dirs:
         results[run_dir.name] = get_recipe(task_of(run_dir)).evaluate(run_dir, **options)
+    if len(results) > 1 and {task_of(r) for r in args.run_dirs} == {"vit"}:
+        from seqpe_nd.tasks.vit import write_comparison as write_vit_comparison
+
+        write_vit_comparison(results, args.out, title="top-1 vs evaluation resolution")
+        return 0
     if len(results) > 1:
         from seqpe_nd.tasks.cmd_compare import write_comparison
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from seqpe_nd.tasks.cli import main as cli_main
 from seqpe_nd.tasks.recipes import get_recipe, load_config, load_yaml
 from seqpe_nd.tasks.trainer import TrainConfig, train
 from seqpe_nd.tasks.vision_data import (
@@ -221,6 +222,10 @@ def test_train_and_evaluate_end_to_end(tmp_path: Path) -> None:
     assert not (other / "pe_similarity.png").exists()
     compare([run, other], tmp_path / "both.png")
     assert (tmp_path / "both.png").stat().st_size > 0
+    argv = ["eval", str(run), str(other), "--resolutions", "16", "20", "--max-images", "4", "--out", str(tmp_path / "cmp")]
+    assert cli_main(argv) == 0  # seqpe-nd eval RUN RUN --resolutions ...
+    assert list(json.loads((run / "eval.json").read_text())["resolutions"]) == ["16", "20"]
+    assert {"compare.json", "compare.md", "compare.png"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
     with pytest.raises(ValueError, match="has no option"):
         evaluate(run, lengths=[1])
 
