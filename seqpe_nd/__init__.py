@@ -2,14 +2,20 @@
 
 __version__ = "0.1.0"
 
-# The encoder and its regularizers, imported on first use so `import seqpe_nd.positions` stays light.
+# The encoder, its regularizers and the PositionEncoding factory, imported on first use so `import seqpe_nd.positions` stays light.
 _LAZY = {
     "SeqPE": "seqpe_nd.encoder",
     "save_encoder": "seqpe_nd.encoder",
     "load_encoder": "seqpe_nd.encoder",
     "SeqPERegularizer": "seqpe_nd.regularizers",
     "RegularizedStep": "seqpe_nd.regularizers",
+    "PositionEncoding": "seqpe_nd.encodings",
+    "PEState": "seqpe_nd.encodings",
+    "KVCache": "seqpe_nd.encodings",
+    "build_position_encoding": "seqpe_nd.encodings",
+    "load_pe_config": "seqpe_nd.encodings",
 }
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> object:
