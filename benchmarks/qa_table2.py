@@ -64,11 +64,17 @@ def train_own_lm(method: str, run_dir: Path, steps: int | None) -> Path:
     return run_dir
 
 
-def next_ready(pending: list[str], lm_dirs: dict[str, Path], deadline: float) -> tuple[str, Path | None]:
-    """The first pending method whose LM run is complete (waiting until ``deadline``), else the first one and None."""
+def fine_tuned(run_dir: Path) -> bool:
+    """A QA run of an earlier invocation, trained to its end: reused whatever its LM run has become since."""
+    return finished(run_dir) and (run_dir / BENCH).is_file() and "lm_source" in json.loads((run_dir / BENCH).read_text())
+
+
+def next_ready(pending: list[str], lm_dirs: dict[str, Path], runs: Path, deadline: float) -> tuple[str, Path | None]:
+    """The first pending method already fine-tuned or whose LM run is complete (waiting until ``deadline``),
+    else the first one and None."""
     while True:
         for method in pending:
-            if finished(lm_dirs[method]):
+            if fine_tuned(runs / method) or finished(lm_dirs[method]):
                 return method, lm_dirs[method]
         if time.time() >= deadline:
             return pending[0], None
@@ -91,7 +97,7 @@ def run_method(method: str, init: Path, runs: Path, overrides: list[str]) -> dic
         t = time.perf_counter()
         result = train(task, task.cfg.train, run_dir, resume=run_dir.exists())
         bench = {"train_seconds": time.perf_counter() - t, "val_answer_ppl_init": init_ppl,
-                 "val_answer_ppl_last": result.get("val/answer_ppl"), "init_from": str(init)}
+                 "val_answer_ppl_last": result.get("val/answer_ppl"), "init_from": str(init), "lm_source": describe(init)}
         best = ckpt.latest_checkpoint(run_dir / qa.BEST)
         if best is not None:
             state = json.loads((best / "state.json").read_text())
@@ -170,12 +176,12 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     pending = list(args.methods)
     while pending:  # whichever LM run is complete first goes first
-        method, init = next_ready(pending, lm_dirs, deadline)
+        method, init = next_ready(pending, lm_dirs, args.runs, deadline)
         if init is None:
             init = train_own_lm(method, args.runs / "lm" / method, args.own_lm_steps)
         pending.remove(method)
-        print(f"[qa_table2] {method}: fine-tuning from {describe(init)}", flush=True)
-        rows[method] = {**run_method(method, init, args.runs, args.overrides), "lm_source": describe(init)}
+        print(f"[qa_table2] {method}: fine-tuning from {init}", flush=True)
+        rows[method] = run_method(method, init, args.runs, args.overrides)
     rows = {m: rows[m] for m in args.methods}
     wall = time.perf_counter() - t0
 
