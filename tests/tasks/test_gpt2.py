@@ -129,15 +129,13 @@ def test_shifted_start_is_tracked_through_the_cache(name: str) -> None:
 
 def test_untracked_cache_is_refused() -> None:
     model = make_model({"method": "rope"})
-    cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(tokens(1, 4), use_cache=True)
         foreign = DynamicCache(config=model.config)
         for layer in range(LAYERS):
             foreign.update(out.cache.layers[layer].keys, out.cache.layers[layer].values, layer)
-        with pytest.raises(ValueError, match="positions were recorded for 0"):
+        with pytest.raises(ValueError, match="positions were recorded for 0"):  # never guessed from its length
             model(tokens(1, 1), cache=foreign, use_cache=True)
-        assert cache.get_seq_length() == 0
 
 
 def test_unsupported_gpt2_options_are_named() -> None:
