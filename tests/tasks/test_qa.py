@@ -12,7 +12,7 @@ from seqpe_nd.positions.samplers import Shift
 from seqpe_nd.tasks import lm, qa, recipes
 from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.qa_data import IGNORE_INDEX, QAExample, collate_prompts, collate_train
-from seqpe_nd.tasks.text_data import TextTokenizer, train_bpe
+from seqpe_nd.tasks.text_data import train_bpe
 from seqpe_nd.tasks.trainer import TrainConfig, train
 from tests.tasks.test_qa_data import DOCS, _one_thread  # noqa: F401  (_one_thread is autouse here too)
 
