@@ -42,12 +42,24 @@ def _as_tuple(value: Any) -> Any:
     return (value,) if isinstance(value, int) else value
 
 
+_CPU = torch.device("cpu")
+
+
 def _int_tensor(values: Sequence[int]) -> Tensor:
-    return torch.tensor(list(values), dtype=torch.int64)
+    # Cached tables live on the CPU whatever the ambient default device (meta, cuda) is; samplers
+    # and the encoder move them to where they are used.
+    return torch.tensor(list(values), dtype=torch.int64, device=_CPU)
 
 
 class _SpaceMixin:
     """Samplers and shared helpers, written once against the box tables."""
+
+    def __eq__(self, other: object) -> bool:
+        # pydantic compares __dict__, which also holds cached tensor tables: compare the fields
+        return type(self) is type(other) and self.model_dump() == other.model_dump()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(self.model_dump())))  # type: ignore[attr-defined]
 
     # -- samplers -------------------------------------------------------------------------
     def sample_uniform(self, num: int, generator: torch.Generator, *, train: bool = False) -> Int[Tensor, "num w"]:
@@ -245,7 +257,7 @@ class GridSpace(_SpaceMixin, Frozen):
     # -- sampler tables (one group) -------------------------------------------------------
     @functools.cached_property
     def box_lo(self) -> Int[Tensor, "g w"]:
-        return torch.zeros(1, self.ndim, dtype=torch.int64)
+        return torch.zeros(1, self.ndim, dtype=torch.int64, device=_CPU)
 
     @functools.cached_property
     def box_train_hi(self) -> Int[Tensor, "g w"]:
@@ -262,7 +274,7 @@ class GridSpace(_SpaceMixin, Frozen):
     @functools.cached_property
     def box_digits(self) -> Int[Tensor, "g w"]:
         """Digits per coordinate; 0 marks a coordinate that is never perturbed."""
-        return torch.full((1, self.ndim), self.digits, dtype=torch.int64)
+        return torch.full((1, self.ndim), self.digits, dtype=torch.int64, device=_CPU)
 
     def group_of(self, pos: Int[Tensor, "*b w"]) -> Int[Tensor, "*b"]:
         return torch.zeros(pos.shape[:-1], dtype=torch.int64, device=pos.device)
@@ -353,7 +365,7 @@ class HybridSpace(_SpaceMixin, Frozen):
             raise ValueError(f"all modalities must share one base, got bases {sorted(bases)}")
         one_d = [m for m in self.modalities if m.space.ndim == 1]
         for m in one_d:
-            probe = torch.tensor([[0], [3], [10]])
+            probe = torch.tensor([[0], [3], [10]], device=_CPU)
             got = m.space.delta(probe[:, None], probe[None])
             if not torch.equal(got, (probe[:, None] - probe[None]).abs().squeeze(-1).double()):
                 raise ValueError(
@@ -574,13 +586,13 @@ class HybridSpace(_SpaceMixin, Frozen):
     # -- sampler tables (one group per modality) ------------------------------------------
     @functools.cached_property
     def box_lo(self) -> Int[Tensor, "g w"]:
-        lo = torch.zeros(len(self.modalities), self.width, dtype=torch.int64)
-        lo[:, 0] = torch.arange(len(self.modalities))
+        lo = torch.zeros(len(self.modalities), self.width, dtype=torch.int64, device=_CPU)
+        lo[:, 0] = torch.arange(len(self.modalities), device=_CPU)
         return lo
 
     def _hi(self, time: int, local: Any) -> Tensor:
-        hi = torch.ones(len(self.modalities), self.width, dtype=torch.int64)
-        hi[:, 0] = torch.arange(1, len(self.modalities) + 1)
+        hi = torch.ones(len(self.modalities), self.width, dtype=torch.int64, device=_CPU)
+        hi[:, 0] = torch.arange(1, len(self.modalities) + 1, device=_CPU)
         hi[:, 1] = time
         for g, m in enumerate(self.modalities):
             if m.space.ndim > 1:
@@ -603,7 +615,7 @@ class HybridSpace(_SpaceMixin, Frozen):
 
     @functools.cached_property
     def box_digits(self) -> Int[Tensor, "g w"]:
-        dig = torch.zeros(len(self.modalities), self.width, dtype=torch.int64)
+        dig = torch.zeros(len(self.modalities), self.width, dtype=torch.int64, device=_CPU)
         dig[:, 1] = self.time_digits
         for g, m in enumerate(self.modalities):
             if m.space.ndim > 1:

@@ -29,3 +29,18 @@ def test_space_show_reports_bad_config(tmp_path, capsys):
     bad.write_text("kind: grid\nL: 600\nL_max: 500\n")
     assert main(["space", "show", str(bad)]) == 2
     assert "L[0] = 600 exceeds L_max[0] = 500" in capsys.readouterr().err
+
+
+def test_spaces_compare_by_fields_after_tables_are_cached():
+    a, b = load_space(shipped_configs()[0]), load_space(shipped_configs()[0])
+    a.sample_uniform(4, __import__("torch").Generator())  # fills cached tensor tables on a only
+    assert a == b and hash(a) == hash(b)
+    assert a != load_space(shipped_configs()[1])
+
+
+def test_cached_tables_stay_on_cpu_under_another_default_device():
+    import torch
+
+    space = load_space(shipped_configs()[0])
+    with torch.device("meta"):
+        assert space.box_max_hi.device.type == "cpu" and space.place_ids.device.type == "cpu"
