@@ -10,9 +10,9 @@ frames = the same clip at a higher resolution), so one clip can be shown at the 
 ``T × R`` and at ``2T × R`` or ``T × 2R``.
 
 The label needs time and space together: the same two shapes at the same places in reverse
-order, or in the same order mirrored, are other classes. With one frame per tubelet a model
-without positions (NoPE) sees every class as the same bag of patches (25 %); time alone or space
-alone gets at most 50 %. Everything is a pure function of ``(seed, split, index)``.
+order, or in the same order mirrored, are other classes. With one frame per tubelet and a flat
+background a model without positions (NoPE) sees every class as the same bag of patches (25 %);
+time alone or space alone gets at most 50 %. Everything is a pure function of ``(seed, split, index)``.
 
 Legend: b batch, c channels, f frames, y/x pixels.
 """
@@ -102,10 +102,10 @@ def make_clip(seed: int, split: str, index: int, cfg: VideoDataConfig) -> Clip:
                 g = float(rng.uniform(0.45, 0.75))
                 statics.append(Shape(kinds[int(rng.integers(2))], float(c[0]), float(c[1]), rs, (g, g, g)))
                 break
-    dark = tuple(float(v) for v in rng.uniform(0.0, 0.2, size=3))
-    light = tuple(float(v) for v in rng.uniform(0.2, 0.4, size=3))
+    # A flat background: a gradient would tell each patch where it lies (a position leak for NoPE).
+    back = tuple(float(v) for v in rng.uniform(0.0, 0.3, size=3))
     return Clip(
-        label, first, second, float(rng.uniform(*cfg.switch)), tuple(statics), (dark, light),  # type: ignore[arg-type]
+        label, first, second, float(rng.uniform(*cfg.switch)), tuple(statics), (back, back),  # type: ignore[arg-type]
         float(rng.uniform(0, 2 * math.pi)), int(rng.integers(2**31)),
     )
 
