@@ -45,8 +45,10 @@ class VideoDataConfig(BaseModel):
     """Grey shapes, shown all clip long, that carry no label information."""
     switch: tuple[float, float] = (0.35, 0.65)
     """Range of the time (fraction of the clip) at which the first shape gives way to the second."""
-    separation: tuple[float, float] = (0.3, 0.6)
-    """Range of the horizontal distance between the two shapes' centres, in frame widths."""
+    separation: tuple[float, float] = (0.25, 0.25 + 1 / 3)
+    """Range of the horizontal distance between the two shapes' centres, in frame widths. Its
+    length should be a whole number of patch widths at the training size (1/3: 3 patches across):
+    otherwise the two shapes' offsets inside their patches tell their order, a position leak."""
     radius: tuple[float, float] = (0.1, 0.14)
     """Range of the coloured shapes' radius, in frame widths."""
     noise: float = Field(0.03, ge=0.0, le=0.5)
