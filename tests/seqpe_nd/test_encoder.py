@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from seqpe_nd.encoder import SeqPE, load_encoder, save_encoder
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
-from tests.seqpe_nd.single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 SPACES = ["text-512", "image-14x14", "video-8x14x14", "hybrid-text-image"]

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from seqpe_nd.encoder import SeqPE
 from seqpe_nd.positions import load_space
 from seqpe_nd.regularizers import RegularizedStep, SeqPERegularizer, contrastive_loss, ood_loss
-from tests.seqpe_nd.single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 TOL = dict(atol=1e-5, rtol=1e-5)

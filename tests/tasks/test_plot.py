@@ -9,7 +9,6 @@ from seqpe_nd.encoder import SeqPE, load_encoder, save_encoder
 from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.cmd_plot import similarity_1d, similarity_2d
-from tests.seqpe_nd.single_thread import one_thread  # noqa: F401  (autouse fixture)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,7 @@ from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.qa_data import IGNORE_INDEX, QAExample, collate_prompts, collate_train
 from seqpe_nd.tasks.text_data import train_bpe
 from seqpe_nd.tasks.trainer import TrainConfig, train
-from tests.tasks.test_qa_data import DOCS, _one_thread  # noqa: F401  (_one_thread is autouse here too)
+from tests.tasks.test_qa_data import DOCS
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {

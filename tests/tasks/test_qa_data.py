@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pydoc_data.topics import topics
 
 from seqpe_nd.tasks.qa_data import (
@@ -25,15 +24,6 @@ from seqpe_nd.tasks.qa_data import (
 from seqpe_nd.tasks.text_data import TextTokenizer, train_bpe
 
 DOCS = [topics[k] for k in sorted(topics)]  # part of the embedded text, available instantly
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on shared CPUs, two threads spin-waiting on each other make small ops 10-20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
