@@ -32,9 +32,16 @@ ORDER = {
     "hybrid": ("nope", "ape_sin_flat", "ape_learn_flat", "rope_flat", "mrope", "alibi_nd", "seqpe"),
 }
 LABELS = {
-    "nope": "NoPE", "ape_sin": "APE-sin 3-D", "ape_learn": "APE-learn 3-D (trilinear)", "rope_axial": "RoPE axial 3-D",
-    "seqpe": "SeqPE", "ape_sin_flat": "APE-sin (flat 1-D)", "ape_learn_flat": "APE-learn (flat 1-D)",
-    "rope_flat": "RoPE (flat 1-D)", "mrope": "M-RoPE (Qwen2-VL)", "alibi_nd": "ALiBi-ND (hybrid metric)",
+    "nope": "NoPE",
+    "ape_sin": "APE-sin 3-D",
+    "ape_learn": "APE-learn 3-D (trilinear)",
+    "rope_axial": "RoPE axial 3-D",
+    "seqpe": "SeqPE",
+    "ape_sin_flat": "APE-sin (flat 1-D)",
+    "ape_learn_flat": "APE-learn (flat 1-D)",
+    "rope_flat": "RoPE (flat 1-D)",
+    "mrope": "M-RoPE (Qwen2-VL)",
+    "alibi_nd": "ALiBi-ND (hybrid metric)",
 }
 AXES = {"video": ("frames", "pixels"), "hybrid": ("images", "pixels")}
 
@@ -54,8 +61,14 @@ def run_one(recipe: str, name: str, runs: str, overrides: list[str]) -> dict[str
     result = module.evaluate(run_dir, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [x for x in lines if x["split"] == "train"][-1]
-    return {"name": name, "train_seconds": train_s, "eval_seconds": time.perf_counter() - t1, "eval": result,
-            "final_train_loss": final["loss"], "run_dir": str(run_dir)}
+    return {
+        "name": name,
+        "train_seconds": train_s,
+        "eval_seconds": time.perf_counter() - t1,
+        "eval": result,
+        "final_train_loss": final["loss"],
+        "run_dir": str(run_dir),
+    }
 
 
 def size_label(recipe: str, row: dict[str, Any], train: list[int]) -> str:
@@ -69,13 +82,19 @@ def markdown(recipe: str, rows: dict[str, dict[str, Any]], names: list[str]) -> 
     keys = list(first["sizes"])
     train = first["train_size"]
     chance = {k: first["sizes"][k].get("chance", 25.0) for k in keys}
-    head = ["method"] + [size_label(recipe, first["sizes"][k], train) for k in keys] + ["avg beyond train", "train s", "eval s"]
+    head = (
+        ["method"]
+        + [size_label(recipe, first["sizes"][k], train) for k in keys]
+        + ["avg beyond train", "train s", "eval s"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| chance | " + " | ".join(f"{chance[k]:.1f}" for k in keys) + " | | | |")
     for n in names:
         r = rows[n]
         accs = [r["eval"]["sizes"][k]["top1"] for k in keys]
-        beyond = [a for k, a in zip(keys, accs) if [first["sizes"][k][AXES[recipe][0]], first["sizes"][k]["pixels"]] != train]
+        beyond = [
+            a for k, a in zip(keys, accs) if [first["sizes"][k][AXES[recipe][0]], first["sizes"][k]["pixels"]] != train
+        ]
         cells = [LABELS.get(n, n)] + [f"{a:.1f}" for a in accs]
         cells += [f"{sum(beyond) / max(len(beyond), 1):.1f}", f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -93,12 +112,16 @@ def plot(recipe: str, rows: dict[str, dict[str, Any]], names: list[str], path: P
     first = rows[names[0]]["eval"]
     ta, tb = first["train_size"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    for ax, (grow, fixed, fixed_val, label) in zip(axes, ((a, b, tb, f"{a} (at {tb} px)"), (b, a, ta, f"pixels (with {ta} {a})"))):
+    for ax, (grow, fixed, fixed_val, label) in zip(
+        axes, ((a, b, tb, f"{a} (at {tb} px)"), (b, a, ta, f"pixels (with {ta} {a})"))
+    ):
         for n in names:
             pts = sorted((r[grow], r["top1"]) for r in rows[n]["eval"]["sizes"].values() if r[fixed] == fixed_val)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS.get(n, n))
         chance = sorted((r[grow], r.get("chance", 25.0)) for r in first["sizes"].values() if r[fixed] == fixed_val)
-        ax.plot([p[0] for p in chance], [p[1] for p in chance], color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.plot(
+            [p[0] for p in chance], [p[1] for p in chance], color="grey", linestyle="--", linewidth=1, label="chance"
+        )
         ax.axvline(ta if grow == a else tb, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)")
@@ -116,9 +139,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", nargs="*", default=["video", "hybrid"], choices=sorted(ORDER))
     ap.add_argument("--lanes", type=int, default=2, help="runs trained at the same time (one thread each)")
-    ap.add_argument("--runs", type=Path, default=Path("/tmp/seqpe-issue9-bench"), help="run directories (not committed)")
+    ap.add_argument(
+        "--runs", type=Path, default=Path("/tmp/seqpe-issue9-bench"), help="run directories (not committed)"
+    )
     ap.add_argument("--only", nargs="*", default=None, help="subset of smoke config names")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override every config")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override every config"
+    )
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     jobs = [(r, n) for r in args.recipes for n in ORDER[r] if args.only is None or n in args.only]
@@ -132,13 +159,21 @@ def main() -> None:
             continue
         rows = {n: done[(recipe, n)] for n in names}
         report = {
-            "recipe": recipe, "configs": f"configs/{recipe}/smoke", "overrides": args.overrides, "lanes": args.lanes,
+            "recipe": recipe,
+            "configs": f"configs/{recipe}/smoke",
+            "overrides": args.overrides,
+            "lanes": args.lanes,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), one thread per run",
-            "torch": torch.__version__, "wall_seconds": time.perf_counter() - t0, "runs": rows,
+            "torch": torch.__version__,
+            "wall_seconds": time.perf_counter() - t0,
+            "runs": rows,
         }
         base = RESULTS / f"{recipe}_bench"
         atomic_write_text(base.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
-        title = {"video": "Video (3-D): trained at 4 frames × 24 px", "hybrid": "Interleaved text + image: trained with 2 images of 24 px"}[recipe]
+        title = {
+            "video": "Video (3-D): trained at 4 frames × 24 px",
+            "hybrid": 'Interleaved text + image: trained with a reference and 2 candidate images of 24 px ("images" = candidates)',
+        }[recipe]
         md = f"## {title}\n\nAccuracy (%) on the validation split; run times in wall-clock seconds on {report['machine']}.\n\n"
         atomic_write_text(base.with_suffix(".md"), md + markdown(recipe, rows, names))
         plot(recipe, rows, names, base.with_suffix(".png"))

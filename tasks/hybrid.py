@@ -52,6 +52,7 @@ STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe", "positions")
 # The backbone
 # =====================================================================================================
 
+
 class HybridOutput(NamedTuple):
     logits: Tensor
     """(b, k): one score per image."""
@@ -79,15 +80,26 @@ class InterleavedTransformer(nn.Module):
         super().__init__()
         self.readout = readout
         if pe.num_layers != depth or pe.num_heads != num_heads or pe.head_dim * num_heads != embed_dim:
-            raise ValueError(f"PE sized for {pe.num_layers} layers × {pe.num_heads} heads × {pe.head_dim} dims, the model has {depth} × {num_heads} × {embed_dim // num_heads}")
+            raise ValueError(
+                f"PE sized for {pe.num_layers} layers × {pe.num_heads} heads × {pe.head_dim} dims, the model has {depth} × {num_heads} × {embed_dim // num_heads}"
+            )
         self.text_embed = nn.Embedding(vocab_size, embed_dim)
         self.patch_embed = PatchEmbed(
-            img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, flatten=False, output_fmt="NHWC", strict_img_size=False,
+            img_size=None,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            flatten=False,
+            output_fmt="NHWC",
+            strict_img_size=False,
         )
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
-        self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], attn_layer=PEAttention) for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], attn_layer=PEAttention)
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim)
         self.score = nn.Linear(embed_dim, 1)
         self.apply(init_weights_vit_timm)
@@ -151,6 +163,7 @@ class InterleavedTransformer(nn.Module):
 # =====================================================================================================
 # The recipe: configs
 # =====================================================================================================
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
@@ -216,7 +229,9 @@ class HybridConfig(_Section):
     timeline L is the training sequence's (5 + 2 × images shown) and its image L the training patch grid."""
     positions: Literal["hybrid", "flat"] = "hybrid"
     """What the PE sees: hybrid positions, or each token's index in the flattened sequence (1-D)."""
-    pe: PEConfig = Field(default_factory=lambda: SeqPEConfig(integration="attn_mul", per_layer=True, hidden=64, heads=2))
+    pe: PEConfig = Field(
+        default_factory=lambda: SeqPEConfig(integration="attn_mul", per_layer=True, hidden=64, heads=2)
+    )
     """Position encoding; ``method`` picks one (nope, seqpe, mrope, alibi_nd on hybrid; rope, ape_sin, ape_learn on flat)."""
     random_shift: bool = False
     """Shift a whole step's positions with the space's ``shift.prob`` (App. A.5; one timeline shift for all modalities)."""
@@ -288,19 +303,40 @@ class HybridTask:
     def build_model(self) -> InterleavedTransformer:
         m = self.cfg.model
         pe = build_position_encoding(
-            self.cfg.pe, space=self.pe_space, num_heads=m.num_heads, head_dim=m.embed_dim // m.num_heads, num_layers=m.depth, d_model=m.embed_dim,
+            self.cfg.pe,
+            space=self.pe_space,
+            num_heads=m.num_heads,
+            head_dim=m.embed_dim // m.num_heads,
+            num_layers=m.depth,
+            d_model=m.embed_dim,
         )
         return InterleavedTransformer(
-            pe, vocab_size=len(VOCAB), patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-            mlp_ratio=m.mlp_ratio, readout=m.readout, drop_path_rate=m.drop_path_rate,
+            pe,
+            vocab_size=len(VOCAB),
+            patch_size=m.patch_size,
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            mlp_ratio=m.mlp_ratio,
+            readout=m.readout,
+            drop_path_rate=m.drop_path_rate,
         )
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t, m = self.cfg.train, self.cfg.model
         first = ((step * t.grad_accum + micro) * world + rank) * t.batch_size
-        return example_batch(self.cfg.data, t.seed, "train", range(first, first + t.batch_size), m.num_images, m.img_size)
+        return example_batch(
+            self.cfg.data, t.seed, "train", range(first, first + t.batch_size), m.num_images, m.img_size
+        )
 
-    def forward(self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator | None = None, shift: bool = False) -> HybridOutput:
+    def forward(
+        self,
+        model: nn.Module,
+        batch: dict[str, Tensor],
+        *,
+        generator: torch.Generator | None = None,
+        shift: bool = False,
+    ) -> HybridOutput:
         """The model on a batch (all rows share one layout), with an optional random start shift."""
         text, images = batch["text"], batch["images"]
         check_batch(text, images)
@@ -311,7 +347,11 @@ class HybridTask:
             sh = self.pe_space.sample_shift(generator)
             if sh.applied:  # the whole step starts at z: one timeline shift for text and images (App. A.5)
                 shifted = True
-                base = hybrid if self.cfg.positions == "hybrid" else torch.arange(hybrid.shape[0], device=images.device)[:, None]
+                base = (
+                    hybrid
+                    if self.cfg.positions == "hybrid"
+                    else torch.arange(hybrid.shape[0], device=images.device)[:, None]
+                )
                 pos = self.pe_space.apply_shift(base, sh.z.to(images.device)).expand(images.shape[0], -1, -1)
         if not shifted:
             pos = self.pe_positions(hybrid, images.shape[0])
@@ -320,11 +360,16 @@ class HybridTask:
             out = HybridOutput(out.logits[:, 1:], out.aux_loss)
         return out
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         out = self.forward(model, batch, generator=generator, shift=self.cfg.random_shift)
         targets = batch["targets"]
         main = F.cross_entropy(out.logits.float(), targets)
-        metrics = {"match_loss": float(main.detach()), "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean())}
+        metrics = {
+            "match_loss": float(main.detach()),
+            "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean()),
+        }
         total = main
         if out.aux_loss is not None:
             total = total + out.aux_loss
@@ -335,7 +380,15 @@ class HybridTask:
         """Accuracy on the first ``eval.val_examples`` validation examples at the training size."""
         device = next(unwrap(model).parameters()).device
         m, e = self.cfg.model, self.cfg.eval
-        res = accuracy(self, model, m.num_images, m.img_size, min(e.val_examples, self.cfg.data.val_size), batch_size=e.batch_size, device=device)
+        res = accuracy(
+            self,
+            model,
+            m.num_images,
+            m.img_size,
+            min(e.val_examples, self.cfg.data.val_size),
+            batch_size=e.batch_size,
+            device=device,
+        )
         return {"top1": res["top1"], "loss": res["loss"]}
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
@@ -364,7 +417,9 @@ def accuracy(
     correct, loss, seen, compute = 0, 0.0, 0, 0.0
     t0 = time.perf_counter()
     for s in range(0, count, batch_size):
-        batch = example_batch(cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), num_images, size)
+        batch = example_batch(
+            cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), num_images, size
+        )
         batch = {k: v.to(device) for k, v in batch.items()}
         t = time.perf_counter()
         logits = task.forward(model, batch).logits.float()
@@ -373,20 +428,34 @@ def accuracy(
         correct += int((logits.argmax(-1) == y).sum())
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         seen += len(y)
-    return {"top1": 100.0 * correct / seen, "loss": loss / seen, "examples": seen, "chance": 100.0 / num_images,
-            "seconds": time.perf_counter() - t0, "examples_per_s": seen / max(compute, 1e-9)}
+    return {
+        "top1": 100.0 * correct / seen,
+        "loss": loss / seen,
+        "examples": seen,
+        "chance": 100.0 / num_images,
+        "seconds": time.perf_counter() - t0,
+        "examples_per_s": seen / max(compute, 1e-9),
+    }
 
 
 # =====================================================================================================
 # Evaluation: more and larger images
 # =====================================================================================================
 
+
 def default_sizes(num_images: int, img_size: int, patch_size: int) -> list[tuple[int, int]]:
     """(K, R), (2K, R), (K, 1.5R), (K, 2R), (2K, 2R), sizes rounded to whole patches."""
+
     def px(f: float) -> int:
         return max(patch_size, round(img_size * f / patch_size) * patch_size)
 
-    return [(num_images, img_size), (2 * num_images, img_size), (num_images, px(1.5)), (num_images, px(2)), (2 * num_images, px(2))]
+    return [
+        (num_images, img_size),
+        (2 * num_images, img_size),
+        (num_images, px(1.5)),
+        (num_images, px(2)),
+        (2 * num_images, px(2)),
+    ]
 
 
 def load_model(run_dir: Path, *, task: HybridTask | None = None) -> InterleavedTransformer:
@@ -413,12 +482,17 @@ def evaluate(
     """
     extra = {k: v for k, v in unused.items() if v is not None}
     if extra:
-        raise ValueError(f"the hybrid recipe's evaluate() has no option(s) {sorted(extra)}; allowed: sizes, max_examples, batch_size, device")
+        raise ValueError(
+            f"the hybrid recipe's evaluate() has no option(s) {sorted(extra)}; allowed: sizes, max_examples, batch_size, device"
+        )
     run_dir = Path(run_dir)
     cfg = parse_config(load_run_config(run_dir))
     task = HybridTask(cfg, run_dir)
     m = cfg.model
-    pairs = [tuple(int(v) for v in s) for s in (sizes or cfg.eval.sizes or default_sizes(m.num_images, m.img_size, m.patch_size))]
+    pairs = [
+        tuple(int(v) for v in s)
+        for s in (sizes or cfg.eval.sizes or default_sizes(m.num_images, m.img_size, m.patch_size))
+    ]
     for s in pairs:
         if len(s) != 2 or s[0] < 1 or s[1] < m.patch_size:
             raise ValueError(f"eval size {list(s)} must be (images >= 1, pixels >= patch_size = {m.patch_size})")
@@ -430,11 +504,21 @@ def evaluate(
     rows = {}
     for k, s in pairs:
         g = s // m.patch_size
-        rows[f"{k}x{s}"] = {**accuracy(task, model, k, s, n, batch_size=bs, device=dev), "images": k, "pixels": s, "grid": [g, g],
-                            "tokens": sequence_length(task.shown_images(k), (g, g))}
+        rows[f"{k}x{s}"] = {
+            **accuracy(task, model, k, s, n, batch_size=bs, device=dev),
+            "images": k,
+            "pixels": s,
+            "grid": [g, g],
+            "tokens": sequence_length(task.shown_images(k), (g, g)),
+        }
     result = {
-        "run_dir": str(run_dir), "train_size": [m.num_images, m.img_size], "positions": cfg.positions,
-        "pe": cfg.pe.model_dump(mode="json"), "device": str(dev), "seconds": time.perf_counter() - t0, "sizes": rows,
+        "run_dir": str(run_dir),
+        "train_size": [m.num_images, m.img_size],
+        "positions": cfg.positions,
+        "pe": cfg.pe.model_dump(mode="json"),
+        "device": str(dev),
+        "seconds": time.perf_counter() - t0,
+        "sizes": rows,
     }
     if write:
         ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
@@ -448,10 +532,21 @@ def print_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     K, R = result["train_size"]
-    table = Table(title=f"{result['run_dir']} — matching accuracy (trained with {K} images of {R} px; {result['positions']} positions)")
+    table = Table(
+        title=f"{result['run_dir']} — matching accuracy (trained with {K} images of {R} px; {result['positions']} positions)"
+    )
     for col in ("images", "pixels", "patch grid", "tokens", "examples", "top-1 %", "chance %", "loss", "seconds"):
         table.add_column(col, justify="right")
     for r in result["sizes"].values():
-        table.add_row(str(r["images"]), str(r["pixels"]), "×".join(map(str, r["grid"])), str(r["tokens"]), str(r["examples"]),
-                      f"{r['top1']:.2f}", f"{r['chance']:.1f}", f"{r['loss']:.3f}", f"{r['seconds']:.1f}")
+        table.add_row(
+            str(r["images"]),
+            str(r["pixels"]),
+            "×".join(map(str, r["grid"])),
+            str(r["tokens"]),
+            str(r["examples"]),
+            f"{r['top1']:.2f}",
+            f"{r['chance']:.1f}",
+            f"{r['loss']:.3f}",
+            f"{r['seconds']:.1f}",
+        )
     Console().print(table)

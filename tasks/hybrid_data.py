@@ -40,13 +40,19 @@ from torch import Tensor
 from seqpe_nd.tasks.vision_data import Scene, Shape, render
 
 COLORS: dict[str, tuple[float, float, float]] = {
-    "red": (0.95, 0.15, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.15, 0.35, 0.95), "yellow": (0.95, 0.85, 0.1),
+    "red": (0.95, 0.15, 0.1),
+    "green": (0.1, 0.85, 0.2),
+    "blue": (0.15, 0.35, 0.95),
+    "yellow": (0.95, 0.85, 0.1),
 }
 SHAPES: tuple[str, ...] = ("square", "disk")
 ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 COLS: tuple[str, ...] = ("left", "center", "right")
 IMAGE_WORD = "[image]"
-PROMPTS: dict[str, tuple[str, ...]] = {"colour": ("find", "the", "same", "colour", "as"), "place": ("find", "the", "same", "place", "as")}
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "colour": ("find", "the", "same", "colour", "as"),
+    "place": ("find", "the", "same", "place", "as"),
+}
 """Questions about a reference: the first image is the reference, the answer is among the others."""
 VOCAB: tuple[str, ...] = ("find", "the", "same", "colour", "place", "as", *COLORS, *SHAPES, *ROWS, *COLS, IMAGE_WORD)
 """The word list; a token id is an index into it."""
@@ -110,8 +116,12 @@ def _rng(seed: int, split: str, index: int, num_images: int) -> np.random.Genera
 
 def _random_description(rng: np.random.Generator) -> Description:
     colors = tuple(COLORS)
-    return Description(colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))],
-                       int(rng.integers(3)), int(rng.integers(3)))
+    return Description(
+        colors[int(rng.integers(len(colors)))],
+        SHAPES[int(rng.integers(len(SHAPES)))],
+        int(rng.integers(3)),
+        int(rng.integers(3)),
+    )
 
 
 def _scene(desc: Description, rng: np.random.Generator, cfg: HybridDataConfig) -> Scene:
@@ -145,8 +155,13 @@ def make_example(seed: int, split: str, index: int, num_images: int, cfg: Hybrid
                     desc = _random_description(rng)
         elif cfg.question != "sentence":  # the answer shares only what the question asks about
             other = _random_description(rng)
-            desc = (Description(wanted.color, other.shape, other.row, other.col) if cfg.question == "colour"
-                    else Description(other.color, other.shape, wanted.row, wanted.col) if rng.uniform() >= cfg.hard_fraction else wanted)
+            desc = (
+                Description(wanted.color, other.shape, other.row, other.col)
+                if cfg.question == "colour"
+                else Description(other.color, other.shape, wanted.row, wanted.col)
+                if rng.uniform() >= cfg.hard_fraction
+                else wanted
+            )
         descs.append(desc)
     if cfg.question == "sentence":
         words = tuple(wanted.words())
@@ -181,9 +196,15 @@ def example_batch(
     examples = [make_example(seed, split, int(i), num_images, cfg) for i in indices]
     shown = len(examples[0].images)
     text = torch.tensor([tokenize([*e.words, *[IMAGE_WORD] * shown]) for e in examples], dtype=torch.int64)
-    pixels = np.stack([np.stack([render(s, size, noise=cfg.noise) for s in e.images]) for e in examples])  # (b, k, y, x, 3)
+    pixels = np.stack(
+        [np.stack([render(s, size, noise=cfg.noise) for s in e.images]) for e in examples]
+    )  # (b, k, y, x, 3)
     images = (torch.from_numpy(pixels).permute(0, 1, 4, 2, 3) - MEAN) / STD  # (b, k, 3, y, x)
-    return {"text": text, "images": images.contiguous(), "targets": torch.tensor([e.target for e in examples], dtype=torch.int64)}
+    return {
+        "text": text,
+        "images": images.contiguous(),
+        "targets": torch.tensor([e.target for e in examples], dtype=torch.int64),
+    }
 
 
 def segments(num_images: int, grid: tuple[int, int]) -> list[tuple[str, int | tuple[int, int]]]:
@@ -197,4 +218,6 @@ def segments(num_images: int, grid: tuple[int, int]) -> list[tuple[str, int | tu
 def check_batch(text: Int[Tensor, "b n"], images: Float[Tensor, "b i c y x"]) -> None:
     """Text and images agree: one ``[image]`` word per image after the sentence."""
     if text.shape[1] != SENTENCE_LEN + images.shape[1]:
-        raise ValueError(f"text has {text.shape[1]} tokens, expected {SENTENCE_LEN} + one per image = {SENTENCE_LEN + images.shape[1]}")
+        raise ValueError(
+            f"text has {text.shape[1]} tokens, expected {SENTENCE_LEN} + one per image = {SENTENCE_LEN + images.shape[1]}"
+        )

@@ -100,7 +100,11 @@ class VideoConfig(_Section):
     data: VideoDataConfig = VideoDataConfig()
     space: dict[str, Any] | str
     """3-D position space (frame, row, col): an inline mapping or a YAML path; its L must be the training token grid."""
-    pe: PEConfig = Field(default_factory=lambda: SeqPEConfig(integration="attn_mul", per_layer=True, hidden=64, heads=2, init="trunc_normal"))
+    pe: PEConfig = Field(
+        default_factory=lambda: SeqPEConfig(
+            integration="attn_mul", per_layer=True, hidden=64, heads=2, init="trunc_normal"
+        )
+    )
     """Position encoding; ``method`` picks one (nope, ape_sin, ape_learn, rope_axial, rope_mixed, seqpe, ...)."""
     random_shift: bool = False
     """Shift a whole step's token positions with the space's ``shift.prob`` (App. A.5; SeqPE runs)."""
@@ -146,14 +150,18 @@ def load_trained(run_dir: Path, task: Any, strict_sections: tuple[str, ...]) -> 
 
 def pick_device(device: str) -> torch.device:
     """``auto``: CUDA when available, else CPU."""
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    return torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
 
 
 def resolve_space(source: dict[str, Any] | str) -> GridSpace:
     """The 3-D grid space of a config's ``space:``."""
     space = load_space_source(source)
     if not isinstance(space, GridSpace) or space.ndim != 3:
-        raise ValueError(f"space: the video recipe needs a 3-D grid space (frame, row, col), got {space.kind} of width {space.width}")
+        raise ValueError(
+            f"space: the video recipe needs a 3-D grid space (frame, row, col), got {space.kind} of width {space.width}"
+        )
     return space
 
 
@@ -166,13 +174,25 @@ def build_model(cfg: VideoConfig, space: GridSpace) -> ViTWithPE:
     """A randomly initialised video ViT: timm's VisionTransformer, a tubelet embedding, ``cfg.pe``."""
     m = cfg.model
     vit = create_vit(
-        None, img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio, num_classes=len(CLASSES), drop_path_rate=m.drop_path_rate,
+        None,
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        num_classes=len(CLASSES),
+        drop_path_rate=m.drop_path_rate,
         embed_layer=partial(TubeletEmbed, num_frames=m.frames, tubelet=m.tubelet),
     )
     attn = vit.blocks[0].attn
     pe = build_position_encoding(
-        cfg.pe, space=space, num_heads=attn.num_heads, head_dim=attn.head_dim, num_layers=len(vit.blocks), d_model=vit.embed_dim,
+        cfg.pe,
+        space=space,
+        num_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        num_layers=len(vit.blocks),
+        d_model=vit.embed_dim,
     )
     return ViTWithPE(vit, pe)
 
@@ -193,8 +213,13 @@ def accuracy(
         correct += int((logits.argmax(-1) == y).sum())
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         seen += len(y)
-    return {"top1": 100.0 * correct / seen, "loss": loss / seen, "clips": seen, "seconds": time.perf_counter() - t0,
-            "clips_per_s": seen / max(compute, 1e-9)}
+    return {
+        "top1": 100.0 * correct / seen,
+        "loss": loss / seen,
+        "clips": seen,
+        "seconds": time.perf_counter() - t0,
+        "clips_per_s": seen / max(compute, 1e-9),
+    }
 
 
 class VideoTask:
@@ -220,7 +245,9 @@ class VideoTask:
         x, y = clip_batch(self.cfg.data, t.seed, "train", range(first, first + t.batch_size), m.frames, m.img_size)
         return {"clips": x, "targets": y}
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float]]:
         clips, targets = batch["clips"], batch["targets"]
         offset, shifted = None, False
         if self.cfg.random_shift:
@@ -230,8 +257,11 @@ class VideoTask:
                 offset, shifted = shift.z.to(clips.device), True
         out = model(clips, pos_offset=offset, pe_generator=generator, pe_shifted=shifted)
         main = F.cross_entropy(out.logits.float(), targets)
-        metrics = {"cls_loss": float(main.detach()), "shifted": float(shifted),
-                   "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean())}
+        metrics = {
+            "cls_loss": float(main.detach()),
+            "shifted": float(shifted),
+            "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean()),
+        }
         total = main
         if out.aux_loss is not None:
             total = total + out.aux_loss
@@ -242,7 +272,15 @@ class VideoTask:
         """Top-1 on the first ``eval.val_clips`` validation clips at the training size."""
         device = next(unwrap(model).parameters()).device
         m, e = self.cfg.model, self.cfg.eval
-        res = accuracy(model, self.cfg, m.frames, m.img_size, min(e.val_clips, self.cfg.data.val_size), batch_size=e.batch_size, device=device)
+        res = accuracy(
+            model,
+            self.cfg,
+            m.frames,
+            m.img_size,
+            min(e.val_clips, self.cfg.data.val_size),
+            batch_size=e.batch_size,
+            device=device,
+        )
         return {"top1": res["top1"], "loss": res["loss"]}
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
@@ -267,12 +305,21 @@ def build_task(config: dict[str, Any], run_dir: Path) -> VideoTask:
 # Evaluation: accuracy at more frames and at larger frames
 # =====================================================================================================
 
+
 def default_sizes(frames: int, img_size: int, patch_size: int, tubelet: int) -> list[tuple[int, int]]:
     """(T, R), (2T, R), (3T, R), (T, 1.5R), (T, 2R), (2T, 2R), sizes rounded to whole patches."""
+
     def px(f: float) -> int:
         return max(patch_size, round(img_size * f / patch_size) * patch_size)
 
-    return [(frames, img_size), (2 * frames, img_size), (3 * frames, img_size), (frames, px(1.5)), (frames, px(2)), (2 * frames, px(2))]
+    return [
+        (frames, img_size),
+        (2 * frames, img_size),
+        (3 * frames, img_size),
+        (frames, px(1.5)),
+        (frames, px(2)),
+        (2 * frames, px(2)),
+    ]
 
 
 def load_model(run_dir: Path, *, task: VideoTask | None = None) -> ViTWithPE:
@@ -299,15 +346,22 @@ def evaluate(
     """
     extra = {k: v for k, v in unused.items() if v is not None}
     if extra:
-        raise ValueError(f"the video recipe's evaluate() has no option(s) {sorted(extra)}; allowed: sizes, max_clips, batch_size, device")
+        raise ValueError(
+            f"the video recipe's evaluate() has no option(s) {sorted(extra)}; allowed: sizes, max_clips, batch_size, device"
+        )
     run_dir = Path(run_dir)
     cfg = parse_config(load_run_config(run_dir))
     task = VideoTask(cfg, run_dir)
     m = cfg.model
-    pairs = [tuple(int(v) for v in s) for s in (sizes or cfg.eval.sizes or default_sizes(m.frames, m.img_size, m.patch_size, m.tubelet))]
+    pairs = [
+        tuple(int(v) for v in s)
+        for s in (sizes or cfg.eval.sizes or default_sizes(m.frames, m.img_size, m.patch_size, m.tubelet))
+    ]
     for s in pairs:
         if len(s) != 2 or s[0] < m.tubelet or s[1] < m.patch_size:
-            raise ValueError(f"eval size {list(s)} must be (frames >= tubelet = {m.tubelet}, pixels >= patch_size = {m.patch_size})")
+            raise ValueError(
+                f"eval size {list(s)} must be (frames >= tubelet = {m.tubelet}, pixels >= patch_size = {m.patch_size})"
+            )
     dev = pick_device(device)
     model = load_model(run_dir, task=task).to(dev)
     n = min(cfg.data.val_size, max_clips or cfg.eval.max_clips or cfg.data.val_size)
@@ -316,10 +370,19 @@ def evaluate(
     rows = {}
     for f, s in pairs:
         r = accuracy(model, cfg, f, s, n, batch_size=bs, device=dev)
-        rows[f"{f}x{s}"] = {**r, "frames": f, "pixels": s, "grid": [f // m.tubelet, s // m.patch_size, s // m.patch_size]}
+        rows[f"{f}x{s}"] = {
+            **r,
+            "frames": f,
+            "pixels": s,
+            "grid": [f // m.tubelet, s // m.patch_size, s // m.patch_size],
+        }
     result = {
-        "run_dir": str(run_dir), "train_size": [m.frames, m.img_size], "pe": cfg.pe.model_dump(mode="json"),
-        "device": str(dev), "seconds": time.perf_counter() - t0, "sizes": rows,
+        "run_dir": str(run_dir),
+        "train_size": [m.frames, m.img_size],
+        "pe": cfg.pe.model_dump(mode="json"),
+        "device": str(dev),
+        "seconds": time.perf_counter() - t0,
+        "sizes": rows,
     }
     if write:
         ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
@@ -337,6 +400,13 @@ def print_eval(result: dict[str, Any]) -> None:
     for col in ("frames", "pixels", "token grid", "clips", "top-1 %", "loss", "seconds"):
         table.add_column(col, justify="right")
     for r in result["sizes"].values():
-        table.add_row(str(r["frames"]), str(r["pixels"]), "×".join(map(str, r["grid"])), str(r["clips"]), f"{r['top1']:.2f}",
-                      f"{r['loss']:.3f}", f"{r['seconds']:.1f}")
+        table.add_row(
+            str(r["frames"]),
+            str(r["pixels"]),
+            "×".join(map(str, r["grid"])),
+            str(r["clips"]),
+            f"{r['top1']:.2f}",
+            f"{r['loss']:.3f}",
+            f"{r['seconds']:.1f}",
+        )
     Console().print(table)

@@ -28,7 +28,12 @@ from torch import Tensor
 
 from seqpe_nd.tasks.vision_data import Scene, Shape, render
 
-CLASSES: tuple[str, ...] = ("red first, on the left", "red first, on the right", "blue first, on the left", "blue first, on the right")
+CLASSES: tuple[str, ...] = (
+    "red first, on the left",
+    "red first, on the right",
+    "blue first, on the left",
+    "blue first, on the right",
+)
 """Class names: the colour shown first, and its side relative to the second shape."""
 RED, BLUE = (0.95, 0.15, 0.1), (0.15, 0.35, 0.95)
 _SPLITS = {"train": 0, "validation": 1}
@@ -107,8 +112,14 @@ def make_clip(seed: int, split: str, index: int, cfg: VideoDataConfig) -> Clip:
     # A flat background: a gradient would tell each patch where it lies (a position leak for NoPE).
     back = tuple(float(v) for v in rng.uniform(0.0, 0.3, size=3))
     return Clip(
-        label, first, second, float(rng.uniform(*cfg.switch)), tuple(statics), (back, back),  # type: ignore[arg-type]
-        float(rng.uniform(0, 2 * math.pi)), int(rng.integers(2**31)),
+        label,
+        first,
+        second,
+        float(rng.uniform(*cfg.switch)),
+        tuple(statics),
+        (back, back),  # type: ignore[arg-type]
+        float(rng.uniform(0, 2 * math.pi)),
+        int(rng.integers(2**31)),
     )
 
 
@@ -120,7 +131,9 @@ def render_clip(clip: Clip, frames: int, size: int, *, noise: float = 0.03) -> F
     for f in range(frames):
         u = f / (frames - 1) if frames > 1 else 0.5
         scene = clip.scene(u)
-        scene = Scene(scene.label, scene.shapes, scene.background, scene.gradient_angle, (clip.noise_seed + 7919 * f) % 2**31)
+        scene = Scene(
+            scene.label, scene.shapes, scene.background, scene.gradient_angle, (clip.noise_seed + 7919 * f) % 2**31
+        )
         out.append(render(scene, size, noise=noise))
     return np.stack(out)
 

@@ -38,7 +38,9 @@ def default_sections(num_freqs: int, axes: int) -> tuple[int, ...]:
         return (num_freqs,)
     local = (3 * num_freqs) // (4 * (axes - 1))
     if local < 1:
-        raise ValueError(f"mrope needs at least one frequency per axis: {num_freqs} frequencies cannot serve {axes} axes")
+        raise ValueError(
+            f"mrope needs at least one frequency per axis: {num_freqs} frequencies cannot serve {axes} axes"
+        )
     return (num_freqs - local * (axes - 1), *([local] * (axes - 1)))
 
 
@@ -67,9 +69,13 @@ def mrope_ids(
     return torch.cat([start[..., None], start[..., None] + local], dim=-1)  # (b, n, 1 + M)
 
 
-def mrope_angles(ids: Int[Tensor, "b n a"], inv_freq: Float[Tensor, " f"], sections: Sequence[int]) -> Float[Tensor, "b n f"]:
+def mrope_angles(
+    ids: Int[Tensor, "b n a"], inv_freq: Float[Tensor, " f"], sections: Sequence[int]
+) -> Float[Tensor, "b n f"]:
     """Band ``i`` rotates by the id of the axis whose section holds it: ``ids[axis(i)] · θ_i``."""
-    axis = torch.repeat_interleave(torch.arange(len(sections), device=ids.device), torch.tensor(list(sections), device=ids.device))
+    axis = torch.repeat_interleave(
+        torch.arange(len(sections), device=ids.device), torch.tensor(list(sections), device=ids.device)
+    )
     return ids.float().gather(-1, axis.expand(*ids.shape[:-1], -1)) * inv_freq.to(ids.device)  # (b, n, f)
 
 
@@ -102,7 +108,11 @@ class MultimodalRoPE(PositionEncoding):
             )
         self.base = base
         self.register_buffer("inv_freq", rope_inv_freq(f, base), persistent=False)
-        nd = [m.space.ndim if m.space.ndim > 1 else 0 for m in space.modalities] if isinstance(space, HybridSpace) else [0]
+        nd = (
+            [m.space.ndim if m.space.ndim > 1 else 0 for m in space.modalities]
+            if isinstance(space, HybridSpace)
+            else [0]
+        )
         self.register_buffer("local_ndims", torch.tensor(nd, dtype=torch.int64), persistent=False)
 
     def ids(self, pos: Int[Tensor, "b n w"], context: Int[Tensor, "b m w"]) -> Int[Tensor, "b n a"]:
@@ -116,7 +126,9 @@ class MultimodalRoPE(PositionEncoding):
                 state.tensors["cos_k"], state.tensors["sin_k"] = state.tensors["cos_q"], state.tensors["sin_q"]
                 continue
             angles = mrope_angles(self.ids(pos, state.pos_k), self.inv_freq, self.sections)
-            state.tensors[f"cos_{side}"], state.tensors[f"sin_{side}"] = (t[:, None] for t in rotary_cos_sin(angles, interleaved=False))
+            state.tensors[f"cos_{side}"], state.tensors[f"sin_{side}"] = (
+                t[:, None] for t in rotary_cos_sin(angles, interleaved=False)
+            )
 
     def transform_qk(
         self, q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h mk e"], state: PEState, layer: int

@@ -11,15 +11,22 @@ from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.encodings.multimodal import default_sections, mrope_ids
 from seqpe_nd.positions import load_space
 
-HYBRID = load_space({
-    "kind": "hybrid",
-    "modalities": [{"name": "text", "space": {"L": 64, "L_max": 1000}}, {"name": "image", "space": {"L": [4, 4], "L_max": [30, 30]}}],
-})
+HYBRID = load_space(
+    {
+        "kind": "hybrid",
+        "modalities": [
+            {"name": "text", "space": {"L": 64, "L_max": 1000}},
+            {"name": "image", "space": {"L": [4, 4], "L_max": [30, 30]}},
+        ],
+    }
+)
 H, E = 2, 16
 
 
 def build(space, method: str = "mrope", **cfg):
-    return build_position_encoding({"method": method, **cfg}, space=space, num_heads=H, head_dim=E, num_layers=1, d_model=H * E)
+    return build_position_encoding(
+        {"method": method, **cfg}, space=space, num_heads=H, head_dim=E, num_layers=1, d_model=H * E
+    )
 
 
 def qwen_rope_index(layout_spec: list[tuple[str, int | tuple[int, int]]]) -> torch.Tensor:

@@ -17,7 +17,15 @@ from seqpe_nd.tasks.vision_data import render
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "hybrid"
 SMOKE = sorted((CONFIGS / "smoke").glob("*.yaml"))
-SEQPE = {"method": "seqpe", "integration": "attn_mul", "per_layer": True, "hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0}
+SEQPE = {
+    "method": "seqpe",
+    "integration": "attn_mul",
+    "per_layer": True,
+    "hidden": 32,
+    "layers": 1,
+    "heads": 2,
+    "dropout": 0.0,
+}
 # (positions view, PE config) of every method the recipe compares.
 METHODS = {
     "nope": ("hybrid", {"method": "nope"}),
@@ -34,18 +42,37 @@ def tiny_config(view: str, pe: dict, **train: object) -> dict:
     """A reference and two candidates of 24 px (3 × 3 patches): small enough to learn on a shared CPU in seconds."""
     return {
         "task": "hybrid",
-        "model": {"img_size": 24, "num_images": 2, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "model": {
+            "img_size": 24,
+            "num_images": 2,
+            "patch_size": 8,
+            "embed_dim": 48,
+            "depth": 2,
+            "num_heads": 2,
+            "mlp_ratio": 2.0,
+        },
         "data": {"val_size": 128},
         "space": {
             "kind": "hybrid",
-            "modalities": [{"name": "text", "space": {"L": 11, "L_max": 100}},
-                           {"name": "image", "space": {"L": [3, 3], "L_max": [32, 32]}}],
+            "modalities": [
+                {"name": "text", "space": {"L": 11, "L_max": 100}},
+                {"name": "image", "space": {"L": [3, 3], "L_max": [32, 32]}},
+            ],
             "contrastive": {"batch": 4, "num_candidates": 8},
             "ood": {"num_starts": 4, "num_teachers": 8},
         },
         "positions": view,
         "pe": pe,
-        "train": {"steps": 200, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 10, "schedule": "cosine", "log_every": 50, "seed": 0, **train},
+        "train": {
+            "steps": 200,
+            "batch_size": 32,
+            "lr": 3.0e-3,
+            "warmup_steps": 10,
+            "schedule": "cosine",
+            "log_every": 50,
+            "seed": 0,
+            **train,
+        },
         "eval": {"sizes": [[2, 24], [4, 24], [2, 48]], "batch_size": 128, "val_examples": 128},
     }
 
@@ -125,7 +152,9 @@ def test_positions_per_view() -> None:
     # A hybrid distance that respects the metric: a patch is nearer its own image's patches.
     assert float(task.space.delta(pos[6], pos[9])) < float(task.space.delta(pos[6], pos[11]))
     flat = hybrid.build_task(tiny_config("flat", {"method": "rope"}), Path("unused"))
-    assert flat.pe_positions(pos, 3).shape == (3, 15, 1) and flat.pe_positions(pos, 1)[0, :, 0].tolist() == list(range(15))
+    assert flat.pe_positions(pos, 3).shape == (3, 15, 1) and flat.pe_positions(pos, 1)[0, :, 0].tolist() == list(
+        range(15)
+    )
     assert segments(2, (2, 2))[0] == ("text", SENTENCE_LEN)
 
 

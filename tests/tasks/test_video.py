@@ -22,21 +22,49 @@ def tiny_config(pe: dict, **train: object) -> dict:
     """Clips small enough to learn on a shared CPU in seconds (3 × 2 × 2 tokens of 8 px)."""
     return {
         "task": "video",
-        "model": {"img_size": 16, "frames": 3, "patch_size": 8, "tubelet": 1, "embed_dim": 48, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0},
+        "model": {
+            "img_size": 16,
+            "frames": 3,
+            "patch_size": 8,
+            "tubelet": 1,
+            "embed_dim": 48,
+            "depth": 2,
+            "num_heads": 2,
+            "mlp_ratio": 2.0,
+        },
         "data": {"distractors": 0, "val_size": 128},
         "space": {
-            "kind": "grid", "L": [3, 2, 2], "L_max": [64, 64, 64],
+            "kind": "grid",
+            "L": [3, 2, 2],
+            "L_max": [64, 64, 64],
             "contrastive": {"batch": 4, "num_candidates": 8, "local_window": [3, 3, 3]},
             "ood": {"num_starts": 4, "num_teachers": 8},
         },
         "pe": pe,
-        "train": {"steps": 150, "batch_size": 32, "lr": 3.0e-3, "warmup_steps": 10, "schedule": "cosine", "log_every": 50, "seed": 0, **train},
+        "train": {
+            "steps": 150,
+            "batch_size": 32,
+            "lr": 3.0e-3,
+            "warmup_steps": 10,
+            "schedule": "cosine",
+            "log_every": 50,
+            "seed": 0,
+            **train,
+        },
         "eval": {"sizes": [[3, 16], [6, 16], [3, 32]], "batch_size": 128, "val_clips": 128},
     }
 
 
-SEQPE = {"method": "seqpe", "integration": "attn_mul", "per_layer": True, "hidden": 32, "layers": 1, "heads": 2, "dropout": 0.0,
-         "init": "trunc_normal"}
+SEQPE = {
+    "method": "seqpe",
+    "integration": "attn_mul",
+    "per_layer": True,
+    "hidden": 32,
+    "layers": 1,
+    "heads": 2,
+    "dropout": 0.0,
+    "init": "trunc_normal",
+}
 PE = {m: ({"method": m} if m != "seqpe" else SEQPE) for m in METHODS}
 
 
