@@ -32,7 +32,7 @@ def tiny_config(pe: dict, **train: object) -> dict:
             "num_heads": 2,
             "mlp_ratio": 2.0,
         },
-        "data": {"distractors": 0, "val_size": 128},
+        "data": {"distractors": 0, "columns": 2, "val_size": 128},
         "space": {
             "kind": "grid",
             "L": [3, 2, 2],
