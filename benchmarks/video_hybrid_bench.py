@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override every config"
     )
+    ap.add_argument("--merge", action="store_true", help="keep the existing results' rows of methods not rerun")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     jobs = [(r, n) for r in args.recipes for n in ORDER[r] if args.only is None or n in args.only]
@@ -158,6 +159,11 @@ def main() -> None:
         if not names:
             continue
         rows = {n: done[(recipe, n)] for n in names}
+        base = RESULTS / f"{recipe}_bench"
+        if args.merge and base.with_suffix(".json").is_file():
+            kept = json.loads(base.with_suffix(".json").read_text())["runs"]
+            rows = {n: rows[n] if n in rows else kept[n] for n in ORDER[recipe] if n in rows or n in kept}
+            names = list(rows)
         report = {
             "recipe": recipe,
             "configs": f"configs/{recipe}/smoke",
@@ -168,7 +174,6 @@ def main() -> None:
             "wall_seconds": time.perf_counter() - t0,
             "runs": rows,
         }
-        base = RESULTS / f"{recipe}_bench"
         atomic_write_text(base.with_suffix(".json"), json.dumps(report, indent=1) + "\n")
         title = {
             "video": "Video (3-D): trained at 4 frames × 24 px",
