@@ -182,7 +182,7 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
 class PositionEncoding(nn.Module):
     """Base class: every hook is a no-op, so NoPE is this class unchanged.
 
-    Subclasses override ``prepare`` (to compute per-forward tensors) and any of the hooks.
+    Subclasses fill per-forward tensors in ``fill_state`` (``prepare`` calls it) and override any of the hooks.
     """
 
     method: str = "nope"
