@@ -21,9 +21,8 @@ Legend: b batch, k images, c channels, y/x pixels, n text tokens, s sequence tok
 width, d model dim.
 """
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -38,13 +37,12 @@ from torch import Tensor, nn
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.positions import GridSpace, HybridSpace
-from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
 from seqpe_nd.tasks.hybrid_data import SENTENCE_LEN, VOCAB, HybridDataConfig, check_batch, example_batch, segments
 from seqpe_nd.tasks.trainer import TrainConfig, unwrap
 from seqpe_nd.tasks.video import load_space_source, load_trained, pick_device, validate_config
 from seqpe_nd.tasks.vit import PEAttention, _Forward, _Hub, load_run_config
 
-EVAL_JSON = "eval.json"
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe", "positions")
 
 
@@ -414,27 +412,18 @@ def accuracy(
 ) -> dict[str, float]:
     """Matching accuracy and loss of the first ``count`` validation examples with ``num_images`` images of ``size`` px."""
     cfg = task.cfg
-    correct, loss, seen, compute = 0, 0.0, 0, 0.0
-    t0 = time.perf_counter()
-    for s in range(0, count, batch_size):
-        batch = example_batch(
-            cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), num_images, size
-        )
-        batch = {k: v.to(device) for k, v in batch.items()}
-        t = time.perf_counter()
-        logits = task.forward(model, batch).logits.float()
-        compute += time.perf_counter() - t
-        y = batch["targets"]
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        seen += len(y)
+
+    def batches() -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        for s in range(0, count, batch_size):
+            batch = example_batch(
+                cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), num_images, size
+            )
+            batch = {k: v.to(device) for k, v in batch.items()}
+            yield batch, batch["targets"]
+
     return {
-        "top1": 100.0 * correct / seen,
-        "loss": loss / seen,
-        "examples": seen,
+        **classify(lambda b: task.forward(model, b).logits, batches(), unit="examples"),
         "chance": 100.0 / num_images,
-        "seconds": time.perf_counter() - t0,
-        "examples_per_s": seen / max(compute, 1e-9),
     }
 
 
@@ -480,11 +469,7 @@ def evaluate(
     Args:
         sizes: (images, pixels) pairs; default the config's ``eval.sizes`` or :func:`default_sizes`.
     """
-    extra = {k: v for k, v in unused.items() if v is not None}
-    if extra:
-        raise ValueError(
-            f"the hybrid recipe's evaluate() has no option(s) {sorted(extra)}; allowed: sizes, max_examples, batch_size, device"
-        )
+    reject_unknown_options("hybrid", unused, ("sizes", "max_examples", "batch_size", "device"))
     run_dir = Path(run_dir)
     cfg = parse_config(load_run_config(run_dir))
     task = HybridTask(cfg, run_dir)
@@ -521,7 +506,7 @@ def evaluate(
         "sizes": rows,
     }
     if write:
-        ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
+        write_result(run_dir, result)
     if not quiet:
         print_eval(result)
     return result

@@ -30,13 +30,13 @@ from transformers import GPT2Config
 
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
+from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
 from seqpe_nd.tasks.gpt2 import GPT2WithPE
 from seqpe_nd.tasks.text_data import TextCorpus, TextDataConfig, first_sample, prepare_text, sample_blocks
 from seqpe_nd.tasks.trainer import TrainConfig, unwrap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EVAL_JSON = "eval.json"
 EVAL_PNG = "eval.png"
 # Sections that must match between a checkpoint and the model it is loaded into.
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
@@ -411,7 +411,7 @@ def evaluate(
     if write:
         from seqpe_nd.tasks.plots import plot_ppl
 
-        ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
+        write_result(run_dir, result)
         plot_ppl({run_dir.name: {int(k): v["ppl"] for k, v in rows.items()}}, run_dir / EVAL_PNG,
                  title=f"{run_dir.name}: perplexity vs length ({split}, trained at {L})", train_length=L)
     if not quiet:

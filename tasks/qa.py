@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig
 from seqpe_nd.positions import GridSpace, HybridSpace
+from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
 from seqpe_nd.tasks import lm
 from seqpe_nd.tasks.gpt2 import GPT2WithPE
@@ -58,7 +59,6 @@ from seqpe_nd.tasks.qa_data import (
 from seqpe_nd.tasks.text_data import TextDataConfig, TextTokenizer, first_sample, load_pretrained_tokenizer, prepare_text, sample_blocks
 from seqpe_nd.tasks.trainer import TrainConfig, unwrap
 
-EVAL_JSON = "eval.json"
 EVAL_PNG = "eval.png"
 BEST = "best"
 """Sub-directory of a QA run holding the checkpoint with the best validation answer perplexity."""
@@ -558,7 +558,7 @@ def evaluate(
         "device": str(dev), "seconds": time.perf_counter() - t0, "lengths": rows,
     }
     if write:
-        ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
+        write_result(run_dir, result)
         plot_qa({run_dir.name: rows}, run_dir / EVAL_PNG, title=f"{run_dir.name}: QA vs context length ({split})", train_length=L)
     if not quiet:
         print_eval(result)

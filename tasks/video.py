@@ -13,7 +13,7 @@ Legend: b batch, c channels, f frames, y/x pixels.
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -25,13 +25,13 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
+from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
 from seqpe_nd.tasks.trainer import TrainConfig, unwrap
 from seqpe_nd.tasks.video_data import CLASSES, VideoDataConfig, clip_batch
 from seqpe_nd.tasks.vit import TubeletEmbed, ViTWithPE, create_vit, load_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EVAL_JSON = "eval.json"
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -202,24 +202,13 @@ def accuracy(
     model: nn.Module, cfg: VideoConfig, frames: int, size: int, count: int, *, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """Top-1 and loss of the first ``count`` validation clips rendered at ``frames × size``."""
-    correct, loss, seen, compute = 0, 0.0, 0, 0.0
-    t0 = time.perf_counter()
-    for s in range(0, count, batch_size):
-        x, y = clip_batch(cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), frames, size)
-        x, y = x.to(device), y.to(device)
-        t = time.perf_counter()
-        logits = model(x).logits.float()
-        compute += time.perf_counter() - t
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        seen += len(y)
-    return {
-        "top1": 100.0 * correct / seen,
-        "loss": loss / seen,
-        "clips": seen,
-        "seconds": time.perf_counter() - t0,
-        "clips_per_s": seen / max(compute, 1e-9),
-    }
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for s in range(0, count, batch_size):
+            x, y = clip_batch(cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), frames, size)
+            yield x.to(device), y.to(device)
+
+    return classify(lambda x: model(x).logits, batches(), unit="clips")
 
 
 class VideoTask:
@@ -344,11 +333,7 @@ def evaluate(
     Args:
         sizes: (frames, pixels) pairs; default the config's ``eval.sizes`` or :func:`default_sizes`.
     """
-    extra = {k: v for k, v in unused.items() if v is not None}
-    if extra:
-        raise ValueError(
-            f"the video recipe's evaluate() has no option(s) {sorted(extra)}; allowed: sizes, max_clips, batch_size, device"
-        )
+    reject_unknown_options("video", unused, ("sizes", "max_clips", "batch_size", "device"))
     run_dir = Path(run_dir)
     cfg = parse_config(load_run_config(run_dir))
     task = VideoTask(cfg, run_dir)
@@ -385,7 +370,7 @@ def evaluate(
         "sizes": rows,
     }
     if write:
-        ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
+        write_result(run_dir, result)
     if not quiet:
         print_eval(result)
     return result

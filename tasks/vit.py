@@ -27,7 +27,7 @@ dims), h heads, e head dim, d model dim, c classes.
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -43,12 +43,12 @@ from torch import Tensor, nn
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
 from seqpe_nd.encodings.base import PEState, PositionEncoding, ScoreMod
 from seqpe_nd.positions import GridSpace, load_space
+from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
 from seqpe_nd.tasks.trainer import TrainConfig, unwrap
 from seqpe_nd.tasks.vision_data import ImageSource, Prefetcher, TrainBatches, VisionDataConfig, eval_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-EVAL_JSON = "eval.json"
 EVAL_PNG = "eval.png"
 SIMILARITY_PNG = "pe_similarity.png"
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
@@ -559,25 +559,13 @@ def accuracy(
     model: nn.Module, source: ImageSource, size: int, indices: Sequence[int], *, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """Top-1 accuracy and loss of ``indices`` at resolution ``size`` (the paper's resize + centre crop)."""
-    correct, loss, seen = 0, 0.0, 0
-    t0 = time.perf_counter()
-    compute = 0.0
-    for s in range(0, len(indices), batch_size):
-        x, y = eval_images(source, size, indices[s : s + batch_size])
-        x, y = x.to(device), y.to(device)
-        t = time.perf_counter()
-        logits = model(x).logits.float()
-        compute += time.perf_counter() - t
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        seen += len(y)
-    return {
-        "top1": 100.0 * correct / seen,
-        "loss": loss / seen,
-        "images": seen,
-        "seconds": time.perf_counter() - t0,
-        "images_per_s": seen / max(compute, 1e-9),
-    }
+
+    def batches() -> Iterator[tuple[Tensor, Tensor]]:
+        for s in range(0, len(indices), batch_size):
+            x, y = eval_images(source, size, indices[s : s + batch_size])
+            yield x.to(device), y.to(device)
+
+    return classify(lambda x: model(x).logits, batches(), unit="images")
 
 
 class ViTTask:
@@ -718,12 +706,7 @@ def evaluate(
     Writes ``eval.json`` (atomically), ``eval.png`` (accuracy vs resolution) and, when the PE
     has a per-position embedding (SeqPE), ``pe_similarity.png`` (Fig. 3).
     """
-    unknown = {k: v for k, v in _unused.items() if v is not None}
-    if unknown:
-        raise ValueError(
-            f"the vit recipe's evaluate() has no option(s) {sorted(unknown)}; "
-            "allowed: resolutions, max_images, batch_size, device"
-        )
+    reject_unknown_options("vit", _unused, ("resolutions", "max_images", "batch_size", "device"))
     run_dir = Path(run_dir)
     cfg = parse_config(load_run_config(run_dir))
     task = ViTTask(cfg, run_dir)
@@ -767,7 +750,7 @@ def evaluate(
             )
             result["similarity_png"] = SIMILARITY_PNG
         plot_accuracy({run_dir.name: result}, run_dir / EVAL_PNG)
-        ckpt.atomic_write_text(run_dir / EVAL_JSON, json.dumps(result, indent=1) + "\n")
+        write_result(run_dir, result)
     if not quiet:
         print_eval(result)
     return result
