@@ -648,15 +648,21 @@ PositionSpace = Annotated[GridSpace | HybridSpace, Field(discriminator="kind")]
 _ADAPTER: TypeAdapter[GridSpace | HybridSpace] = TypeAdapter(PositionSpace)
 
 
+def read_yaml_mapping(source: str | Path, *, what: str, key: str) -> dict[str, Any]:
+    """The mapping in a YAML file describing ``what``; errors name the file and the ``key`` it needs."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping with a {key!r} field, got {type(data).__name__}")
+    return data
+
+
 def load_space(source: str | Path | dict[str, Any]) -> GridSpace | HybridSpace:
     """A position space from a YAML file or a dict; a missing ``kind`` means ``grid``."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"position-space file {str(path)!r} does not exist")
-        data = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping with a 'kind' field, got {type(data).__name__}")
+        data = read_yaml_mapping(source, what="position-space", key="kind")
     else:
         data = dict(source)
     data.setdefault("kind", "grid")

@@ -7,7 +7,6 @@ another method is an error naming the field, and an unknown ``method`` lists the
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
 
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE, default_interpolation
@@ -16,6 +15,7 @@ from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 from seqpe_nd.positions import GridSpace, HybridSpace, get_distance
+from seqpe_nd.positions.spaces import read_yaml_mapping
 
 
 class _Config(BaseModel):
@@ -186,12 +186,7 @@ def load_pe_config(source: str | Path | dict[str, Any] | BaseModel) -> Any:
     if isinstance(source, BaseModel):
         return _ADAPTER.validate_python(source.model_dump())
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"position-encoding config {str(path)!r} does not exist")
-        source = yaml.safe_load(path.read_text())
-        if not isinstance(source, dict):
-            raise ValueError(f"{path} must hold a mapping with a 'method' field")
+        source = read_yaml_mapping(source, what="position-encoding config", key="method")
     return _ADAPTER.validate_python(source)
 
 

@@ -101,3 +101,16 @@ def test_bad_hybrid_configs():
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_space(tmp_path / "nope.yaml")
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    from seqpe_nd.encodings import load_pe_config
+
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping with a 'kind' field, got list"):
+        load_space(bad)
+    with pytest.raises(ValueError, match="must hold a mapping with a 'method' field, got list"):
+        load_pe_config(bad)
+    with pytest.raises(FileNotFoundError, match="position-encoding config file .*nope.yaml"):
+        load_pe_config(tmp_path / "nope.yaml")
