@@ -173,12 +173,26 @@ def derive_seed(*parts: int) -> int:
 
 
 def param_groups(model: nn.Module, task: TrainTask, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decayed parameters and those the task exempts."""
-    decay, no_decay = [], []
+    """AdamW groups: decayed parameters and those the task exempts, per learning-rate scale.
+
+    A submodule with a float attribute ``lr_scale`` (a SeqPE encoder's ``encoder_lr_scale``) trains
+    its parameters at that multiple of the scheduled rate; every group carries its ``lr_scale``.
+    """
+    scale_of: dict[int, float] = {}
+    for module in model.modules():
+        scale = getattr(module, "lr_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1.0:
+            scale_of.update({id(p): float(scale) for p in module.parameters()})
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if task.no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            key = (scale_of.get(id(p), 1.0), not task.no_weight_decay(name, p))
+            groups.setdefault(key, []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+        for (scale, decayed), params in groups.items()
+        if params or scale == 1.0
+    ]
 
 
 def run_dir_has_content(run_dir: Path) -> bool:
@@ -389,7 +403,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
 
             logs: dict[str, float | Tensor] = {}  # summed over micro-batches, read only when logging
             for micro in range(cfg.grad_accum):
