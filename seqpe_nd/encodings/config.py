@@ -136,11 +136,11 @@ class SeqPEConfig(_Config):
     mlp_ratio: float = Field(4.0, gt=0.0)
     """Encoder MLP width ratio."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Encoder dropout."""
+    """Residual dropout in the encoder blocks (none on the summed input embeddings, as released)."""
     causal: bool = True
     """Causal attention over the digit tokens (the paper's default)."""
     init: Literal["normal", "trunc_normal"] = "normal"
-    """Encoder weight init: normal (text) or trunc_normal (images), std 0.02."""
+    """Encoder weight init, std 0.02: normal (text) or trunc_normal cut at ±2 absolute (images, as released)."""
     alpha: float = Field(0.1, ge=0.0)
     """Weight of L_δ (Eq. 9, 15); 0 disables it."""
     beta: float = Field(0.1, ge=0.0)
