@@ -144,11 +144,15 @@ class SeqPEConfig(_Config):
     alpha: float = Field(0.1, ge=0.0)
     """Weight of L_δ (Eq. 9, 15); 0 disables it."""
     beta: float = Field(0.1, ge=0.0)
-    """Weight of L_OOD (Eq. 10, 15); 0 disables it."""
+    """Weight of L_OOD (Eq. 10, 15); 0 disables it. At ``ood_reduction: mean`` it is the paper's β."""
     ood_heads: PositiveInt | None = None
     """Heads the embeddings split into for L_OOD; default the model's attention heads."""
     symmetric_kl: bool = False
     """L_OOD as KL(T‖S) + KL(S‖T) (released code) instead of Eq. 10's KL(SG(P)‖S)."""
+    ood_reduction: Literal["mean", "batchmean"] = "mean"
+    """L_OOD's scale: ``mean`` = the released ``kl_div(reduction="mean")`` (per-row KL sum ÷ m teachers,
+    averaged over rows, heads and regions), the scale the paper's β was tuned at; ``batchmean`` = the
+    per-row KL sum averaged, m times larger (32× text, 64× images at the paper's settings)."""
 
 
 PEConfig = Annotated[
@@ -294,7 +298,12 @@ def _build_seqpe(
     regularizer = None
     if cfg.alpha > 0 or cfg.beta > 0:
         regularizer = SeqPERegularizer(
-            space, alpha=cfg.alpha, beta=cfg.beta, ood_heads=cfg.ood_heads or num_heads, symmetric_kl=cfg.symmetric_kl
+            space,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            ood_heads=cfg.ood_heads or num_heads,
+            symmetric_kl=cfg.symmetric_kl,
+            ood_reduction=cfg.ood_reduction,
         )
     return SeqPEEncoding(
         encoder=encoder,

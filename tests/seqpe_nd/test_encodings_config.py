@@ -135,7 +135,7 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ],
     *[
         ("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
-        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True))
+        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True), ("ood_reduction", "batchmean"))
     ],
 ]
 

@@ -121,9 +121,11 @@ def test_w_pe_shared_or_per_layer() -> None:
 
 
 def test_regularizer_loss_in_training_only_and_options_reach_it() -> None:
-    pe = build([8], alpha=0.3, beta=0.2, ood_heads=4, symmetric_kl=True)
+    pe = build([8], alpha=0.3, beta=0.2, ood_heads=4, symmetric_kl=True, ood_reduction="batchmean")
     reg = pe.regularizer
-    assert reg is not None and (reg.alpha, reg.beta, reg.ood_heads, reg.symmetric_kl) == (0.3, 0.2, 4, True)
+    assert reg is not None
+    assert (reg.alpha, reg.beta, reg.ood_heads, reg.symmetric_kl, reg.ood_reduction) == (0.3, 0.2, 4, True, "batchmean")
+    assert build([8]).regularizer.ood_reduction == "mean"  # β means the paper's β by default
     pos = torch.arange(8)[None, :, None]
     state = pe.train().prepare(pos, generator=torch.Generator().manual_seed(1))
     assert state.aux_loss is not None and state.aux_loss.requires_grad and state.logs["loss_ood"] > 0
