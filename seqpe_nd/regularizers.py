@@ -114,7 +114,8 @@ class SeqPERegularizer:
         if ood_heads < 1:
             raise ValueError(f"ood_heads = {ood_heads} is not allowed; it must be a positive integer")
         if ood_reduction not in OOD_REDUCTIONS:
-            raise ValueError(f"ood_reduction = {ood_reduction!r} is not allowed; choose one of {', '.join(OOD_REDUCTIONS)}")
+            allowed = ", ".join(OOD_REDUCTIONS)
+            raise ValueError(f"ood_reduction = {ood_reduction!r} is not allowed; choose one of {allowed}")
         self.space, self.alpha, self.beta = space, alpha, beta
         self.ood_heads, self.symmetric_kl, self.ood_reduction = ood_heads, symmetric_kl, ood_reduction
 

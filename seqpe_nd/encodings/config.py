@@ -37,6 +37,11 @@ class APESinConfig(_Config):
     method: Literal["ape_sin"] = "ape_sin"
     base: float = Field(10_000.0, gt=1.0)
     """Wavelength base of the sinusoids (Vaswani et al.: 10000)."""
+    scale: float | None = Field(None, gt=0.0)
+    """Amplitude of the sinusoids: ``e_i = scale · sin/cos(...)``; unset means 1.0 (the formula) in this factory.
+    The LM and QA recipes set an unset scale to GPT-2's token-embedding scale, ``init_std · √2``: a
+    sinusoid coordinate has RMS 1/√2, so this matches it to the N(0, init_std) token embeddings (0.0283 at
+    0.02); at 1.0 the ±1 sinusoids are ~35× the tokens and swamp them. Give a value to override."""
 
 
 class APELearnConfig(_Config):
@@ -241,7 +246,8 @@ def build_position_encoding(
     if method == "nope":
         return NoPE(width=space.width, **sizes)
     if method == "ape_sin":
-        return APESin(d_model=d_model, base=cfg.base, width=space.width, **sizes)
+        scale = 1.0 if cfg.scale is None else cfg.scale
+        return APESin(d_model=d_model, base=cfg.base, scale=scale, width=space.width, **sizes)
     if method == "ape_learn":
         assert isinstance(space, GridSpace)
         size = cfg.size or space.L

@@ -82,7 +82,8 @@ def test_local_candidates_are_drawn_without_replacement(space):
 
 
 def test_local_window_smaller_than_c_is_used_whole():
-    space = load_space({"L": 4, "L_max": 100, "contrastive": {"mix": {"local": 1.0}, "num_candidates": 8, "local_window": 5}})
+    contrastive = {"mix": {"local": 1.0}, "num_candidates": 8, "local_window": 5}
+    space = load_space({"L": 4, "L_max": 100, "contrastive": contrastive})
     cb, local = local_rows(space, batch=16)
     for i in local:
         rows = cb.candidates[i, :, 0].tolist()
@@ -92,7 +93,8 @@ def test_local_window_smaller_than_c_is_used_whole():
 
 
 def test_large_local_window_still_distinct():
-    space = load_space({"L": [8, 8], "L_max": [400, 400], "contrastive": {"mix": {"local": 1.0}, "local_window": [200, 200]}})
+    contrastive = {"mix": {"local": 1.0}, "local_window": [200, 200]}  # 40 000 positions: the redraw path
+    space = load_space({"L": [8, 8], "L_max": [400, 400], "contrastive": contrastive})
     cb, local = local_rows(space, batch=8)
     for i in local:
         rows = [tuple(p) for p in cb.candidates[i].tolist()]

@@ -224,7 +224,8 @@ def test_ood_reduction_option_reaches_the_loss():
         )
         for red in ("mean", "batchmean")
     }
-    assert float(steps["batchmean"].parts["loss_ood"]) == pytest.approx(m * float(steps["mean"].parts["loss_ood"]), rel=1e-5)
+    mean, batchmean = (float(steps[r].parts["loss_ood"]) for r in ("mean", "batchmean"))
+    assert batchmean == pytest.approx(m * mean, rel=1e-5)
     torch.testing.assert_close(steps["batchmean"].loss, m * steps["mean"].loss)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from seqpe_nd.positions import load_space
 from seqpe_nd.tasks import lm
 from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.cmd_compare import compare
@@ -101,6 +102,19 @@ def test_presets_set_the_pe_section_and_keep_same_method_options() -> None:
     assert lm.apply_preset(base, "ape_learn")["random_shift"] is False
     with pytest.raises(ValueError, match="allowed: nope, ape_sin"):
         lm.apply_preset(base, "rope-1e5")
+
+
+def test_ape_sin_amplitude_matches_the_token_embeddings_unless_given(tmp_path: Path) -> None:
+    """GPT-2's tokens are N(0, init_std): unset, the sinusoids get RMS init_std (amplitude init_std·√2)."""
+    cfg = tiny_config(tmp_path, pe={"method": "ape_sin"})
+    cfg["model"]["init_std"] = 0.05
+    space = load_space(cfg["space"])
+    model = lm.build_model(lm.parse_config(cfg), space, vocab_size=300, eos_id=0)
+    e = model.pe.embed(model.pe.prepare(torch.arange(16)[None, :, None]))  # (1, 16, 32)
+    assert e[0, 0, 1].item() == pytest.approx(0.05 * math.sqrt(2))  # cos(0) · scale
+    assert e.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=1e-5)  # RMS = the tokens' std
+    given = lm.build_model(lm.parse_config({**cfg, "pe": {"method": "ape_sin", "scale": 1.0}}), space, vocab_size=300, eos_id=0)
+    assert given.pe.embed(given.pe.prepare(torch.zeros(1, 1, 1, dtype=torch.long)))[0, 0, 1].item() == 1.0
 
 
 def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -> None:
