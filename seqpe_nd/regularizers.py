@@ -82,8 +82,9 @@ class RegularizedStep:
     """Embeddings of the main-task positions, shape ``(*main_pos.shape[:-1], d)``."""
     loss: Tensor
     """Scalar α·L_δ + β·L_OOD (zero when both are off)."""
-    parts: dict[str, float]
-    """``loss_delta``, ``loss_ood`` (unweighted; 0.0 when skipped) and ``loss_reg`` for logging."""
+    parts: dict[str, Tensor]
+    """``loss_delta``, ``loss_ood`` (unweighted; 0 when skipped) and ``loss_reg`` for logging: detached
+    0-dim tensors, so logging costs no device sync until the trainer reads them."""
 
 
 class SeqPERegularizer:
@@ -137,18 +138,19 @@ class SeqPERegularizer:
         embeddings, rest = out[0], out[1:]
 
         loss = embeddings.new_zeros((), dtype=torch.float32)
-        parts = {"loss_delta": 0.0, "loss_ood": 0.0}
+        zero = loss.detach()
+        parts = {"loss_delta": zero, "loss_ood": zero}
         if con is not None:
             e_pivot, e_cand, rest = rest[0], rest[1], rest[2:]
             dev = e_pivot.device
             l_delta = contrastive_loss(e_pivot, e_cand, con.target.to(dev), con.valid.to(dev))
             loss = loss + self.alpha * l_delta
-            parts["loss_delta"] = float(l_delta.detach())
+            parts["loss_delta"] = l_delta.detach()
         if ood is not None:
             l_ood = ood_loss(
                 rest[0], rest[1], self.ood_heads, symmetric=self.symmetric_kl, reduction=self.ood_reduction
             )
             loss = loss + self.beta * l_ood
-            parts["loss_ood"] = float(l_ood.detach())
-        parts["loss_reg"] = float(loss.detach())
+            parts["loss_ood"] = l_ood.detach()
+        parts["loss_reg"] = loss.detach()
         return RegularizedStep(embeddings=embeddings, loss=loss, parts=parts)

@@ -129,7 +129,13 @@ def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -
     assert metrics["shifted"] == 1.0 and kwargs["shifted"] is True
     assert (pos == pos[:1]).all() and int(pos[0, 0, 0]) > 0  # one shift for the whole step, not at 0
     assert torch.equal(pos[0, :, 0], pos[0, 0, 0] + torch.arange(16))
-    assert "pe_aux_loss" in metrics and loss.item() == pytest.approx(metrics["lm_loss"] + metrics["pe_aux_loss"], rel=1e-5)
+    assert "pe_aux_loss" in metrics
+    assert loss.item() == pytest.approx(metrics["lm_loss"] + float(metrics["pe_aux_loss"]), rel=1e-5)
+    # the PE's own logs reach the metrics as 0-dim tensors (read by the trainer only when it logs)
+    for name in ("loss_delta", "loss_ood", "loss_reg", "pe_cos"):
+        assert isinstance(metrics[name], torch.Tensor) and metrics[name].shape == (), name
+    assert float(metrics["loss_delta"]) > 0 and float(metrics["loss_ood"]) == 0.0  # shifted step: no L_OOD
+    assert -1.0 <= float(metrics["pe_cos"]) <= 1.0 + 1e-6
 
 
 def test_train_batches_are_deterministic_per_step(tmp_path: Path) -> None:
