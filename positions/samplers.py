@@ -133,6 +133,49 @@ def _hard_negatives(space: BoxSpace, pivots: Tensor, generator: torch.Generator,
     return out, ok
 
 
+_DENSE_WINDOW = 1 << 14  # windows up to this many positions are drawn from exactly; larger ones by redrawing
+
+
+def _distinct_offsets(window: Int[Tensor, "g w"], g: Int[Tensor, "b c"], generator: torch.Generator) -> Int[Tensor, "b c w"]:
+    """Offsets inside each candidate's window, distinct among a pivot's candidates of one group.
+
+    Sampling without replacement, as the released local sampler does: a pivot's candidates in
+    group ``g`` are the first of a random ordering of the window's ``V_g`` positions; only when
+    the window holds fewer than that many positions do offsets repeat (those copies are masked).
+    """
+    b, c = g.shape
+    w = window.shape[1]
+    out = torch.zeros(b, c, w, dtype=torch.int64, device=g.device)
+    for group in range(window.shape[0]):
+        extent = [int(e) for e in window[group].tolist()]
+        volume = 1
+        for e in extent:
+            volume *= e
+        k = min(c, volume)
+        if volume <= _DENSE_WINDOW:
+            flat = torch.multinomial(
+                torch.ones(b, volume, device=g.device), k, replacement=False, generator=generator
+            )  # (b, k) distinct
+        else:  # duplicates are rare: redraw them until none is left
+            flat = torch.randint(0, volume, (b, k), generator=generator, device=g.device)
+            for _ in range(64):
+                srt, order = flat.sort(-1)
+                dup = torch.zeros_like(flat, dtype=torch.bool)
+                dup.scatter_(1, order[:, 1:], srt[:, 1:] == srt[:, :-1])
+                if not bool(dup.any()):
+                    break
+                flat = torch.where(dup, torch.randint(0, volume, flat.shape, generator=generator, device=g.device), flat)
+        mine = g == group
+        rank = (mine.cumsum(-1) - 1).clamp(min=0) % k  # (b, c): the j-th candidate of this group takes draw j
+        idx = flat.gather(1, rank)  # (b, c) flat index in the window, row-major
+        coords = torch.zeros(b, c, w, dtype=torch.int64, device=g.device)
+        for i in reversed(range(w)):
+            coords[..., i] = idx % extent[i]
+            idx = idx // extent[i]
+        out = torch.where(mine.unsqueeze(-1), coords, out)
+    return out
+
+
 def _candidates(space: BoxSpace, pivots: Tensor, strategy: Tensor, generator: torch.Generator) -> tuple[Tensor, ...]:
     settings = space.contrastive
     lo, _, max_hi, window, _ = _tables(space, generator.device)
@@ -149,7 +192,7 @@ def _candidates(space: BoxSpace, pivots: Tensor, strategy: Tensor, generator: to
     local_hi = local_lo + window[g]
     is_local = (strategy == STRATEGIES.index("local"))[:, None, None]
     win_lo, win_hi = torch.where(is_local, local_lo, win_lo), torch.where(is_local, local_hi, win_hi)
-    cand = torch.where(is_local, _uniform(local_lo, local_hi, generator), cand)
+    cand = torch.where(is_local, local_lo + _distinct_offsets(window, g, generator), cand)
 
     # Global with hard negatives: the last n_hard candidates are lexical edits of the pivot.
     n_hard = round(settings.hard_fraction * c)

@@ -89,8 +89,10 @@ class SeqPE(nn.Module):
         heads: attention heads; default ``hidden // 64`` (at least 1).
         causal: causal self-attention over the digit slots (the paper's default); False for
             bidirectional.
-        init: ``normal`` = N(0, 0.02) (released text encoder), ``trunc_normal`` = truncated
-            N(0, 0.02) (released image encoder), for every Linear and Embedding weight.
+        dropout: residual dropout inside the blocks (none on the summed input embeddings, as released).
+        init: ``normal`` = N(0, 0.02) (released text encoder), ``trunc_normal`` = N(0, 0.02) truncated
+            at ±2 absolute (released image encoder's ``trunc_normal_(std=.02)``), for every Linear and
+            Embedding weight.
     """
 
     def __init__(
@@ -134,7 +136,7 @@ class SeqPE(nn.Module):
         self.dim = nn.Embedding(space.num_dims, hidden) if space.num_dims > 0 else None  # 1-D: D = 0 (App. A.1)
         self.register_buffer("place_ids", space.place_ids.clone(), persistent=False)
         self.register_buffer("dim_ids", space.dim_ids.clone(), persistent=False)
-        self.drop = nn.Dropout(dropout)
+        # No dropout on the summed T + O + D inputs: the released encoder has none there (only residual dropout).
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, dropout, causal) for _ in range(layers))
         self.ln_f = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, d_model)
@@ -151,7 +153,8 @@ class SeqPE(nn.Module):
             if self.config["init"] == "normal":
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             else:
-                nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02, a=-0.04, b=0.04)
+                # timm/torch defaults a=-2, b=2 are absolute: at std 0.02 the cut is at ±100σ, as released.
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02, a=-2.0, b=2.0)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
@@ -168,7 +171,7 @@ class SeqPE(nn.Module):
         if pos.shape[0] == 0:
             return self.proj.weight.new_zeros(0, self.d_model)
         tokens = self.space.tokenize(pos, check=False)  # (u, s)
-        x = self.drop(self.tok(tokens) + self.slot_embedding())  # (u, s, c)
+        x = self.tok(tokens) + self.slot_embedding()  # (u, s, c)
         for i, block in enumerate(self.blocks):
             x = block(x, last_only=i == len(self.blocks) - 1)
         return self.proj(self.ln_f(x[:, -1]))  # output at [CLS]

@@ -9,6 +9,7 @@ once per training step over main-task and regularizer positions together.
 """
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,23 +33,32 @@ def contrastive_loss(
     return F.cross_entropy(logits, target)
 
 
+OODReduction = Literal["mean", "batchmean"]
+OOD_REDUCTIONS: tuple[str, ...] = ("mean", "batchmean")
+
+
 def ood_loss(
     teacher: Float[Tensor, "r m d"],
     student: Float[Tensor, "r m d"],
     heads: int,
     *,
     symmetric: bool = False,
+    reduction: OODReduction = "mean",
 ) -> Float[Tensor, ""]:
     """Eq. 10, multi-head (App. A.3): KL(SG(P) || S) per head, averaged over heads and regions.
 
     ``P``/``S`` are row-softmaxed dot-product similarity matrices of the teacher (in D_train) and
-    student (shifted) embeddings. Each row's KL is summed over its columns and averaged over rows
-    (batchmean); the released code's ``reduction="mean"`` also divided by m. ``symmetric`` adds
-    KL(S || SG(P)), the released code's variant; the teacher never receives a gradient.
+    student (shifted) embeddings. Each row's KL is summed over its m columns and averaged over
+    rows; ``reduction="mean"`` (default) then divides by m as well, the scale of the released
+    code's ``F.kl_div(..., reduction="mean")`` at which the paper's β = 0.1 was tuned;
+    ``"batchmean"`` keeps the per-row sum (m times larger: use β/m for the same weight).
+    ``symmetric`` adds KL(S || SG(P)), the released code's variant; the teacher never receives a gradient.
     """
     d = teacher.shape[-1]
     if heads < 1 or d % heads:
         raise ValueError(f"heads = {heads} must be a positive divisor of the embedding width d = {d}")
+    if reduction not in OOD_REDUCTIONS:
+        raise ValueError(f"reduction = {reduction!r} is not allowed; choose one of {', '.join(OOD_REDUCTIONS)}")
     r, m, _ = teacher.shape
 
     def similarity(x: Tensor) -> Tensor:
@@ -60,7 +70,8 @@ def ood_loss(
     kl = (log_p.exp() * (log_p - log_s)).sum(-1)  # (r, h, m): KL(SG(P) || S) per row
     if symmetric:
         kl = kl + (log_s.exp() * (log_s - log_p)).sum(-1)  # + KL(S || SG(P))
-    return kl.mean()  # rows, heads, regions
+    loss = kl.mean()  # rows, heads, regions
+    return loss / m if reduction == "mean" else loss
 
 
 @dataclass(frozen=True)
@@ -71,8 +82,9 @@ class RegularizedStep:
     """Embeddings of the main-task positions, shape ``(*main_pos.shape[:-1], d)``."""
     loss: Tensor
     """Scalar α·L_δ + β·L_OOD (zero when both are off)."""
-    parts: dict[str, float]
-    """``loss_delta``, ``loss_ood`` (unweighted; 0.0 when skipped) and ``loss_reg`` for logging."""
+    parts: dict[str, Tensor]
+    """``loss_delta``, ``loss_ood`` (unweighted; 0 when skipped) and ``loss_reg`` for logging: detached
+    0-dim tensors, so logging costs no device sync until the trainer reads them."""
 
 
 class SeqPERegularizer:
@@ -83,18 +95,30 @@ class SeqPERegularizer:
         beta: weight of L_OOD (Eq. 15); 0 skips its sampling and compute.
         ood_heads: heads the embeddings are split into for L_OOD (App. A.3).
         symmetric_kl: KL(T‖S) + KL(S‖T) as the released code does, instead of Eq. 10's KL(SG(P)‖S).
+        ood_reduction: ``mean`` (the released code's scale, so β means the paper's β) or
+            ``batchmean`` (per-row KL sum, m = teachers per region times larger); see :func:`ood_loss`.
     """
 
     def __init__(
-        self, space: Space, *, alpha: float = 0.1, beta: float = 0.1, ood_heads: int, symmetric_kl: bool = False
+        self,
+        space: Space,
+        *,
+        alpha: float = 0.1,
+        beta: float = 0.1,
+        ood_heads: int,
+        symmetric_kl: bool = False,
+        ood_reduction: OODReduction = "mean",
     ) -> None:
         for name, value in (("alpha", alpha), ("beta", beta)):
             if value < 0:
                 raise ValueError(f"{name} = {value} is not allowed; loss weights must be >= 0")
         if ood_heads < 1:
             raise ValueError(f"ood_heads = {ood_heads} is not allowed; it must be a positive integer")
+        if ood_reduction not in OOD_REDUCTIONS:
+            allowed = ", ".join(OOD_REDUCTIONS)
+            raise ValueError(f"ood_reduction = {ood_reduction!r} is not allowed; choose one of {allowed}")
         self.space, self.alpha, self.beta = space, alpha, beta
-        self.ood_heads, self.symmetric_kl = ood_heads, symmetric_kl
+        self.ood_heads, self.symmetric_kl, self.ood_reduction = ood_heads, symmetric_kl, ood_reduction
 
     def step(self, encoder: SeqPE, main_pos: Tensor, generator: torch.Generator, *, shifted: bool) -> RegularizedStep:
         """Main-task embeddings and α·L_δ + β·L_OOD for one step; L_OOD is skipped on shifted steps."""
@@ -114,16 +138,19 @@ class SeqPERegularizer:
         embeddings, rest = out[0], out[1:]
 
         loss = embeddings.new_zeros((), dtype=torch.float32)
-        parts = {"loss_delta": 0.0, "loss_ood": 0.0}
+        zero = loss.detach()
+        parts = {"loss_delta": zero, "loss_ood": zero}
         if con is not None:
             e_pivot, e_cand, rest = rest[0], rest[1], rest[2:]
             dev = e_pivot.device
             l_delta = contrastive_loss(e_pivot, e_cand, con.target.to(dev), con.valid.to(dev))
             loss = loss + self.alpha * l_delta
-            parts["loss_delta"] = float(l_delta.detach())
+            parts["loss_delta"] = l_delta.detach()
         if ood is not None:
-            l_ood = ood_loss(rest[0], rest[1], self.ood_heads, symmetric=self.symmetric_kl)
+            l_ood = ood_loss(
+                rest[0], rest[1], self.ood_heads, symmetric=self.symmetric_kl, reduction=self.ood_reduction
+            )
             loss = loss + self.beta * l_ood
-            parts["loss_ood"] = float(l_ood.detach())
-        parts["loss_reg"] = float(loss.detach())
+            parts["loss_ood"] = l_ood.detach()
+        parts["loss_reg"] = loss.detach()
         return RegularizedStep(embeddings=embeddings, loss=loss, parts=parts)

@@ -110,6 +110,8 @@ class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
     """GPT-2's output plus the PE's auxiliary loss of this forward (SeqPE regularizers in training)."""
 
     pe_aux_loss: torch.Tensor | None = None
+    pe_logs: dict[str, Any] | None = None
+    """The PE's training logs of this forward (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
 
 
 def check_gpt2_config(config: GPT2Config) -> None:
@@ -253,4 +255,5 @@ class GPT2WithPE(GPT2LMHeadModel):
             attentions=out.attentions,
             cross_attentions=out.cross_attentions,
             pe_aux_loss=getattr(state, "aux_loss", None),
+            pe_logs=getattr(state, "logs", None),
         )

@@ -34,7 +34,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.positions import GridSpace, HybridSpace
 from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
@@ -56,6 +56,8 @@ class HybridOutput(NamedTuple):
     """(b, k): one score per image."""
     aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
+    logs: dict[str, Any] | None = None
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
 
 
 class InterleavedTransformer(nn.Module):
@@ -155,7 +157,7 @@ class InterleavedTransformer(nn.Module):
         else:  # the [image] word just before each image, which must find its image through positions
             starts = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
             pooled = x[:, torch.nonzero(starts)[:, 0] - 1]  # (b, k, d)
-        return HybridOutput(self.score(pooled).squeeze(-1), state.aux_loss)
+        return HybridOutput(self.score(pooled).squeeze(-1), state.aux_loss, state.logs)
 
 
 # =====================================================================================================
@@ -355,23 +357,23 @@ class HybridTask:
             pos = self.pe_positions(hybrid, images.shape[0])
         out = model(text, images, pos, is_image, pe_generator=generator, pe_shifted=shifted)
         if self.cfg.data.question != "sentence":  # the reference is shown, not a candidate answer
-            out = HybridOutput(out.logits[:, 1:], out.aux_loss)
+            out = HybridOutput(out.logits[:, 1:], out.aux_loss, out.logs)
         return out
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         out = self.forward(model, batch, generator=generator, shift=self.cfg.random_shift)
         targets = batch["targets"]
         main = F.cross_entropy(out.logits.float(), targets)
-        metrics = {
+        metrics: dict[str, float | Tensor] = {
             "match_loss": float(main.detach()),
             "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean()),
         }
         total = main
         if out.aux_loss is not None:
             total = total + out.aux_loss
-            metrics["pe_aux_loss"] = float(out.aux_loss.detach())
+        metrics.update(pe_metrics(out.aux_loss, out.logs))
         return total, metrics
 
     def validate(self, model: nn.Module) -> dict[str, float]:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from torch import Tensor, nn
 from transformers import GPT2Config
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.encodings import APESinConfig, PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
 from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
@@ -138,8 +138,12 @@ def gpt2_config(settings: GPT2Settings, *, vocab_size: int, eos_id: int) -> GPT2
 def build_model(cfg: LMConfig, space: GridSpace | HybridSpace, *, vocab_size: int, eos_id: int) -> GPT2WithPE:
     """A randomly initialised GPT-2 whose positions come from ``cfg.pe``."""
     m = cfg.model
+    pe_cfg = cfg.pe
+    if isinstance(pe_cfg, APESinConfig) and pe_cfg.scale is None:
+        # Sinusoid RMS (1/√2 per coordinate) matched to the N(0, init_std) token embeddings; see APESinConfig.scale.
+        pe_cfg = pe_cfg.model_copy(update={"scale": m.init_std * math.sqrt(2.0)})
     pe = build_position_encoding(
-        cfg.pe, space=space, num_heads=m.n_head, head_dim=m.n_embd // m.n_head, num_layers=m.n_layer, d_model=m.n_embd,
+        pe_cfg, space=space, num_heads=m.n_head, head_dim=m.n_embd // m.n_head, num_layers=m.n_layer, d_model=m.n_embd,
     )
     return GPT2WithPE(gpt2_config(m, vocab_size=vocab_size, eos_id=eos_id), pe)
 
@@ -215,7 +219,9 @@ class LMTask:
         idx = sample_blocks(self.num_train_blocks, first, t.batch_size, t.seed)
         return {"input_ids": self.corpus.blocks("train", idx, self.cfg.model.block_size)}
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         ids = batch["input_ids"]  # (b, n)
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
@@ -226,11 +232,11 @@ class LMTask:
                 pos, shifted = self.space.apply_shift(pos, shift.z.to(ids.device)), True
         out = model(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=generator, pe_shifted=shifted)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        metrics = {"lm_loss": float(lm.detach()), "shifted": float(shifted)}
+        metrics: dict[str, float | Tensor] = {"lm_loss": float(lm.detach()), "shifted": float(shifted)}
         total = lm
         if out.pe_aux_loss is not None:
             total = total + out.pe_aux_loss
-            metrics["pe_aux_loss"] = float(out.pe_aux_loss.detach())
+        metrics.update(pe_metrics(out.pe_aux_loss, out.pe_logs))
         return total, metrics
 
     def validate(self, model: nn.Module) -> dict[str, float]:

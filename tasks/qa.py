@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig
+from seqpe_nd.encodings import PEConfig, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace
 from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
@@ -398,7 +398,9 @@ class QATask:
                                  f"context_length = {self.cfg.context_length}; raise it")
         return collate_train(examples, self.tokenizer.eos_id)
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+    def loss(
+        self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         ids = batch["input_ids"]  # (b, n), right-padded
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
@@ -409,11 +411,11 @@ class QATask:
                 pos, shifted = self.space.apply_shift(pos, shift.z.to(ids.device)), True
         total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator, pe_shifted=shifted)
         qa = total / max(count, 1)
-        metrics = {"answer_loss": float(qa.detach()), "shifted": float(shifted)}
+        metrics: dict[str, float | Tensor] = {"answer_loss": float(qa.detach()), "shifted": float(shifted)}
         loss = qa
         if out.pe_aux_loss is not None:
             loss = loss + out.pe_aux_loss
-            metrics["pe_aux_loss"] = float(out.pe_aux_loss.detach())
+        metrics.update(pe_metrics(out.pe_aux_loss, out.pe_logs))
         return loss, metrics
 
     def validation_examples(self) -> list[QAExample]:

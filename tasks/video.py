@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
 from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
 from seqpe_nd.tasks import checkpoint as ckpt
@@ -236,7 +236,7 @@ class VideoTask:
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         clips, targets = batch["clips"], batch["targets"]
         offset, shifted = None, False
         if self.cfg.random_shift:
@@ -246,7 +246,7 @@ class VideoTask:
                 offset, shifted = shift.z.to(clips.device), True
         out = model(clips, pos_offset=offset, pe_generator=generator, pe_shifted=shifted)
         main = F.cross_entropy(out.logits.float(), targets)
-        metrics = {
+        metrics: dict[str, float | Tensor] = {
             "cls_loss": float(main.detach()),
             "shifted": float(shifted),
             "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean()),
@@ -254,7 +254,7 @@ class VideoTask:
         total = main
         if out.aux_loss is not None:
             total = total + out.aux_loss
-            metrics["pe_aux_loss"] = float(out.aux_loss.detach())
+        metrics.update(pe_metrics(out.aux_loss, out.logs))
         return total, metrics
 
     def validate(self, model: nn.Module) -> dict[str, float]:

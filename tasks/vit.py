@@ -40,7 +40,7 @@ from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.encodings.base import PEState, PositionEncoding, ScoreMod
 from seqpe_nd.positions import GridSpace, load_space
 from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
@@ -268,6 +268,8 @@ class ViTOutput(NamedTuple):
     logits: Tensor
     aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
+    logs: dict[str, Any] | None = None
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
 
 
 class ViTWithPE(nn.Module):
@@ -366,7 +368,7 @@ class ViTWithPE(nn.Module):
             state = self._hub.current.state
         finally:
             self._hub.current = None
-        return ViTOutput(logits, None if state is None else state.aux_loss)
+        return ViTOutput(logits, None if state is None else state.aux_loss, None if state is None else state.logs)
 
     @torch.no_grad()
     def prepare_state(self, grid: Sequence[int]) -> PEState:
@@ -599,7 +601,7 @@ class ViTTask:
 
     def loss(
         self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
         images, targets = batch["images"], batch["targets"]
         offset, shifted = None, False
         if self.cfg.random_shift:
@@ -609,13 +611,13 @@ class ViTTask:
                 offset, shifted = shift.z.to(images.device), True
         out = model(images, pos_offset=offset, pe_generator=generator, pe_shifted=shifted)
         main = self.loss_fn(out.logits.float(), targets)
-        metrics = {"cls_loss": float(main.detach()), "shifted": float(shifted)}
+        metrics: dict[str, float | Tensor] = {"cls_loss": float(main.detach()), "shifted": float(shifted)}
         if targets.ndim == 1:
             metrics["train_top1"] = 100.0 * float((out.logits.argmax(-1) == targets).float().mean())
         total = main
         if out.aux_loss is not None:
             total = total + out.aux_loss
-            metrics["pe_aux_loss"] = float(out.aux_loss.detach())
+        metrics.update(pe_metrics(out.aux_loss, out.logs))
         return total, metrics
 
     def validate(self, model: nn.Module) -> dict[str, float]:

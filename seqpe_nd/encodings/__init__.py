@@ -7,7 +7,7 @@ drives it.
 
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE
 from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
-from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, ScoreMod, visibility_mask
+from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, ScoreMod, pe_metrics, visibility_mask
 from seqpe_nd.encodings.config import (
     METHODS,
     ALiBiConfig,
@@ -28,6 +28,7 @@ from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 
 __all__ = [
+    "pe_metrics",
     "METHODS",
     "ALiBi",
     "ALiBiConfig",

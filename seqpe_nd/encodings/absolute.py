@@ -27,16 +27,27 @@ class APESin(PositionEncoding):
     method = "ape_sin"
 
     def __init__(
-        self, *, d_model: int, base: float, num_heads: int, head_dim: int, num_layers: int, width: int
+        self,
+        *,
+        d_model: int,
+        base: float,
+        scale: float = 1.0,
+        num_heads: int,
+        head_dim: int,
+        num_layers: int,
+        width: int,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         if d_model % (2 * width):
             raise ValueError(f"ape_sin in {width}-D needs d_model divisible by {2 * width}, got d_model = {d_model}")
-        self.d_model, self.base = d_model, base
+        if not scale > 0:
+            raise ValueError(f"ape_sin scale = {scale} is not allowed; it must be > 0")
+        self.d_model, self.base, self.scale = d_model, base, scale
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"]:
-        """Eq. 4: ``x_i + e_i`` with ``e`` computed from the explicit positions."""
-        return sinusoid(state.pos_q, self.d_model, self.base)
+        """Eq. 4: ``x_i + scale · e_i`` with ``e`` computed from the explicit positions."""
+        e = sinusoid(state.pos_q, self.d_model, self.base)
+        return e if self.scale == 1.0 else e * self.scale
 
 
 Resize = Literal["grow", "exact"]

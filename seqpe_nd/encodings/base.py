@@ -53,8 +53,9 @@ class PEState:
     pos_k: Int[Tensor, "b m w"]
     tensors: dict[str, Tensor] = field(default_factory=dict)
     aux_loss: Tensor | None = None
-    logs: dict[str, float] = field(default_factory=dict)
-    """Scalars worth logging (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``)."""
+    logs: dict[str, float | Tensor] = field(default_factory=dict)
+    """Scalars worth logging, 0-dim detached tensors where a float would cost a device sync
+    (SeqPE in training: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
     shared_rows: bool = False
     """All batch rows carry the same positions, so one ``[h, n, m]`` bias serves the batch."""
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
@@ -64,6 +65,16 @@ class PEState:
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+
+def pe_metrics(aux_loss: Tensor | None, logs: dict[str, float | Tensor] | None) -> dict[str, float | Tensor]:
+    """A recipe's PE metrics: ``pe_aux_loss`` and the PE's own logs, as detached 0-dim tensors (no sync)."""
+    out: dict[str, float | Tensor] = {}
+    if aux_loss is not None:
+        out["pe_aux_loss"] = aux_loss.detach()
+    for name, value in (logs or {}).items():
+        out[name] = value.detach() if isinstance(value, Tensor) else value
+    return out
 
 
 class KVCache:

@@ -37,6 +37,11 @@ class APESinConfig(_Config):
     method: Literal["ape_sin"] = "ape_sin"
     base: float = Field(10_000.0, gt=1.0)
     """Wavelength base of the sinusoids (Vaswani et al.: 10000)."""
+    scale: float | None = Field(None, gt=0.0)
+    """Amplitude of the sinusoids: ``e_i = scale · sin/cos(...)``; unset means 1.0 (the formula) in this factory.
+    The LM and QA recipes set an unset scale to GPT-2's token-embedding scale, ``init_std · √2``: a
+    sinusoid coordinate has RMS 1/√2, so this matches it to the N(0, init_std) token embeddings (0.0283 at
+    0.02); at 1.0 the ±1 sinusoids are ~35× the tokens and swamp them. Give a value to override."""
 
 
 class APELearnConfig(_Config):
@@ -136,11 +141,11 @@ class SeqPEConfig(_Config):
     mlp_ratio: float = Field(4.0, gt=0.0)
     """Encoder MLP width ratio."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Encoder dropout."""
+    """Residual dropout in the encoder blocks (none on the summed input embeddings, as released)."""
     causal: bool = True
     """Causal attention over the digit tokens (the paper's default)."""
     init: Literal["normal", "trunc_normal"] = "normal"
-    """Encoder weight init: normal (text) or trunc_normal (images), std 0.02."""
+    """Encoder weight init, std 0.02: normal (text) or trunc_normal cut at ±2 absolute (images, as released)."""
     encoder_lr_scale: float = Field(1.0, gt=0.0)
     """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike).
 
@@ -150,11 +155,15 @@ class SeqPEConfig(_Config):
     alpha: float = Field(0.1, ge=0.0)
     """Weight of L_δ (Eq. 9, 15); 0 disables it."""
     beta: float = Field(0.1, ge=0.0)
-    """Weight of L_OOD (Eq. 10, 15); 0 disables it."""
+    """Weight of L_OOD (Eq. 10, 15); 0 disables it. At ``ood_reduction: mean`` it is the paper's β."""
     ood_heads: PositiveInt | None = None
     """Heads the embeddings split into for L_OOD; default the model's attention heads."""
     symmetric_kl: bool = False
     """L_OOD as KL(T‖S) + KL(S‖T) (released code) instead of Eq. 10's KL(SG(P)‖S)."""
+    ood_reduction: Literal["mean", "batchmean"] = "mean"
+    """L_OOD's scale: ``mean`` = the released ``kl_div(reduction="mean")`` (per-row KL sum ÷ m teachers,
+    averaged over rows, heads and regions), the scale the paper's β was tuned at; ``batchmean`` = the
+    per-row KL sum averaged, m times larger (32× text, 64× images at the paper's settings)."""
 
 
 PEConfig = Annotated[
@@ -243,7 +252,8 @@ def build_position_encoding(
     if method == "nope":
         return NoPE(width=space.width, **sizes)
     if method == "ape_sin":
-        return APESin(d_model=d_model, base=cfg.base, width=space.width, **sizes)
+        scale = 1.0 if cfg.scale is None else cfg.scale
+        return APESin(d_model=d_model, base=cfg.base, scale=scale, width=space.width, **sizes)
     if method == "ape_learn":
         assert isinstance(space, GridSpace)
         size = cfg.size or space.L
@@ -301,7 +311,12 @@ def _build_seqpe(
     regularizer = None
     if cfg.alpha > 0 or cfg.beta > 0:
         regularizer = SeqPERegularizer(
-            space, alpha=cfg.alpha, beta=cfg.beta, ood_heads=cfg.ood_heads or num_heads, symmetric_kl=cfg.symmetric_kl
+            space,
+            alpha=cfg.alpha,
+            beta=cfg.beta,
+            ood_heads=cfg.ood_heads or num_heads,
+            symmetric_kl=cfg.symmetric_kl,
+            ood_reduction=cfg.ood_reduction,
         )
     return SeqPEEncoding(
         encoder=encoder,

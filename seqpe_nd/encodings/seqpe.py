@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from seqpe_nd.encoder import SeqPE
@@ -39,6 +39,30 @@ def integrate(x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integra
     if integration == "attn_bias":
         return torch.cat([x, pe], dim=-1)  # (b, h, n, 2e)
     raise ValueError(f"unknown SeqPE integration {integration!r}; valid: {', '.join(INTEGRATIONS)}")
+
+
+COS_ROWS = 64  # distinct positions pe_cos looks at
+
+
+@torch.no_grad()
+def mean_pairwise_cosine(pos: Int[Tensor, "b n w"], emb: Float[Tensor, "b n d"]) -> Float[Tensor, ""]:
+    """Collapse signal: mean cosine between the embeddings of distinct positions (≤ COS_ROWS, evenly spaced).
+
+    1.0 means every position gets the same direction (a collapsed encoder); 1.0 too with one distinct position.
+    No sync: a 0-dim tensor on the embeddings' device.
+    """
+    flat, e = pos.reshape(-1, pos.shape[-1]), emb.detach().reshape(-1, emb.shape[-1]).float()
+    uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    first = torch.empty(len(uniq), dtype=torch.long, device=flat.device).scatter_(
+        0, inverse, torch.arange(len(flat), device=flat.device)
+    )  # one row of ``flat`` per distinct position
+    pick = first[torch.linspace(0, len(uniq) - 1, min(COS_ROWS, len(uniq)), device=flat.device).round().long()]
+    x = F.normalize(e[pick.to(e.device)], dim=-1)
+    k = x.shape[0]
+    if k < 2:
+        return e.new_ones(())
+    cos = x @ x.T
+    return (cos.sum() - cos.diagonal().sum()) / (k * (k - 1))
 
 
 class SeqPEEncoding(PositionEncoding):
@@ -79,6 +103,8 @@ class SeqPEEncoding(PositionEncoding):
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(main)  # (b, n [+ m], d)
+        if self.training:
+            state.logs["pe_cos"] = mean_pairwise_cosine(main, emb)
         n = pos_q.shape[1]
         state.tensors["e_q"] = emb[:, :n]
         state.tensors["e_k"] = emb if same else emb[:, n:]

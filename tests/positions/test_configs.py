@@ -44,3 +44,33 @@ def test_cached_tables_stay_on_cpu_under_another_default_device():
     space = load_space(shipped_configs()[0])
     with torch.device("meta"):
         assert space.box_max_hi.device.type == "cpu" and space.place_ids.device.type == "cpu"
+
+
+def _spaces_under_configs() -> dict[str, object]:
+    """Every position space the shipped configs define: space YAMLs and recipes' ``space:`` entries."""
+    import yaml
+
+    root = shipped_configs()[0].parents[1]
+    found: dict[str, object] = {}
+    for path in sorted(root.rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            continue
+        if "kind" in data or ("L" in data and "L_max" in data):
+            found[str(path.relative_to(root))] = load_space(path)
+        elif isinstance(data.get("space"), dict):
+            found[f"{path.relative_to(root)}:space"] = load_space(data["space"])
+        elif isinstance(data.get("space"), str):
+            ref = root.parent / data["space"]
+            found[str(ref.relative_to(root))] = load_space(ref)
+    return found
+
+
+def test_text_spaces_give_global_pivots_hard_negatives_as_released():
+    """Released text sampler: 60 % local, 40 % global, every global pivot with 25 % of C lexical hard negatives."""
+    text = {name: s for name, s in _spaces_under_configs().items() if isinstance(s, GridSpace) and s.ndim == 1}
+    assert {"positions/text-512.yaml", "lm/smoke/text-128.yaml"} <= set(text)
+    for name, space in text.items():
+        mix = {k: v for k, v in space.contrastive.mix.items() if v > 0}
+        assert mix == {"global_hard": 0.4, "local": 0.6}, f"{name}: mix {mix}"
+        assert space.contrastive.hard_fraction == 0.25, name

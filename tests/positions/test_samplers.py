@@ -59,6 +59,49 @@ def test_local_windows(space):
     assert bool((lo - space.box_lo[g])[room].gt(0).any())
 
 
+def local_rows(space, seed: int = 3, batch: int = 64):
+    cb = space.sample_contrastive(torch.Generator().manual_seed(seed), batch=batch)
+    local = (cb.strategy == STRATEGIES.index("local")).nonzero().squeeze(-1).tolist()
+    assert local
+    return cb, local
+
+
+def test_local_candidates_are_drawn_without_replacement(space):
+    """Released local sampler: distinct positions of the window, as many as it holds (up to C)."""
+    cb, local = local_rows(space)
+    for i in local:
+        lo, hi = cb.window_lo[i], cb.window_hi[i]
+        assert bool(((cb.candidates[i] >= lo) & (cb.candidates[i] < hi)).all())
+        groups = space.group_of(cb.candidates[i])
+        for g in set(groups.tolist()):
+            mine = groups == g
+            assert len({tuple(x) for x in lo[mine].tolist()}) == 1  # one window per pivot and group
+            rows = [tuple(p) for p in cb.candidates[i][mine].tolist()]
+            volume = int(space.box_window[g].prod())
+            assert len(set(rows)) == min(len(rows), volume), f"pivot {i}: a local set repeats a position"
+
+
+def test_local_window_smaller_than_c_is_used_whole():
+    contrastive = {"mix": {"local": 1.0}, "num_candidates": 8, "local_window": 5}
+    space = load_space({"L": 4, "L_max": 100, "contrastive": contrastive})
+    cb, local = local_rows(space, batch=16)
+    for i in local:
+        rows = cb.candidates[i, :, 0].tolist()
+        lo = int(cb.window_lo[i, 0, 0])
+        assert set(rows) == set(range(lo, lo + 5))  # every position of the window, copies masked
+        assert int(cb.valid[i].sum()) <= 5
+
+
+def test_large_local_window_still_distinct():
+    contrastive = {"mix": {"local": 1.0}, "local_window": [200, 200]}  # 40 000 positions: the redraw path
+    space = load_space({"L": [8, 8], "L_max": [400, 400], "contrastive": contrastive})
+    cb, local = local_rows(space, batch=8)
+    for i in local:
+        rows = [tuple(p) for p in cb.candidates[i].tolist()]
+        assert len(set(rows)) == len(rows)
+        assert bool(((cb.candidates[i] >= cb.window_lo[i]) & (cb.candidates[i] < cb.window_hi[i])).all())
+
+
 @pytest.mark.parametrize("kind", ["2d", "3d", "hybrid"])
 def test_hard_negatives(kind):
     space = load_space(SPACES[kind])

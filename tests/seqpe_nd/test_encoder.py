@@ -138,11 +138,28 @@ def test_init_follows_released_code(init):
     torch.manual_seed(0)
     enc = SeqPE(space_of("text-512"), 128, hidden=128, init=init)
     w = enc.blocks[0].mlp[0].weight
-    assert abs(w.std().item() - (0.02 if init == "normal" else 0.0176)) < 1e-3
-    if init == "trunc_normal":
-        assert w.abs().max() <= 0.04
+    # Both are N(0, 0.02): trunc_normal_(std=.02) cuts at ±2 absolute (±100σ), not at ±2σ (std 0.0176).
+    assert abs(w.std().item() - 0.02) < 1e-3
+    assert w.abs().max() > 0.04  # 128·512 draws of N(0, 0.02) reach past 2σ; a ±2σ cut would not
     assert torch.count_nonzero(enc.blocks[0].c_attn.bias) == 0
     assert enc.config["heads"] == 2  # hidden // 64
+
+
+def test_no_dropout_on_the_input_embeddings():
+    """Released encoder: the first block reads T[token] + O[place] (+ D[dim]) as is, even in training."""
+    space = space_of("image-14x14")
+    torch.manual_seed(0)
+    enc = SeqPE(space, 16, hidden=32, heads=2, dropout=0.9).train()
+    seen: list[torch.Tensor] = []
+    enc.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    pos = torch.tensor([[0, 7], [3, 12]])  # distinct and in key order, as the dedup hands them on
+    enc(pos)
+    tokens = space.tokenize(pos)  # (u, s)
+    expected = enc.tok.weight[tokens] + enc.place.weight[enc.place_ids.clamp(min=0)] * (enc.place_ids >= 0)[:, None]
+    expected = expected + enc.dim.weight[enc.dim_ids.clamp(min=0)] * (enc.dim_ids >= 0)[:, None]
+    torch.testing.assert_close(seen[0], expected)
+    dropouts = [name for name, m in enc.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(name.startswith("blocks.") for name in dropouts)  # residual dropout only
 
 
 def test_paper_sizes():

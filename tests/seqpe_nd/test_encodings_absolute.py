@@ -21,10 +21,12 @@ def build(method: str, extent: list[int], d: int = 12, **cfg):
     )
 
 
+@pytest.mark.parametrize("scale", [None, 0.02 * math.sqrt(2)])
 @pytest.mark.parametrize("extent", [[5], [2, 3], [2, 2, 2]])
-def test_ape_sin_is_per_axis_vaswani(extent: list[int]) -> None:
+def test_ape_sin_is_per_axis_vaswani(extent: list[int], scale: float | None) -> None:
     d = 12
-    pe = build("ape_sin", extent, d=d, base=1000.0)
+    pe = build("ape_sin", extent, d=d, base=1000.0, **({} if scale is None else {"scale": scale}))
+    amp = 1.0 if scale is None else scale  # unset: the formula itself
     pos = space(extent).positions()[None] + 40_000  # far beyond any training extent: no table
     got = pe.embed(pe.prepare(pos))[0]
     w = len(extent)
@@ -33,8 +35,8 @@ def test_ape_sin_is_per_axis_vaswani(extent: list[int]) -> None:
         for a in range(w):
             for i in range(da // 2):
                 ang = float(pos[0, t, a]) / 1000.0 ** (2 * i / da)
-                assert got[t, a * da + 2 * i].item() == pytest.approx(math.sin(ang), abs=1e-6)
-                assert got[t, a * da + 2 * i + 1].item() == pytest.approx(math.cos(ang), abs=1e-6)
+                assert got[t, a * da + 2 * i].item() == pytest.approx(amp * math.sin(ang), abs=1e-6)
+                assert got[t, a * da + 2 * i + 1].item() == pytest.approx(amp * math.cos(ang), abs=1e-6)
 
 
 def test_ape_sin_refuses_widths_the_axes_cannot_split() -> None:

@@ -106,6 +106,13 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
         lambda pe: pe.embed(pe.prepare(torch.tensor([[[1, 0]]])))[0, 0, 2].item(),
         pytest.approx(torch.tensor(100 ** (-2 / 16)).sin().item()),
     ),
+    (
+        "ape_sin",
+        "scale",
+        0.25,
+        lambda pe: pe.embed(pe.prepare(torch.tensor([[[0, 0]]])))[0, 0, 1].item(),  # 0.25 · cos(0)
+        pytest.approx(0.25),
+    ),
     ("ape_learn", "size", (5, 6), lambda pe: tuple(pe.table.shape), (5, 6, 32)),
     ("ape_learn", "interpolation", "nearest", lambda pe: pe.interpolation, "nearest"),
     ("ape_learn", "resize", "exact", lambda pe: pe.target_size(torch.tensor([[[1, 1]]])).tolist(), [[2, 2]]),
@@ -135,7 +142,7 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ],
     *[
         ("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
-        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True))
+        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True), ("ood_reduction", "batchmean"))
     ],
 ]
 

@@ -121,9 +121,11 @@ def test_w_pe_shared_or_per_layer() -> None:
 
 
 def test_regularizer_loss_in_training_only_and_options_reach_it() -> None:
-    pe = build([8], alpha=0.3, beta=0.2, ood_heads=4, symmetric_kl=True)
+    pe = build([8], alpha=0.3, beta=0.2, ood_heads=4, symmetric_kl=True, ood_reduction="batchmean")
     reg = pe.regularizer
-    assert reg is not None and (reg.alpha, reg.beta, reg.ood_heads, reg.symmetric_kl) == (0.3, 0.2, 4, True)
+    assert reg is not None
+    assert (reg.alpha, reg.beta, reg.ood_heads, reg.symmetric_kl, reg.ood_reduction) == (0.3, 0.2, 4, True, "batchmean")
+    assert build([8]).regularizer.ood_reduction == "mean"  # β means the paper's β by default
     pos = torch.arange(8)[None, :, None]
     state = pe.train().prepare(pos, generator=torch.Generator().manual_seed(1))
     assert state.aux_loss is not None and state.aux_loss.requires_grad and state.logs["loss_ood"] > 0
@@ -163,3 +165,26 @@ def test_cached_keys_use_their_own_positions() -> None:
     _, full_k = pe.transform_qk(q, k, pe.prepare(pos), 0)
     _, tail_k = pe.transform_qk(q[:, :, -1:], k[:, :, -3:], pe.prepare(pos[:, -1:], pos), 0)
     torch.testing.assert_close(tail_k, full_k[:, :, -3:])
+
+
+def test_pe_cos_is_the_mean_pairwise_cosine_of_distinct_main_positions() -> None:
+    """Collapse signal, held against a loop: cos over every pair of distinct positions (≤ 64 of them)."""
+    from seqpe_nd.encodings.seqpe import mean_pairwise_cosine
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.tensor([0, 3, 3, 7, 1, 0])[None, :, None].expand(2, -1, -1)  # 4 distinct positions, repeated
+    emb = {p: torch.randn(5, generator=g) for p in (0, 1, 3, 7)}
+    e = torch.stack([torch.stack([emb[int(p)] for p in row[:, 0]]) for row in pos])
+    keys = sorted(emb)
+    pairs = [(a, b) for a in keys for b in keys if a != b]
+    expected = sum(float(F.cosine_similarity(emb[a], emb[b], dim=0)) for a, b in pairs) / len(pairs)
+    assert float(mean_pairwise_cosine(pos, e)) == pytest.approx(expected, rel=1e-5)
+    same = torch.ones(1, 6, 5)  # a collapsed encoder: every position the same direction
+    assert float(mean_pairwise_cosine(torch.arange(6)[None, :, None], same)) == pytest.approx(1.0)
+    many = torch.arange(300)[None, :, None]
+    assert float(mean_pairwise_cosine(many, torch.randn(1, 300, 8, generator=g))) < 0.5  # subsampled to 64 rows
+
+    pe = build([8]).train()
+    state = pe.prepare(torch.arange(8)[None, :, None], generator=torch.Generator().manual_seed(1))
+    assert set(state.logs) == {"loss_delta", "loss_ood", "loss_reg", "pe_cos"}
+    assert all(isinstance(v, torch.Tensor) and v.shape == () for v in state.logs.values())

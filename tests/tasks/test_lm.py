@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from seqpe_nd.positions import load_space
 from seqpe_nd.tasks import lm
 from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.cmd_compare import compare
@@ -103,6 +104,19 @@ def test_presets_set_the_pe_section_and_keep_same_method_options() -> None:
         lm.apply_preset(base, "rope-1e5")
 
 
+def test_ape_sin_amplitude_matches_the_token_embeddings_unless_given(tmp_path: Path) -> None:
+    """GPT-2's tokens are N(0, init_std): unset, the sinusoids get RMS init_std (amplitude init_std·√2)."""
+    cfg = tiny_config(tmp_path, pe={"method": "ape_sin"})
+    cfg["model"]["init_std"] = 0.05
+    space = load_space(cfg["space"])
+    model = lm.build_model(lm.parse_config(cfg), space, vocab_size=300, eos_id=0)
+    e = model.pe.embed(model.pe.prepare(torch.arange(16)[None, :, None]))  # (1, 16, 32)
+    assert e[0, 0, 1].item() == pytest.approx(0.05 * math.sqrt(2))  # cos(0) · scale
+    assert e.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=1e-5)  # RMS = the tokens' std
+    given = lm.build_model(lm.parse_config({**cfg, "pe": {"method": "ape_sin", "scale": 1.0}}), space, vocab_size=300, eos_id=0)
+    assert given.pe.embed(given.pe.prepare(torch.zeros(1, 1, 1, dtype=torch.long)))[0, 0, 1].item() == 1.0
+
+
 def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -> None:
     space = {"kind": "grid", "L": 16, "L_max": 1000, "shift": {"prob": 1.0}, "contrastive": {"batch": 4, "num_candidates": 8}, "ood": {"num_starts": 2, "num_teachers": 8}}
     task = lm.LMTask(lm.parse_config({**tiny_config(tmp_path), "space": space}))
@@ -115,7 +129,13 @@ def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -
     assert metrics["shifted"] == 1.0 and kwargs["shifted"] is True
     assert (pos == pos[:1]).all() and int(pos[0, 0, 0]) > 0  # one shift for the whole step, not at 0
     assert torch.equal(pos[0, :, 0], pos[0, 0, 0] + torch.arange(16))
-    assert "pe_aux_loss" in metrics and loss.item() == pytest.approx(metrics["lm_loss"] + metrics["pe_aux_loss"], rel=1e-5)
+    assert "pe_aux_loss" in metrics
+    assert loss.item() == pytest.approx(metrics["lm_loss"] + float(metrics["pe_aux_loss"]), rel=1e-5)
+    # the PE's own logs reach the metrics as 0-dim tensors (read by the trainer only when it logs)
+    for name in ("loss_delta", "loss_ood", "loss_reg", "pe_cos"):
+        assert isinstance(metrics[name], torch.Tensor) and metrics[name].shape == (), name
+    assert float(metrics["loss_delta"]) > 0 and float(metrics["loss_ood"]) == 0.0  # shifted step: no L_OOD
+    assert -1.0 <= float(metrics["pe_cos"]) <= 1.0 + 1e-6
 
 
 def test_train_batches_are_deterministic_per_step(tmp_path: Path) -> None:
