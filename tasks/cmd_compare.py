@@ -4,11 +4,15 @@ Trains one run per method preset (the preset sets the ``pe`` section of CONFIG, 
 :data:`seqpe_nd.tasks.lm.METHOD_PRESETS`), same steps and seed, evaluates each, and prints one
 table; ``DIR/compare.json``, ``compare.md`` and ``compare.png`` hold the results. Finished runs
 are reused, interrupted ones resumed, so rerunning the command continues where it stopped.
+``--jobs N`` trains N methods at once, each in its own process on one CPU thread (tiny models
+train fastest that way on a small CPU); evaluation follows in the main process.
 """
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,30 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first chunks covering this many tokens per length")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the base config for every method, e.g. --set train.steps=100")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N methods at once, one process and one CPU thread each (default 1: one after another)")
     p.set_defaults(func=run_compare)
+
+
+def _train_seconds(config: dict[str, Any], run_dir: Path, threads: int | None) -> float:
+    """Train (or reuse) one method's run; returns its training wall time (a finished run keeps its own)."""
+    import torch
+
+    from seqpe_nd.tasks import lm
+    from seqpe_nd.tasks.trainer import train
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg = train_config(config)
+    timing = run_dir / "train_seconds.json"
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps and timing.is_file():
+        return float(json.loads(timing.read_text())["seconds"])  # a finished run: reuse it
+    t0 = time.perf_counter()
+    train(lm.build_task(config, run_dir), cfg, run_dir, resume=True)
+    seconds = time.perf_counter() - t0
+    ckpt.atomic_write_text(timing, json.dumps({"seconds": seconds}) + "\n")
+    return seconds
 
 
 def compare(
@@ -41,31 +68,28 @@ def compare(
     overrides: Sequence[str] = (),
     lengths: Sequence[int] | None = None,
     max_tokens: int | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Train (or reuse) and evaluate one run per method preset; write and return the comparison."""
     from seqpe_nd.tasks import lm  # heavy (transformers): imported when a comparison runs, not for --help
-    from seqpe_nd.tasks.trainer import train
 
+    if jobs < 1:
+        raise ValueError(f"--jobs {jobs} is not allowed; it must be a positive integer")
     base = load_config(config_path, overrides)
     if base["task"] != "lm":
         raise ValueError(f"{config_path}: compare needs an LM config (task: lm), got task {base['task']!r}")
     configs = {name: lm.apply_preset(base, name) for name in methods}  # unknown names fail before any training
     out.mkdir(parents=True, exist_ok=True)
+    if jobs == 1:
+        seconds = {name: _train_seconds(config, out / name, None) for name, config in configs.items()}
+    else:  # spawn: a forked torch process can deadlock in its thread pool
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {name: pool.submit(_train_seconds, config, out / name, 1) for name, config in configs.items()}
+            seconds = {name: future.result() for name, future in futures.items()}
     results: dict[str, dict[str, Any]] = {}
-    for name, config in configs.items():
-        run_dir = out / name
-        cfg = train_config(config)
-        timing = run_dir / "train_seconds.json"
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps and timing.is_file():
-            train_seconds = json.loads(timing.read_text())["seconds"]  # a finished run: reuse it
-        else:
-            t0 = time.perf_counter()
-            train(lm.build_task(config, run_dir), cfg, run_dir, resume=True)
-            train_seconds = time.perf_counter() - t0
-            ckpt.atomic_write_text(timing, json.dumps({"seconds": train_seconds}) + "\n")
-        res = lm.evaluate(run_dir, lengths=lengths, max_tokens=max_tokens, quiet=True, reuse=True)
-        results[name] = {**res, "train_seconds": train_seconds, "eval_seconds": res["seconds"]}
+    for name in configs:
+        res = lm.evaluate(out / name, lengths=lengths, max_tokens=max_tokens, quiet=True, reuse=True)
+        results[name] = {**res, "train_seconds": seconds[name], "eval_seconds": res["seconds"]}
     write_comparison(results, out, title=f"{config_path}: perplexity vs evaluation length")
     return results
 
@@ -90,6 +114,7 @@ def write_comparison(results: dict[str, dict[str, Any]], out: Path | None, *, ti
 
 def run_compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"compare-{args.config.stem}"
-    compare(args.config, args.methods, out, overrides=args.overrides, lengths=args.lengths, max_tokens=args.max_tokens)
+    compare(args.config, args.methods, out, overrides=args.overrides, lengths=args.lengths, max_tokens=args.max_tokens,
+            jobs=args.jobs)
     print(f"results in {out}/compare.json, compare.md, compare.png")
     return 0

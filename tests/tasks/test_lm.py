@@ -196,3 +196,11 @@ def test_cli_train_eval_and_compare_end_to_end(tmp_path: Path, capsys: pytest.Ca
     assert (out / "compare.png").is_file() and "| rope |" in (out / "compare.md").read_text()
     again = compare(config, ["rope"], out, overrides=["train.steps=3"], lengths=[16, 48])  # reuses the finished run
     assert again["rope"]["train_seconds"] == results["rope"]["train_seconds"]
+
+    # --jobs 2: two spawned one-thread workers train the same runs to the same perplexities
+    parallel = compare(config, ["rope", "alibi"], tmp_path / "cmp2", overrides=["train.steps=3"], lengths=[16, 48], jobs=2)
+    for name in ("rope", "alibi"):
+        for length in ("16", "48"):
+            assert parallel[name]["lengths"][length]["ppl"] == pytest.approx(results[name]["lengths"][length]["ppl"], rel=1e-5)
+    with pytest.raises(ValueError, match="--jobs 0 is not allowed"):
+        compare(config, ["rope"], out, jobs=0)
