@@ -128,6 +128,7 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("alibi_nd", "backend", "flex", lambda pe: pe.score_backend, "flex"),
     ("seqpe", "integration", "attn_mul", lambda pe: pe.integration, "attn_mul"),
     ("seqpe", "per_layer", True, lambda pe: len(pe.w_pe), 3),
+    ("seqpe", "encoder_lr_scale", 0.25, lambda pe: pe.encoder.lr_scale, 0.25),  # the trainer's groups: test_trainer
     *[
         ("seqpe", f, v, (lambda f: lambda pe: pe.encoder.config[f])(f), v)
         for f, v in (

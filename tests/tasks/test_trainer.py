@@ -242,9 +242,36 @@ def test_lr_schedule(schedule: str) -> None:
 def test_no_weight_decay_groups() -> None:
     model = ToyLM()
     decay, no_decay = param_groups(model, ToyTask(), 0.1)
+    assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [p is model.head.weight for p in decay["params"]] == [True]
     assert len(no_decay["params"]) == 4  # emb.weight, norm.weight, norm.bias, head.bias
+
+
+class ScaledToyTask(ToyTask):
+    """ToyTask whose LayerNorm trains at a quarter of the run's rate (as a SeqPE encoder's ``lr_scale``)."""
+
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        model.norm.lr_scale = 0.25  # type: ignore[assignment]
+        return model
+
+
+def test_module_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) -> None:
+    """Adam's first step moves every element with a gradient by ≈ lr: the scaled module moves 4x less."""
+    task = ScaledToyTask()
+    torch.manual_seed(CFG.seed)
+    before = {k: v.clone() for k, v in ToyLM().state_dict().items()}  # train() seeds the same init
+    cfg = CFG.model_copy(update={"steps": 1, "warmup_steps": 0, "grad_accum": 1, "weight_decay": 0.0, "clip_grad": 0.0})
+    train(task, cfg, tmp_path / "run")
+    after = final_weights(tmp_path / "run")
+    step = {k: (after[k] - before[k]).abs().max().item() for k in ("norm.weight", "norm.bias", "head.weight", "head.bias")}
+    assert step["head.weight"] == pytest.approx(cfg.lr, rel=0.05) and step["head.bias"] == pytest.approx(cfg.lr, rel=0.05)
+    assert step["norm.weight"] == pytest.approx(cfg.lr / 4, rel=0.05) and step["norm.bias"] == pytest.approx(cfg.lr / 4, rel=0.05)
+    groups = param_groups(task.model, task, 0.1)
+    assert sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in groups) == [
+        (0.25, 0.0, 2), (1.0, 0.0, 2), (1.0, 0.1, 1)  # norm.{weight,bias}; emb.weight + head.bias; head.weight
+    ]
 
 
 def test_train_config_errors_name_the_field() -> None:
