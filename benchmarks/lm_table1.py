@@ -7,7 +7,7 @@ at 1×, 2×, 4×, 8× and 16× the training length on the embedded test split. R
 ``benchmarks/results/lm_table1.{json,md,png}``; the runs themselves to ``runs/bench-lm-table1/``
 (rerunning reuses finished runs and resumes interrupted ones).
 
-    python benchmarks/lm_table1.py                       # ~40 min on a 2-core CPU
+    python benchmarks/lm_table1.py --jobs 2              # ~45 min on a 2-core CPU (11 runs of 1500 steps)
     python benchmarks/lm_table1.py --set train.steps=50  # a quick look
 """
 
@@ -33,13 +33,14 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs/lm/smoke/default.yaml")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/bench-lm-table1")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
+    parser.add_argument("--jobs", type=int, default=1, help="methods trained at once, one process and one thread each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     methods = list(TABLE1) + [m for m in TABLE4 if m not in TABLE1]
-    results = compare(args.config, methods, args.runs, overrides=args.overrides)
+    results = compare(args.config, methods, args.runs, overrides=args.overrides, jobs=args.jobs)
     wall = time.perf_counter() - t0
 
     from seqpe_nd.tasks import lm
@@ -54,7 +55,7 @@ def main() -> None:
         "overrides": args.overrides, "steps": base.train.steps, "batch_size": base.train.batch_size,
         "block_size": base.model.block_size, "train_tokens": base.train.steps * base.train.batch_size * base.model.block_size,
         "eval_max_tokens_per_length": base.eval.max_tokens, "split": base.eval.split,
-        "torch_threads": args.threads, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "torch_threads": args.threads, "jobs": args.jobs, "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "wall_seconds": wall,
     }
     payload = {"setup": setup, "table1": table1, "table4": table4, "runs": results}
@@ -70,7 +71,7 @@ def main() -> None:
         f"{base.eval.split} split with §4.1's protocol (non-overlapping chunks from position 0, batch 1, "
         f"at most {base.eval.max_tokens} tokens per length). Columns are evaluation lengths "
         f"({', '.join(f'{x // L}×' for x in sorted(next(iter(rows.values()))['ppl']))} the training length); "
-        f"`avg` is their mean; times in seconds with {args.threads} torch thread(s) on a shared {os.cpu_count()}-core CPU. "
+        f"`avg` is their mean; times in seconds, {args.jobs} run(s) at a time with one torch thread each on a {os.cpu_count()}-core CPU. "
         f"Whole benchmark: {wall / 60:.1f} min.\n\n"
         f"## Table 1\n\n{md1}\n## Table 4 (α weighs L_δ, β weighs L_OOD; `seqpe` is α = β = 0.1)\n\n{md4}"
     )
