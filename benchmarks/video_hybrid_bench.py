@@ -13,17 +13,15 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from seqpe_nd.tasks.checkpoint import atomic_write_text
 from seqpe_nd.tasks.recipes import get_recipe, load_config, train_config
-from seqpe_nd.tasks.trainer import train
+from seqpe_nd.tasks.trainer import train_or_reuse
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -52,11 +50,7 @@ def run_one(recipe: str, name: str, runs: str, overrides: list[str]) -> dict[str
     module = get_recipe(recipe)
     config = load_config(REPO / "configs" / recipe / "smoke" / f"{name}.yaml", overrides)
     run_dir = Path(runs) / recipe / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    t0 = time.perf_counter()
-    train(module.build_task(config, run_dir), train_config(config), run_dir)
-    train_s = time.perf_counter() - t0
+    train_s = train_or_reuse(lambda: module.build_task(config, run_dir), train_config(config), run_dir)
     t1 = time.perf_counter()
     result = module.evaluate(run_dir, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from seqpe_nd.tasks.checkpoint import atomic_write_text
 from seqpe_nd.tasks.recipes import load_config
-from seqpe_nd.tasks.trainer import TrainConfig, train
+from seqpe_nd.tasks.trainer import TrainConfig, train_or_reuse
 from seqpe_nd.tasks.vit import SIMILARITY_PNG, build_task, evaluate, plot_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +56,7 @@ def run_one(name: str, runs: str, max_images: int | None, overrides: list[str]) 
     torch.set_num_threads(1)
     config = load_config(REPO / "configs" / "vit" / "smoke" / f"{name}.yaml", overrides)
     run_dir = Path(runs) / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    t0 = time.perf_counter()
-    train(build_task(config, run_dir), TrainConfig(**config["train"]), run_dir)
-    train_s = time.perf_counter() - t0
+    train_s = train_or_reuse(lambda: build_task(config, run_dir), TrainConfig(**config["train"]), run_dir)
     t1 = time.perf_counter()
     result = evaluate(run_dir, max_images=max_images, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -75,6 +75,40 @@ def ood_loss(
 
 
 @dataclass(frozen=True)
+class ContrastiveProbe:
+    """How well an encoder solves L_δ on fresh candidate sets (a diagnostic, no gradient)."""
+
+    loss: float
+    """Mean L_δ (Eq. 9)."""
+    chance: float
+    """L_δ of an encoder that cannot tell candidates apart: mean log of the valid candidates per pivot."""
+    top1: float
+    """Share of pivots whose p⁺ gets the highest score."""
+
+
+@torch.no_grad()
+def probe_contrastive(
+    encoder: SeqPE, generator: torch.Generator, *, batches: int = 4, batch: int = 64
+) -> ContrastiveProbe:
+    """L_δ, its chance level and p⁺'s top-1 rate on ``batches`` fresh sets of ``batch`` pivots of the encoder's space."""
+    losses, chances, top1 = [], [], []
+    for _ in range(batches):
+        con = encoder.space.sample_contrastive(generator, batch=batch)
+        dev = encoder.place_ids.device
+        target, valid = con.target.to(dev), con.valid.to(dev)
+        pivot, cand = encoder.encode(con.pivots, con.candidates)
+        losses.append(contrastive_loss(pivot, cand, target, valid))
+        chances.append(valid.sum(-1).float().log().mean())
+        logits = torch.einsum("bd,bcd->bc", pivot.float(), cand.float()).masked_fill(~valid, float("-inf"))
+        top1.append((logits.argmax(-1) == target).float().mean())
+    return ContrastiveProbe(loss=_mean(losses), chance=_mean(chances), top1=_mean(top1))
+
+
+def _mean(values: list[Tensor]) -> float:
+    return float(torch.stack(values).mean())
+
+
+@dataclass(frozen=True)
 class RegularizedStep:
     """What one training step gets back: main-task embeddings, α·L_δ + β·L_OOD, and its parts."""
 

@@ -11,9 +11,8 @@ train fastest that way on a small CPU); evaluation follows in the main process.
 import argparse
 import json
 import multiprocessing
-import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +41,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def _train_seconds(config: dict[str, Any], run_dir: Path, threads: int | None) -> float:
     """Train (or reuse) one method's run; returns its training wall time (a finished run keeps its own)."""
     import torch
-
     from seqpe_nd.tasks import lm
-    from seqpe_nd.tasks.trainer import train
+    from seqpe_nd.tasks.trainer import train_or_reuse
 
     if threads is not None:
         torch.set_num_threads(threads)
-    cfg = train_config(config)
-    timing = run_dir / "train_seconds.json"
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps and timing.is_file():
-        return float(json.loads(timing.read_text())["seconds"])  # a finished run: reuse it
-    t0 = time.perf_counter()
-    train(lm.build_task(config, run_dir), cfg, run_dir, resume=True)
-    seconds = time.perf_counter() - t0
-    ckpt.atomic_write_text(timing, json.dumps({"seconds": seconds}) + "\n")
-    return seconds
+    return train_or_reuse(lambda: lm.build_task(config, run_dir), train_config(config), run_dir)
 
 
 def compare(

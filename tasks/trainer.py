@@ -16,7 +16,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -296,6 +296,27 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 # --- the loop ----------------------------------------------------------------------------------------
+
+TIMING = "train_seconds.json"
+
+
+def train_or_reuse(build: Callable[[], TrainTask], cfg: TrainConfig, run_dir: Path) -> float:
+    """Train the run in ``run_dir`` to ``cfg.steps`` (resuming an interrupted one) and return its training seconds.
+
+    A finished run is reused without building its task; its seconds are the ones recorded when it
+    finished (``train_seconds.json``), so benchmarks can be rerun and continue where they stopped.
+    """
+    run_dir = Path(run_dir)
+    timing = run_dir / TIMING
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and timing.is_file() and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps:
+        return float(json.loads(timing.read_text())["seconds"])
+    t0 = time.perf_counter()
+    train(build(), cfg, run_dir, resume=True)
+    seconds = time.perf_counter() - t0
+    ckpt.atomic_write_text(timing, json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
 
 def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str, float]:
     """Train ``task`` for ``cfg.steps`` optimizer steps, writing metrics and checkpoints to ``run_dir``.

@@ -16,7 +16,7 @@ import torch
 from seqpe_nd.encoder import SeqPE
 from seqpe_nd.encodings.config import load_pe_config
 from seqpe_nd.positions import load_space
-from seqpe_nd.regularizers import SeqPERegularizer, contrastive_loss
+from seqpe_nd.regularizers import SeqPERegularizer, probe_contrastive
 from seqpe_nd.tasks.recipes import load_config
 
 VIT_SMOKE = Path(__file__).resolve().parents[2] / "configs" / "vit" / "smoke" / "seqpe_attn_mul.yaml"
@@ -31,7 +31,8 @@ def train_regularizers_alone(lr_scale: float | None) -> tuple[float, float, floa
     d_model = int(config["model"]["embed_dim"])
     torch.manual_seed(0)
     enc = SeqPE(space, d_model, hidden=pe.hidden, layers=pe.layers, heads=pe.heads, dropout=pe.dropout, init=pe.init)
-    reg = SeqPERegularizer(space, alpha=pe.alpha, beta=pe.beta, ood_heads=pe.ood_heads or int(config["model"]["num_heads"]))
+    heads = pe.ood_heads or int(config["model"]["num_heads"])
+    reg = SeqPERegularizer(space, alpha=pe.alpha, beta=pe.beta, ood_heads=heads)
     lr = float(config["train"]["lr"]) * (pe.encoder_lr_scale if lr_scale is None else lr_scale)
     opt = torch.optim.Adam(enc.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
@@ -41,18 +42,8 @@ def train_regularizers_alone(lr_scale: float | None) -> tuple[float, float, floa
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-    enc.eval()
-    held_out = torch.Generator().manual_seed(1234)
-    losses, chances, firsts = [], [], []
-    with torch.no_grad():
-        for _ in range(4):
-            con = space.sample_contrastive(held_out, batch=64)
-            pivot, cand = enc.encode(con.pivots, con.candidates)
-            losses.append(float(contrastive_loss(pivot, cand, con.target, con.valid)))
-            chances.append(float(con.valid.sum(-1).float().log().mean()))
-            logits = torch.einsum("bd,bcd->bc", pivot, cand).masked_fill(~con.valid, float("-inf"))
-            firsts.append(float((logits.argmax(-1) == con.target).float().mean()))
-    return sum(losses) / 4, sum(chances) / 4, sum(firsts) / 4
+    probe = probe_contrastive(enc.eval(), torch.Generator().manual_seed(1234))
+    return probe.loss, probe.chance, probe.top1
 
 
 @pytest.mark.slow

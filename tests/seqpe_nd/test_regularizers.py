@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 from seqpe_nd.encoder import SeqPE
 from seqpe_nd.positions import load_space
-from seqpe_nd.regularizers import RegularizedStep, SeqPERegularizer, contrastive_loss, ood_loss
+from seqpe_nd.regularizers import (
+    RegularizedStep,
+    SeqPERegularizer,
+    contrastive_loss,
+    ood_loss,
+    probe_contrastive,
+)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -289,3 +295,25 @@ def test_l_delta_makes_100_closer_to_123_than_to_1000():
     for seed in range(4):
         assert relative_margin(train_alone(space, seed=seed, alpha=0.0, steps=0)) < MARGIN
     assert relative_margin(train_alone(space, seed=0, alpha=0.0, steps=20)) < MARGIN  # α = 0: nothing to learn from
+
+
+def test_probe_contrastive_against_the_naive_loss_and_ranks() -> None:
+    """The probe's L_δ, chance and top-1 equal loops over the same candidate sets (same generator seed)."""
+    space = load_space(LEARN_SPACE)
+    torch.manual_seed(0)
+    enc = SeqPE(space, 16, hidden=16, layers=1, dropout=0.0).eval()
+    probe = probe_contrastive(enc, torch.Generator().manual_seed(5), batches=2, batch=6)
+    g = torch.Generator().manual_seed(5)
+    losses, chances, hits = [], [], []
+    for _ in range(2):
+        con = space.sample_contrastive(g, batch=6)
+        with torch.no_grad():
+            pivot, cand = enc(con.pivots), enc(con.candidates)
+        losses.append(naive_contrastive(pivot, cand, con.target, con.valid))
+        chances.append(sum(math.log(int(v.sum())) for v in con.valid) / 6)
+        for i in range(6):
+            scores = {j: float(pivot[i] @ cand[i, j]) for j in range(cand.shape[1]) if con.valid[i, j]}
+            hits.append(max(scores, key=scores.get) == int(con.target[i]))
+    assert probe.loss == pytest.approx(sum(losses) / 2, rel=1e-5)
+    assert probe.chance == pytest.approx(sum(chances) / 2, rel=1e-5)
+    assert probe.top1 == pytest.approx(sum(hits) / len(hits))
