@@ -41,7 +41,8 @@ def run(config_path: Path, l_max: Any, lr: float, steps: int) -> dict[str, float
     if isinstance(space_source, str):
         space_source = str(ROOT / space_source)
     space = load_space(space_source)
-    space = load_space({**space.model_dump(mode="json"), "L_max": l_max})
+    fields = {k: v for k, v in space.model_dump(mode="json").items() if k != "k"}  # k follows L_max
+    space = load_space({**fields, "L_max": l_max})
     pe = load_pe_config(config["pe"])
     d_model = int(config["model"].get("embed_dim") or config["model"].get("n_embd"))
     heads = int(config["model"].get("num_heads") or config["model"].get("n_head"))
