@@ -103,11 +103,25 @@ class SeqPEEncoding(PositionEncoding):
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(main)  # (b, n [+ m], d)
-        if self.training:
-            state.logs["pe_cos"] = mean_pairwise_cosine(main, emb)
+        if self.training:  # dropout noise would hide a collapse: measure it on clean embeddings
+            clean = emb if self.encoder.config["dropout"] == 0 else self._clean(main)
+            state.logs["pe_cos"] = mean_pairwise_cosine(main, clean)
         n = pos_q.shape[1]
         state.tensors["e_q"] = emb[:, :n]
         state.tensors["e_k"] = emb if same else emb[:, n:]
+
+    @torch.no_grad()
+    def _clean(self, pos: Tensor) -> Tensor:
+        """Embeddings of ``pos`` without dropout or autograd (and not through the inference table)."""
+        flat = pos.reshape(-1, pos.shape[-1])
+        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        was = self.encoder.training
+        self.encoder.train(False)
+        try:
+            emb = self.encoder.encode_unique(uniq)[inverse]
+        finally:
+            self.encoder.train(was)
+        return emb.view(*pos.shape[:-1], -1)
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
         """input_add: the SeqPE embedding of each query position; None for attention integrations."""

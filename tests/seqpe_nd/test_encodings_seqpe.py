@@ -188,3 +188,22 @@ def test_pe_cos_is_the_mean_pairwise_cosine_of_distinct_main_positions() -> None
     state = pe.prepare(torch.arange(8)[None, :, None], generator=torch.Generator().manual_seed(1))
     assert set(state.logs) == {"loss_delta", "loss_ood", "loss_reg", "pe_cos"}
     assert all(isinstance(v, torch.Tensor) and v.shape == () for v in state.logs.values())
+
+
+def test_pe_cos_is_measured_without_dropout() -> None:
+    """With encoder dropout, the logged pe_cos is the cosine of the clean (eval-mode) embeddings."""
+    from seqpe_nd.encodings.seqpe import mean_pairwise_cosine
+
+    space = load_space({"kind": "grid", "L": 16, "L_max": 100})
+    torch.manual_seed(0)
+    pe = build_position_encoding(
+        {"method": "seqpe", "hidden": 16, "layers": 1, "dropout": 0.5, "alpha": 0.0, "beta": 0.0},
+        space=space, num_heads=2, head_dim=4, num_layers=1, d_model=8,
+    ).train()
+    pos = torch.arange(16).view(1, 16, 1)
+    logged = float(pe.prepare(pos, generator=torch.Generator().manual_seed(0)).logs["pe_cos"])
+    assert pe.encoder.training  # the clean probe put the encoder back into training mode
+    pe.encoder.eval()
+    with torch.no_grad():
+        want = float(mean_pairwise_cosine(pos, pe.encoder.encode_unique(pos[0]).unsqueeze(0)))
+    assert logged == pytest.approx(want, rel=1e-5)
