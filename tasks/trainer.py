@@ -452,7 +452,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 record = {"step": done, "split": "train", "lr": lr, "tokens_per_s": tps, **means}
                 if master:
                     _append_jsonl(run_dir / METRICS, record)
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}")
+                    pe = {k: f"{float(means[k]):.3f}" for k in ("loss_delta", "loss_ood", "pe_cos") if k in means}
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", **pe)
                 result.update({f"train/{k}": float(v) for k, v in record.items() if k not in ("step", "split")})
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)

@@ -184,6 +184,8 @@ def test_cli_train_eval_and_compare_end_to_end(tmp_path: Path, capsys: pytest.Ca
     config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
     run_dir = tmp_path / "run"
     assert main(["train", str(config), "--run-dir", str(run_dir), "--set", "train.steps=4"]) == 0
+    bar = capsys.readouterr().err
+    assert "loss_delta=" in bar and "loss_ood=" in bar and "pe_cos=" in bar  # SeqPE's health on the progress bar
     assert main(["eval", str(run_dir), "--lengths", "16", "32"]) == 0
     assert "test perplexity" in capsys.readouterr().out
     assert json.loads((run_dir / "eval.json").read_text())["lengths"].keys() == {"16", "32"}
