@@ -50,7 +50,7 @@ def run_one(recipe: str, name: str, runs: str, overrides: list[str]) -> dict[str
     module = get_recipe(recipe)
     config = load_config(REPO / "configs" / recipe / "smoke" / f"{name}.yaml", overrides)
     run_dir = Path(runs) / recipe / name
-    train_s = train_or_reuse(lambda: module.build_task(config, run_dir), train_config(config), run_dir)
+    train_s = train_or_reuse(lambda: module.build_task(config, run_dir), train_config(config), run_dir, config=config)
     t1 = time.perf_counter()
     result = module.evaluate(run_dir, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -56,7 +56,7 @@ def run_one(name: str, runs: str, max_images: int | None, overrides: list[str]) 
     torch.set_num_threads(1)
     config = load_config(REPO / "configs" / "vit" / "smoke" / f"{name}.yaml", overrides)
     run_dir = Path(runs) / name
-    train_s = train_or_reuse(lambda: build_task(config, run_dir), TrainConfig(**config["train"]), run_dir)
+    train_s = train_or_reuse(lambda: build_task(config, run_dir), TrainConfig(**config["train"]), run_dir, config=config)
     t1 = time.perf_counter()
     result = evaluate(run_dir, max_images=max_images, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -46,7 +46,7 @@ def _train_seconds(config: dict[str, Any], run_dir: Path, threads: int | None) -
 
     if threads is not None:
         torch.set_num_threads(threads)
-    return train_or_reuse(lambda: lm.build_task(config, run_dir), train_config(config), run_dir)
+    return train_or_reuse(lambda: lm.build_task(config, run_dir), train_config(config), run_dir, config=config)
 
 
 def compare(

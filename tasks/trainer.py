@@ -300,21 +300,27 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 TIMING = "train_seconds.json"
 
 
-def train_or_reuse(build: Callable[[], TrainTask], cfg: TrainConfig, run_dir: Path) -> float:
+def train_or_reuse(
+    build: Callable[[], TrainTask], cfg: TrainConfig, run_dir: Path, *, config: dict[str, Any] | None = None
+) -> float:
     """Train the run in ``run_dir`` to ``cfg.steps`` (resuming an interrupted one) and return its training seconds.
 
-    A finished run is reused without building its task; its seconds are the ones recorded when it
-    finished (``train_seconds.json``), so benchmarks can be rerun and continue where they stopped.
+    A finished run is reused without building its task when it was trained from the same ``config``
+    (the raw run config, recorded in ``train_seconds.json``); its seconds are the ones recorded when it
+    finished, so benchmarks can be rerun and continue where they stopped. A finished run of another
+    config is not reused: resuming it fails on the sections that must match, naming them.
     """
     run_dir = Path(run_dir)
     timing = run_dir / TIMING
     latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and timing.is_file() and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps:
-        return float(json.loads(timing.read_text())["seconds"])
+    finished = latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps
+    saved = json.loads(timing.read_text()) if finished and timing.is_file() else None
+    if saved is not None and saved.get("config", config) == config:  # no "config": recorded before it was kept
+        return float(saved["seconds"])
     t0 = time.perf_counter()
-    train(build(), cfg, run_dir, resume=True)
-    seconds = time.perf_counter() - t0
-    ckpt.atomic_write_text(timing, json.dumps({"seconds": seconds}) + "\n")
+    train(build(), cfg, run_dir, resume=True)  # a finished run of another config: refused, or nothing to do
+    seconds = time.perf_counter() - t0 if saved is None else float(saved["seconds"])
+    ckpt.atomic_write_text(timing, json.dumps({"seconds": seconds, "config": config}) + "\n")
     return seconds
 
 

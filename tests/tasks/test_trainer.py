@@ -15,7 +15,7 @@ from torch import nn
 
 from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.trainer import TrainConfig, TrainTask, lr_at, param_groups, train, unwrap
+from seqpe_nd.tasks.trainer import TrainConfig, TrainTask, lr_at, param_groups, train, train_or_reuse, unwrap
 
 VOCAB, LENGTH = 32, 8
 
@@ -274,6 +274,25 @@ def test_module_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) 
     assert sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in groups) == [
         (0.25, 0.0, 2), (1.0, 0.0, 2), (1.0, 0.1, 1)  # norm.{weight,bias}; emb.weight + head.bias; head.weight
     ]
+
+
+def test_train_or_reuse_resumes_reuses_and_refuses_another_config(tmp_path: Path) -> None:
+    run, cfg = tmp_path / "run", CFG.model_copy(update={"steps": 4, "eval_every": 0})
+    config = {"task": "toy", "pe": {"base": 10000.0}, "model": {"width": 16}}
+    builds: list[int] = []
+
+    def build(c: dict[str, Any] = config, crash_at: int | None = None) -> ToyTask:
+        builds.append(1)
+        return ToyTask(c, crash_at=crash_at)
+
+    with pytest.raises(Interrupt):  # killed mid-run: no timing recorded
+        train_or_reuse(lambda: build(crash_at=3), cfg, run, config=config)
+    seconds = train_or_reuse(build, cfg, run, config=config)  # resumed from step 3's checkpoint
+    assert seconds > 0 and len(builds) == 2 and len(train_losses(run)) == 4
+    assert train_or_reuse(build, cfg, run, config=config) == seconds and len(builds) == 2  # reused, never built
+    other = {**config, "pe": {"base": 500.0}}
+    with pytest.raises(ValueError, match="pe.base"):  # a finished run of another config is not taken for this one
+        train_or_reuse(lambda: build(other), cfg, run, config=other)
 
 
 def test_train_config_errors_name_the_field() -> None:
