@@ -173,11 +173,12 @@ def main() -> None:
     total = time.perf_counter() - t0
 
     ordered = [n for n in ORDER if n in rows]
+    steps = load_config(REPO / "configs" / "vit" / "smoke" / f"{ordered[0]}.yaml", args.overrides)["train"]["steps"]
     md = [
         "## ViT smoke-scale Table 3 / Table 5 analogues",
         "",
         "Tiny timm ViT (48 wide, 3 blocks, 3 heads, 4-px patches) trained at R = 24 px (6 × 6 grid) "
-        "for 250 steps × 48 images on the embedded procedural data (4 classes: red shape left of / right of / "
+        f"for {steps} steps × 48 images on the embedded procedural data (4 classes: red shape left of / right of / "
         "above / below the blue one; chance 25 %), evaluated on 512 validation scenes at Table 3's resolutions "
         "scaled to R (224 … 672 → 24 … 72 px; resize 256/224·S, centre-crop S, patch grid 6 → 18). "
         f"CPU, {args.lanes} runs at a time with one thread each on a shared 2-core machine; "
