@@ -54,7 +54,7 @@ def train_l_delta(encoder: SeqPE, steps: int, *, lr: float, seed: int) -> list[f
         out.loss.backward()
         opt.step()
         sched.step()
-        losses.append(out.parts["loss_delta"])
+        losses.append(float(out.parts["loss_delta"]))
     return losses
 
 

@@ -27,6 +27,11 @@ def plot_ppl(
         ax.axvline(train_length, color="grey", linestyle=":", linewidth=1, label=f"train length {train_length}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 128, 2048 and 110, not 2^7 and 1.1x10^2
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=10)
