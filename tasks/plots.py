@@ -30,8 +30,9 @@ def plot_ppl(
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 128, 2048 and 110, not 2^7 and 1.1x10^2
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(title, fontsize=10)
