@@ -19,10 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from seqpe_nd.encoder import SeqPE
-from seqpe_nd.encodings.config import load_pe_config
+from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.positions import load_space
-from seqpe_nd.regularizers import SeqPERegularizer, probe_contrastive
+from seqpe_nd.regularizers import probe_contrastive, train_regularizers_alone
 from seqpe_nd.tasks.checkpoint import atomic_write_text
 from seqpe_nd.tasks.recipes import load_config
 
@@ -43,21 +42,18 @@ def run(config_path: Path, l_max: Any, lr: float, steps: int) -> dict[str, float
     space = load_space(space_source)
     fields = {k: v for k, v in space.model_dump(mode="json").items() if k != "k"}  # k follows L_max
     space = load_space({**fields, "L_max": l_max})
-    pe = load_pe_config(config["pe"])
     d_model = int(config["model"].get("embed_dim") or config["model"].get("n_embd"))
     heads = int(config["model"].get("num_heads") or config["model"].get("n_head"))
     torch.manual_seed(0)
-    enc = SeqPE(space, d_model, hidden=pe.hidden, layers=pe.layers, heads=pe.heads, dropout=pe.dropout, init=pe.init)
-    reg = SeqPERegularizer(space, alpha=pe.alpha, beta=pe.beta, ood_heads=pe.ood_heads or heads)
-    opt = torch.optim.Adam(enc.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(0)
+    pe = build_position_encoding(
+        config["pe"], space=space, num_heads=heads, head_dim=d_model // heads, num_layers=1, d_model=d_model
+    )
+    enc = pe.encoder
     grid = space.positions(space.L).unsqueeze(0)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        out = reg.step(enc, grid, g, shifted=False)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
+    train_regularizers_alone(
+        enc, pe.regularizer, steps, lr=lr, generator=torch.Generator().manual_seed(0), main_pos=grid
+    )
     enc.eval()
     probe = probe_contrastive(enc, torch.Generator().manual_seed(1234))
     with torch.no_grad():

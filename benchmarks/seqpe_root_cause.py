@@ -26,7 +26,8 @@ from seqpe_nd.tasks.checkpoint import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LM, VIT = "configs/lm/smoke", "configs/vit/smoke"
-OLD_TEXT = ["--set", f"space={LM}/text-128-lmax20000.yaml"]  # written below: the shipped space at L_max 20 000
+OLD_SPACE = "text-128-lmax20000.yaml"  # the shipped text space at L_max 20 000, written into the runs folder
+OLD_TEXT = ["--set", f"space={OLD_SPACE}"]
 OLD_IMAGE = ["--set", "space.L_max=[100,100]"]
 A0 = ["--set", "pe.alpha=0", "--set", "pe.beta=0"]
 LR1 = ["--set", "pe.encoder_lr_scale=1.0"]
@@ -54,6 +55,7 @@ def run_case(name: str, runs: Path) -> dict[str, Any]:
     run_dir = runs / name
     t0 = time.perf_counter()
     if not (run_dir / "eval.json").is_file():
+        overrides = [f"space={runs / OLD_SPACE}" if o == f"space={OLD_SPACE}" else o for o in overrides]
         cli = [sys.executable, "-m", "seqpe_nd.tasks.cli"]
         log = (runs / f"{name}.log").open("w")
         subprocess.run([*cli, "train", config, "--run-dir", str(run_dir), "--resume", *overrides],
@@ -94,14 +96,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs/root-cause")
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
+    args.runs = args.runs.resolve()  # the CLI runs from the repository root
     args.runs.mkdir(parents=True, exist_ok=True)
     old = (ROOT / LM / "text-128.yaml").read_text().replace("L_max: 5000", "L_max: 20000")
-    atomic_write_text(ROOT / LM / "text-128-lmax20000.yaml", old)
-    try:
-        with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda n: run_case(n, args.runs), CASES))
-    finally:
-        (ROOT / LM / "text-128-lmax20000.yaml").unlink(missing_ok=True)
+    atomic_write_text(args.runs / OLD_SPACE, old)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda n: run_case(n, args.runs), CASES))
     atomic_write_text(RESULTS / "seqpe_root_cause.json", json.dumps(rows, indent=1) + "\n")
     lines = ["# Why SeqPE learned no positions at smoke scale: encoder lr × regularizer range\n",
              "Shipped smoke configs with one fix undone at a time (`benchmarks/seqpe_root_cause.py`). "

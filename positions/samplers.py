@@ -12,6 +12,7 @@ these tables, so 1-D, 2-D, 3-D and hybrid spaces share one code path. All random
 the caller's ``torch.Generator``.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -136,7 +137,9 @@ def _hard_negatives(space: BoxSpace, pivots: Tensor, generator: torch.Generator,
 _DENSE_WINDOW = 1 << 14  # windows up to this many positions are drawn from exactly; larger ones by redrawing
 
 
-def _distinct_offsets(window: Int[Tensor, "g w"], g: Int[Tensor, "b c"], generator: torch.Generator) -> Int[Tensor, "b c w"]:
+def _distinct_offsets(
+    window: Int[Tensor, "g w"], g: Int[Tensor, "b c"], generator: torch.Generator
+) -> Int[Tensor, "b c w"]:
     """Offsets inside each candidate's window, distinct among a pivot's candidates of one group.
 
     Sampling without replacement, as the released local sampler does: a pivot's candidates in
@@ -147,10 +150,8 @@ def _distinct_offsets(window: Int[Tensor, "g w"], g: Int[Tensor, "b c"], generat
     w = window.shape[1]
     out = torch.zeros(b, c, w, dtype=torch.int64, device=g.device)
     for group in range(window.shape[0]):
-        extent = [int(e) for e in window[group].tolist()]
-        volume = 1
-        for e in extent:
-            volume *= e
+        extent = tuple(int(e) for e in window[group].tolist())
+        volume = math.prod(extent)
         k = min(c, volume)
         if volume <= _DENSE_WINDOW:
             flat = torch.multinomial(
@@ -164,14 +165,12 @@ def _distinct_offsets(window: Int[Tensor, "g w"], g: Int[Tensor, "b c"], generat
                 dup.scatter_(1, order[:, 1:], srt[:, 1:] == srt[:, :-1])
                 if not bool(dup.any()):
                     break
-                flat = torch.where(dup, torch.randint(0, volume, flat.shape, generator=generator, device=g.device), flat)
+                redraw = torch.randint(0, volume, flat.shape, generator=generator, device=g.device)
+                flat = torch.where(dup, redraw, flat)
         mine = g == group
         rank = (mine.cumsum(-1) - 1).clamp(min=0) % k  # (b, c): the j-th candidate of this group takes draw j
         idx = flat.gather(1, rank)  # (b, c) flat index in the window, row-major
-        coords = torch.zeros(b, c, w, dtype=torch.int64, device=g.device)
-        for i in reversed(range(w)):
-            coords[..., i] = idx % extent[i]
-            idx = idx // extent[i]
+        coords = torch.stack(torch.unravel_index(idx, extent), dim=-1)  # (b, c, w)
         out = torch.where(mine.unsqueeze(-1), coords, out)
     return out
 

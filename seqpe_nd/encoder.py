@@ -95,6 +95,10 @@ class SeqPE(nn.Module):
             Embedding weight.
     """
 
+    lr_scale: float = 1.0
+    """The encoder's learning rate as a multiple of the run's; the trainer's parameter groups read it
+    (set from the PE config's ``encoder_lr_scale``; not part of the saved architecture)."""
+
     def __init__(
         self,
         space: Space,

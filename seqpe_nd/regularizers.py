@@ -90,7 +90,7 @@ class ContrastiveProbe:
 def probe_contrastive(
     encoder: SeqPE, generator: torch.Generator, *, batches: int = 4, batch: int = 64
 ) -> ContrastiveProbe:
-    """L_δ, its chance level and p⁺'s top-1 rate on ``batches`` fresh sets of ``batch`` pivots of the encoder's space."""
+    """L_δ, its chance level and p⁺'s top-1 rate on ``batches`` fresh sets of ``batch`` pivots of the space."""
     losses, chances, top1 = [], [], []
     for _ in range(batches):
         con = encoder.space.sample_contrastive(generator, batch=batch)
@@ -106,6 +106,39 @@ def probe_contrastive(
 
 def _mean(values: list[Tensor]) -> float:
     return float(torch.stack(values).mean())
+
+
+def train_regularizers_alone(
+    encoder: SeqPE,
+    regularizer: "SeqPERegularizer",
+    steps: int,
+    *,
+    lr: float,
+    generator: torch.Generator,
+    main_pos: Int[Tensor, "*b w"] | None = None,
+    decay: bool = False,
+) -> list[Tensor]:
+    """Adam on α·L_δ + β·L_OOD alone (no task) for ``steps`` steps; returns each step's L_δ (detached).
+
+    ``main_pos`` stands in for the task's positions (default none); ``decay`` lowers the rate
+    linearly to 0, so the run ends on a settled encoder. A step with nothing to differentiate
+    (α = β = 0) is skipped. A diagnostic and a warm start: the encoder learns the space alone.
+    """
+    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / max(steps, 1)) if decay else None
+    main = torch.zeros(0, encoder.space.width, dtype=torch.int64) if main_pos is None else main_pos
+    encoder.train()
+    losses = []
+    for _ in range(steps):
+        out = regularizer.step(encoder, main, generator, shifted=False)
+        if out.loss.requires_grad:
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+        losses.append(out.parts["loss_delta"])
+    return losses
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from jaxtyping import Float
 
 from seqpe_nd.encoder import SeqPE, load_encoder, save_encoder
 from seqpe_nd.positions import GridSpace, load_space
-from seqpe_nd.regularizers import SeqPERegularizer
+from seqpe_nd.regularizers import SeqPERegularizer, train_regularizers_alone
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -42,20 +42,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def train_l_delta(encoder: SeqPE, steps: int, *, lr: float, seed: int) -> list[float]:
     """Train the encoder alone with L_δ (α = 1, β = 0) for ``steps`` Adam steps; returns the losses."""
     reg = SeqPERegularizer(encoder.space, alpha=1.0, beta=0.0, ood_heads=1)
-    opt = torch.optim.Adam(encoder.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / max(steps, 1))
     gen = torch.Generator().manual_seed(seed)
-    no_main = torch.zeros(0, encoder.space.width, dtype=torch.int64)
-    encoder.train()
-    losses = []
-    for _ in range(steps):
-        out = reg.step(encoder, no_main, gen, shifted=False)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(out.parts["loss_delta"]))
-    return losses
+    losses = train_regularizers_alone(encoder, reg, steps, lr=lr, generator=gen, decay=True)
+    return [float(x) for x in losses]
 
 
 def similarity_1d(encoder: SeqPE, num: int) -> Float[torch.Tensor, "m m"]:

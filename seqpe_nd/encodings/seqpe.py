@@ -44,6 +44,26 @@ def integrate(x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integra
 COS_ROWS = 64  # distinct positions pe_cos looks at
 
 
+def distinct_rows(pos: Int[Tensor, "b n w"]) -> Int[Tensor, " k"]:
+    """Flat row indices of up to COS_ROWS distinct positions of ``pos``, evenly spaced in position order."""
+    flat = pos.reshape(-1, pos.shape[-1])
+    uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    first = torch.empty(len(uniq), dtype=torch.long, device=flat.device).scatter_(
+        0, inverse, torch.arange(len(flat), device=flat.device)
+    )  # one row of ``flat`` per distinct position
+    return first[torch.linspace(0, len(uniq) - 1, min(COS_ROWS, len(uniq)), device=flat.device).round().long()]
+
+
+def _mean_cosine(x: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
+    """Mean cosine over the pairs of distinct rows; 1.0 for fewer than two rows."""
+    x = F.normalize(x.float(), dim=-1)
+    k = x.shape[0]
+    if k < 2:
+        return x.new_ones(())
+    cos = x @ x.T
+    return (cos.sum() - cos.diagonal().sum()) / (k * (k - 1))
+
+
 @torch.no_grad()
 def mean_pairwise_cosine(pos: Int[Tensor, "b n w"], emb: Float[Tensor, "b n d"]) -> Float[Tensor, ""]:
     """Collapse signal: mean cosine between the embeddings of distinct positions (≤ COS_ROWS, evenly spaced).
@@ -51,18 +71,8 @@ def mean_pairwise_cosine(pos: Int[Tensor, "b n w"], emb: Float[Tensor, "b n d"])
     1.0 means every position gets the same direction (a collapsed encoder); 1.0 too with one distinct position.
     No sync: a 0-dim tensor on the embeddings' device.
     """
-    flat, e = pos.reshape(-1, pos.shape[-1]), emb.detach().reshape(-1, emb.shape[-1]).float()
-    uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
-    first = torch.empty(len(uniq), dtype=torch.long, device=flat.device).scatter_(
-        0, inverse, torch.arange(len(flat), device=flat.device)
-    )  # one row of ``flat`` per distinct position
-    pick = first[torch.linspace(0, len(uniq) - 1, min(COS_ROWS, len(uniq)), device=flat.device).round().long()]
-    x = F.normalize(e[pick.to(e.device)], dim=-1)
-    k = x.shape[0]
-    if k < 2:
-        return e.new_ones(())
-    cos = x @ x.T
-    return (cos.sum() - cos.diagonal().sum()) / (k * (k - 1))
+    rows = distinct_rows(pos)
+    return _mean_cosine(emb.detach().reshape(-1, emb.shape[-1])[rows.to(emb.device)])
 
 
 class SeqPEEncoding(PositionEncoding):
@@ -103,25 +113,25 @@ class SeqPEEncoding(PositionEncoding):
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(main)  # (b, n [+ m], d)
-        if self.training:  # dropout noise would hide a collapse: measure it on clean embeddings
-            clean = emb if self.encoder.config["dropout"] == 0 else self._clean(main)
-            state.logs["pe_cos"] = mean_pairwise_cosine(main, clean)
+        if self.training:
+            state.logs["pe_cos"] = self._collapse_signal(main, emb)
         n = pos_q.shape[1]
         state.tensors["e_q"] = emb[:, :n]
         state.tensors["e_k"] = emb if same else emb[:, n:]
 
     @torch.no_grad()
-    def _clean(self, pos: Tensor) -> Tensor:
-        """Embeddings of ``pos`` without dropout or autograd (and not through the inference table)."""
-        flat = pos.reshape(-1, pos.shape[-1])
-        uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
+    def _collapse_signal(self, pos: Tensor, emb: Tensor) -> Tensor:
+        """``pe_cos`` of this step: with encoder dropout, on a clean (eval-mode) encoding of the sampled
+        positions, since dropout noise would hide a collapse; never through the inference table."""
+        if self.encoder.config["dropout"] == 0:
+            return mean_pairwise_cosine(pos, emb)
+        sample = pos.reshape(-1, pos.shape[-1])[distinct_rows(pos)]
         was = self.encoder.training
         self.encoder.train(False)
         try:
-            emb = self.encoder.encode_unique(uniq)[inverse]
+            return _mean_cosine(self.encoder.encode_unique(sample))
         finally:
             self.encoder.train(was)
-        return emb.view(*pos.shape[:-1], -1)
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
         """input_add: the SeqPE embedding of each query position; None for attention integrations."""

@@ -13,43 +13,39 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqpe_nd.encoder import SeqPE
+from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.encodings.config import load_pe_config
 from seqpe_nd.positions import load_space
-from seqpe_nd.regularizers import SeqPERegularizer, probe_contrastive
+from seqpe_nd.regularizers import probe_contrastive, train_regularizers_alone
 from seqpe_nd.tasks.recipes import load_config
 
 VIT_SMOKE = Path(__file__).resolve().parents[2] / "configs" / "vit" / "smoke" / "seqpe_attn_mul.yaml"
 STEPS = 600
 
 
-def train_regularizers_alone(lr_scale: float | None) -> tuple[float, float, float]:
+def fit_from_shipped_config(lr_scale: float | None) -> tuple[float, float, float]:
     """(L_δ, chance = mean log #valid candidates, fraction of pivots whose p⁺ ranks first) after training."""
     config = load_config(VIT_SMOKE)
     space = load_space(config["space"])
-    pe = load_pe_config(config["pe"])
-    d_model = int(config["model"]["embed_dim"])
+    d_model, heads = int(config["model"]["embed_dim"]), int(config["model"]["num_heads"])
     torch.manual_seed(0)
-    enc = SeqPE(space, d_model, hidden=pe.hidden, layers=pe.layers, heads=pe.heads, dropout=pe.dropout, init=pe.init)
-    heads = pe.ood_heads or int(config["model"]["num_heads"])
-    reg = SeqPERegularizer(space, alpha=pe.alpha, beta=pe.beta, ood_heads=heads)
-    lr = float(config["train"]["lr"]) * (pe.encoder_lr_scale if lr_scale is None else lr_scale)
-    opt = torch.optim.Adam(enc.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(0)
+    pe = build_position_encoding(
+        config["pe"], space=space, num_heads=heads, head_dim=d_model // heads, num_layers=1, d_model=d_model
+    )
+    scale = load_pe_config(config["pe"]).encoder_lr_scale if lr_scale is None else lr_scale
     grid = space.positions(space.L).unsqueeze(0)  # the training grid stands in for the main positions
-    for _ in range(STEPS):
-        out = reg.step(enc, grid, g, shifted=False)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-    probe = probe_contrastive(enc.eval(), torch.Generator().manual_seed(1234))
+    train_regularizers_alone(
+        pe.encoder, pe.regularizer, STEPS, lr=float(config["train"]["lr"]) * scale,
+        generator=torch.Generator().manual_seed(0), main_pos=grid,
+    )
+    probe = probe_contrastive(pe.encoder.eval(), torch.Generator().manual_seed(1234))
     return probe.loss, probe.chance, probe.top1
 
 
 @pytest.mark.slow
 def test_l_delta_learnable_from_shipped_vit_settings():
     """Seed 0, 600 steps: L_δ ≈ 0.83 of a chance ≈ 2.76, p⁺ first ≈ 76 % (chance ≈ 7 %) when written."""
-    loss, chance, first = train_regularizers_alone(None)
+    loss, chance, first = fit_from_shipped_config(None)
     assert loss < 0.6 * chance, f"L_δ = {loss:.3f} did not fall clearly below chance {chance:.3f}"
     assert first > 0.35, f"p⁺ ranked first for only {first:.1%} of pivots"
 
@@ -57,6 +53,6 @@ def test_l_delta_learnable_from_shipped_vit_settings():
 @pytest.mark.slow
 def test_l_delta_control_full_learning_rate_stays_near_chance():
     """The control: the same steps at the run's full rate (3e-3) leave L_δ within 10 % of chance."""
-    loss, chance, first = train_regularizers_alone(1.0)
+    loss, chance, first = fit_from_shipped_config(1.0)
     assert loss > 0.9 * chance, f"control unexpectedly learned: L_δ = {loss:.3f}, chance {chance:.3f}"
     assert first < 0.3

@@ -19,6 +19,7 @@ from seqpe_nd.regularizers import (
     contrastive_loss,
     ood_loss,
     probe_contrastive,
+    train_regularizers_alone,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
@@ -265,17 +266,8 @@ def train_alone(space, seed: int, alpha: float, steps: int) -> SeqPE:
     torch.manual_seed(seed)
     enc = SeqPE(space, 64, hidden=64, layers=2, dropout=0.0)
     reg = SeqPERegularizer(space, alpha=alpha, beta=0.0, ood_heads=1)
-    opt = torch.optim.Adam(enc.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / max(steps, 1))  # decay: end on a settled encoder
     g = torch.Generator().manual_seed(seed)
-    no_main = torch.zeros(0, 1, dtype=torch.long)
-    for _ in range(steps):
-        out = reg.step(enc, no_main, g, shifted=False)
-        if out.loss.requires_grad:  # α = 0: the step has nothing to differentiate
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            sched.step()
+    train_regularizers_alone(enc, reg, steps, lr=2e-3, generator=g, decay=True)  # decay: end on a settled encoder
     return enc.eval()
 
 
