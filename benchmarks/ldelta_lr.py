@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.positions import load_space
 from seqpe_nd.regularizers import probe_contrastive, train_regularizers_alone
-from seqpe_nd.tasks.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
 from seqpe_nd.tasks.recipes import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks import lm
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.recipes import lm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

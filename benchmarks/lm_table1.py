@@ -2,7 +2,7 @@
 
 Every method is trained from the same base config (``configs/lm/smoke/default.yaml``: a 2-layer,
 128-wide GPT-2, 128-token blocks, same steps, data order and seed; only the ``pe`` section and the
-random shift differ, see ``seqpe_nd.tasks.lm.METHOD_PRESETS``) and evaluated with §4.1's protocol
+random shift differ, see ``seqpe_nd.tasks.recipes.lm.METHOD_PRESETS``) and evaluated with §4.1's protocol
 at 1×, 2×, 4×, 8× and 16× the training length on the embedded test split. Results go to
 ``benchmarks/results/lm_table1.{json,md,png}``; the runs themselves to ``runs/bench-lm-table1/``
 (rerunning reuses finished runs and resumes interrupted ones).
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks.cmd_compare import TABLE1, TABLE4, compare
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.cli.compare import TABLE1, TABLE4, compare
 from seqpe_nd.tasks.recipes import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +43,8 @@ def main() -> None:
     results = compare(args.config, methods, args.runs, overrides=args.overrides, jobs=args.jobs)
     wall = time.perf_counter() - t0
 
-    from seqpe_nd.tasks import lm
-    from seqpe_nd.tasks.plots import plot_ppl
+    from seqpe_nd.tasks.recipes import lm
+    from seqpe_nd.tasks.engine.plots import plot_ppl
 
     base = lm.parse_config(load_config(args.config, args.overrides))
     rows = lm.summarize(results)

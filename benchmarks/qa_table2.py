@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks import lm, qa
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.recipes import lm
+from seqpe_nd.tasks.recipes import qa
 from seqpe_nd.tasks.recipes import load_config
-from seqpe_nd.tasks.trainer import TrainConfig, train
+from seqpe_nd.tasks.engine.trainer import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from seqpe_nd.tasks.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -75,7 +75,7 @@ def run_case(name: str, runs: Path) -> dict[str, Any]:
 def position_use(run_dir: Path) -> dict[str, float]:
     """How much a trained SeqPE LM uses positions: cosine among the training positions' embeddings, and the
     spread of the position part of the attention scores (per head, per-query constant removed, averaged)."""
-    from seqpe_nd.tasks import lm
+    from seqpe_nd.tasks.recipes import lm
 
     torch.set_num_threads(1)
     model = lm.load_model(run_dir).eval()

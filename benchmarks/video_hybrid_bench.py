@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from seqpe_nd.tasks.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
 from seqpe_nd.tasks.recipes import get_recipe, load_config, train_config
-from seqpe_nd.tasks.trainer import train_or_reuse
+from seqpe_nd.tasks.engine.trainer import train_or_reuse
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from seqpe_nd.tasks.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
 from seqpe_nd.tasks.recipes import load_config
-from seqpe_nd.tasks.trainer import TrainConfig, train_or_reuse
-from seqpe_nd.tasks.vit import SIMILARITY_PNG, build_task, evaluate, plot_accuracy
+from seqpe_nd.tasks.engine.trainer import TrainConfig, train_or_reuse
+from seqpe_nd.tasks.recipes.vit import SIMILARITY_PNG, build_task, evaluate, plot_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

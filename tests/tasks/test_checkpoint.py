@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks.engine import checkpoint as ckpt
 
 
 class Tied(nn.Module):

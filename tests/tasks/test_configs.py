@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks import lm
+from seqpe_nd.tasks.recipes import lm
 from seqpe_nd.tasks.recipes import RECIPES, get_recipe, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

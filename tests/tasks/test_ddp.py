@@ -21,8 +21,8 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from seqpe_nd.tasks import checkpoint as ckpt
-    from seqpe_nd.tasks.trainer import train
+    from seqpe_nd.tasks.engine import checkpoint as ckpt
+    from seqpe_nd.tasks.engine.trainer import train
     from test_trainer import CFG, Interrupt, ToyTask
 
     out = Path(sys.argv[1])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqpe_nd.tasks.evaluation import EVAL_JSON, classify, reject_unknown_options, write_result
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON, classify, reject_unknown_options, write_result
 
 
 def test_classify_matches_the_whole_batch_at_once():

@@ -7,7 +7,7 @@ from transformers.cache_utils import DynamicCache
 
 from seqpe_nd.encodings import METHODS, build_position_encoding
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks.gpt2 import GPT2WithPE, NoPositionLookup
+from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE, NoPositionLookup
 
 VOCAB, LAYERS, HEADS, WIDTH, TABLE = 61, 2, 2, 32, 32
 SPACE = load_space({"kind": "grid", "L": TABLE, "L_max": 2000})

@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from seqpe_nd.positions import HybridSpace, load_space
-from seqpe_nd.tasks import hybrid
-from seqpe_nd.tasks.hybrid_data import SENTENCE_LEN, VOCAB, HybridDataConfig, example_batch, make_example, segments
+from seqpe_nd.tasks.recipes import hybrid
+from seqpe_nd.tasks.data.interleaved import SENTENCE_LEN, VOCAB, HybridDataConfig, example_batch, make_example, segments
 from seqpe_nd.tasks.recipes import get_recipe, load_config
-from seqpe_nd.tasks.trainer import train
-from seqpe_nd.tasks.vision_data import render
+from seqpe_nd.tasks.engine.trainer import train
+from seqpe_nd.tasks.data.vision import render
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "hybrid"
 SMOKE = sorted((CONFIGS / "smoke").glob("*.yaml"))

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks import lm
+from seqpe_nd.tasks.recipes import lm
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.cmd_compare import compare
-from seqpe_nd.tasks.trainer import train
+from seqpe_nd.tasks.cli.compare import compare
+from seqpe_nd.tasks.engine.trainer import train
 
 
 class Recorder(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from seqpe_nd.encoder import SeqPE, load_encoder, save_encoder
 from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.cmd_plot import similarity_1d, similarity_2d
+from seqpe_nd.tasks.cli.plot import similarity_1d, similarity_2d
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "positions"
 PNG = b"\x89PNG\r\n\x1a\n"

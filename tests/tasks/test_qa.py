@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from seqpe_nd.positions import GridSpace
 from seqpe_nd.positions.samplers import Shift
-from seqpe_nd.tasks import lm, qa, recipes
+from seqpe_nd.tasks.recipes import lm
+from seqpe_nd.tasks.recipes import qa
+from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.qa_data import IGNORE_INDEX, QAExample, collate_prompts, collate_train
-from seqpe_nd.tasks.text_data import train_bpe
-from seqpe_nd.tasks.trainer import TrainConfig, train
+from seqpe_nd.tasks.data.qa import IGNORE_INDEX, QAExample, collate_prompts, collate_train
+from seqpe_nd.tasks.data.text import train_bpe
+from seqpe_nd.tasks.engine.trainer import TrainConfig, train
 from tests.tasks.test_qa_data import DOCS
 
 REPO = Path(__file__).resolve().parents[2]

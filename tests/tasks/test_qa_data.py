@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from pydoc_data.topics import topics
 
-from seqpe_nd.tasks.qa_data import (
+from seqpe_nd.tasks.data.qa import (
     IGNORE_INDEX,
     PromptBuilder,
     PromptTooLong,
@@ -21,7 +21,7 @@ from seqpe_nd.tasks.qa_data import (
     plant,
     render_prompt,
 )
-from seqpe_nd.tasks.text_data import TextTokenizer, train_bpe
+from seqpe_nd.tasks.data.text import TextTokenizer, train_bpe
 
 DOCS = [topics[k] for k in sorted(topics)]  # part of the embedded text, available instantly
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from seqpe_nd.tasks import text_data as td
-from seqpe_nd.tasks.text_data import TextDataConfig, prepare_text
+from seqpe_nd.tasks.data import text as td
+from seqpe_nd.tasks.data.text import TextDataConfig, prepare_text
 
 WORDS = (
     "the position of a token is encoded by its digits and the encoder learns a smooth embedding "

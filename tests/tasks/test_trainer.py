@@ -15,7 +15,7 @@ from torch import nn
 
 from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.trainer import TrainConfig, TrainTask, lr_at, param_groups, train, train_or_reuse, unwrap
+from seqpe_nd.tasks.engine.trainer import TrainConfig, TrainTask, lr_at, param_groups, train, train_or_reuse, unwrap
 
 VOCAB, LENGTH = 32, 8
 

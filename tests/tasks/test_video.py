@@ -8,10 +8,10 @@ import torch
 import yaml
 
 from seqpe_nd.positions import GridSpace, load_space
-from seqpe_nd.tasks import video
+from seqpe_nd.tasks.recipes import video
 from seqpe_nd.tasks.recipes import get_recipe, load_config
-from seqpe_nd.tasks.trainer import train
-from seqpe_nd.tasks.video_data import VideoDataConfig, clip_batch, make_clip, render_clip
+from seqpe_nd.tasks.engine.trainer import train
+from seqpe_nd.tasks.data.video import VideoDataConfig, clip_batch, make_clip, render_clip
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "video"
 SMOKE = sorted((CONFIGS / "smoke").glob("*.yaml"))

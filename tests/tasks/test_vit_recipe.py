@@ -11,8 +11,8 @@ from PIL import Image
 
 from seqpe_nd.tasks.cli import main as cli_main
 from seqpe_nd.tasks.recipes import get_recipe, load_config, load_yaml
-from seqpe_nd.tasks.trainer import TrainConfig, train
-from seqpe_nd.tasks.vision_data import (
+from seqpe_nd.tasks.engine.trainer import TrainConfig, train
+from seqpe_nd.tasks.data.vision import (
     AugmentSettings,
     ImageSource,
     ProceduralSettings,
@@ -24,7 +24,7 @@ from seqpe_nd.tasks.vision_data import (
     make_scene,
     render,
 )
-from seqpe_nd.tasks.vit import ViTConfig, build_task, compare, default_resolutions, evaluate, parse_config
+from seqpe_nd.tasks.recipes.vit import ViTConfig, build_task, compare, default_resolutions, evaluate, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {

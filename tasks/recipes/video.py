@@ -1,11 +1,11 @@
 """The video recipe (``task: video``): the ViT adapter over a 3-D space of tubelet patches.
 
 Beyond the paper (which shows 1-D and 2-D): the same timm VisionTransformer and
-:class:`~seqpe_nd.tasks.vit.ViTWithPE` as the image recipe, with timm's ``embed_layer`` seam
-filled by :class:`~seqpe_nd.tasks.vit.TubeletEmbed`. The position space is a 3-D grid
+:class:`~seqpe_nd.tasks.recipes.vit.ViTWithPE` as the image recipe, with timm's ``embed_layer`` seam
+filled by :class:`~seqpe_nd.tasks.recipes.vit.TubeletEmbed`. The position space is a 3-D grid
 ``(frame, row, col)`` declared in YAML, and every method (NoPE, APE-sin 3-D, APE-learn with
 trilinear resampling, axial RoPE 3-D, SeqPE 3-D, ...) comes from the PE config alone: nothing
-here knows which one it holds. Clips come from :mod:`seqpe_nd.tasks.video_data`; the model is
+here knows which one it holds. Clips come from :mod:`seqpe_nd.tasks.data.video`; the model is
 trained at ``T`` frames × ``R`` pixels and evaluated at more frames and at larger frames.
 
 Legend: b batch, c channels, f frames, y/x pixels.
@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
-from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks.trainer import TrainConfig, unwrap
-from seqpe_nd.tasks.video_data import CLASSES, VideoDataConfig, clip_batch
-from seqpe_nd.tasks.vit import TubeletEmbed, ViTWithPE, create_vit, load_run_config
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
+from seqpe_nd.tasks.data.video import CLASSES, VideoDataConfig, clip_batch
+from seqpe_nd.tasks.recipes.vit import TubeletEmbed, ViTWithPE, create_vit, load_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
@@ -212,7 +212,7 @@ def accuracy(
 
 
 class VideoTask:
-    """TrainTask of the video recipe (see :class:`seqpe_nd.tasks.trainer.TrainTask`)."""
+    """TrainTask of the video recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
 
     def __init__(self, cfg: VideoConfig, run_dir: Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from seqpe_nd.tasks.checkpoint import atomic_write_bytes
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_bytes
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 EOS = "<|endoftext|>"

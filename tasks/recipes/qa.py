@@ -40,11 +40,11 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace
-from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, write_result
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks import lm
-from seqpe_nd.tasks.gpt2 import GPT2WithPE
-from seqpe_nd.tasks.qa_data import (
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, write_result
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.recipes import lm
+from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
+from seqpe_nd.tasks.data.qa import (
     IGNORE_INDEX,
     PromptBuilder,
     PromptTooLong,
@@ -56,8 +56,8 @@ from seqpe_nd.tasks.qa_data import (
     collate_train,
     make_example,
 )
-from seqpe_nd.tasks.text_data import TextDataConfig, TextTokenizer, first_sample, load_pretrained_tokenizer, prepare_text, sample_blocks
-from seqpe_nd.tasks.trainer import TrainConfig, unwrap
+from seqpe_nd.tasks.data.text import TextDataConfig, TextTokenizer, first_sample, load_pretrained_tokenizer, prepare_text, sample_blocks
+from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
 
 EVAL_PNG = "eval.png"
 BEST = "best"
@@ -331,7 +331,7 @@ def score_examples(
 # --- the task the training loop runs ----------------------------------------------------------------
 
 class QATask:
-    """TrainTask of the QA recipe (see :class:`seqpe_nd.tasks.trainer.TrainTask`)."""
+    """TrainTask of the QA recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
 
     def __init__(self, cfg: QAConfig, run_dir: Path | None = None, *, documents: Sequence[str] | None = None) -> None:
         if not cfg.resolved:

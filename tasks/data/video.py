@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor
 
-from seqpe_nd.tasks.vision_data import Scene, Shape, render
+from seqpe_nd.tasks.data.vision import Scene, Shape, render
 
 CLASSES: tuple[str, ...] = (
     "red first, on the left",

@@ -16,7 +16,7 @@ prompt, answer and the end-of-text token.
 Sources, both feeding the same builder:
 
 - :class:`EmbeddedQA` (default, no download): paragraphs of the LM recipe's embedded text
-  (:func:`seqpe_nd.tasks.text_data.embedded_documents`, split by document exactly as the LM corpus
+  (:func:`seqpe_nd.tasks.data.text.embedded_documents`, split by document exactly as the LM corpus
   is), each with one planted fact about a made-up name ("The code of Marlow is 4821."). Names are
   distinct within a prompt, so exactly one document answers the question; answers are short.
 - :class:`SquadQA`: SQuAD through ``datasets`` (hub, or SQuAD-format JSON files), paragraphs as
@@ -39,7 +39,7 @@ from jaxtyping import Int
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor
 
-from seqpe_nd.tasks.text_data import SPLITS, TextTokenizer, embedded_documents, split_documents
+from seqpe_nd.tasks.data.text import SPLITS, TextTokenizer, embedded_documents, split_documents
 
 IGNORE_INDEX = -100
 """Label of every token that is not part of the answer or its end-of-text token."""

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 # (command, module that registers it)
 COMMANDS: tuple[tuple[str, str], ...] = (
-    ("space", "seqpe_nd.tasks.cmd_space"),
-    ("train", "seqpe_nd.tasks.cmd_train"),
-    ("eval", "seqpe_nd.tasks.cmd_eval"),
-    ("compare", "seqpe_nd.tasks.cmd_compare"),
-    ("plot", "seqpe_nd.tasks.cmd_plot"),
+    ("space", "seqpe_nd.tasks.cli.space"),
+    ("train", "seqpe_nd.tasks.cli.train"),
+    ("eval", "seqpe_nd.tasks.cli.evaluate"),
+    ("compare", "seqpe_nd.tasks.cli.compare"),
+    ("plot", "seqpe_nd.tasks.cli.plot"),
 )
 
 
@@ -36,6 +36,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"seqpe-nd {args.command}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

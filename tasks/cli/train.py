@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from seqpe_nd.tasks.recipes import format_validation_error, get_recipe, load_config, train_config
-from seqpe_nd.tasks.trainer import run_dir_has_content, train
+from seqpe_nd.tasks.engine.trainer import run_dir_has_content, train
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:

@@ -1,9 +1,9 @@
 """The interleaved text + image recipe (``task: hybrid``): which image matches the sentence?
 
 Beyond the paper: one sequence interleaves text tokens and image patches
-(:mod:`seqpe_nd.tasks.hybrid_data`), and every method sees the same sequence through the same
+(:mod:`seqpe_nd.tasks.data.interleaved`), and every method sees the same sequence through the same
 PositionEncoding interface. The backbone is a small stack of timm ``Block``s whose attention is
-the ViT adapter's :class:`~seqpe_nd.tasks.vit.PEAttention` (timm's ``Attention`` with
+the ViT adapter's :class:`~seqpe_nd.tasks.recipes.vit.PEAttention` (timm's ``Attention`` with
 ``pe.attend`` in place of SDPA), over ``[text token embeddings | timm PatchEmbed patches]``
 placed in layout order. Each image's answer score is the mean of its patches' final features
 through one linear layer, so any number of images can be scored.
@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.positions import GridSpace, HybridSpace
-from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
-from seqpe_nd.tasks.hybrid_data import SENTENCE_LEN, VOCAB, HybridDataConfig, check_batch, example_batch, segments
-from seqpe_nd.tasks.trainer import TrainConfig, unwrap
-from seqpe_nd.tasks.video import load_space_source, load_trained, pick_device, validate_config
-from seqpe_nd.tasks.vit import PEAttention, _Forward, _Hub, load_run_config
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
+from seqpe_nd.tasks.data.interleaved import SENTENCE_LEN, VOCAB, HybridDataConfig, check_batch, example_batch, segments
+from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
+from seqpe_nd.tasks.recipes.video import load_space_source, load_trained, pick_device, validate_config
+from seqpe_nd.tasks.recipes.vit import PEAttention, _Forward, _Hub, load_run_config
 
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe", "positions")
 
@@ -260,7 +260,7 @@ def sequence_length(num_images: int, grid: Sequence[int]) -> int:
 
 
 class HybridTask:
-    """TrainTask of the hybrid recipe (see :class:`seqpe_nd.tasks.trainer.TrainTask`)."""
+    """TrainTask of the hybrid recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
 
     def __init__(self, cfg: HybridConfig, run_dir: Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir

@@ -37,7 +37,7 @@ from jaxtyping import Float, Int
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from torch import Tensor
 
-from seqpe_nd.tasks.vision_data import Scene, Shape, render
+from seqpe_nd.tasks.data.vision import Scene, Shape, render
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.95, 0.15, 0.1),

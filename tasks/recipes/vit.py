@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.encodings.base import PEState, PositionEncoding, ScoreMod
 from seqpe_nd.positions import GridSpace, load_space
-from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks.trainer import TrainConfig, unwrap
-from seqpe_nd.tasks.vision_data import ImageSource, Prefetcher, TrainBatches, VisionDataConfig, eval_images
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
+from seqpe_nd.tasks.data.vision import ImageSource, Prefetcher, TrainBatches, VisionDataConfig, eval_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_PNG = "eval.png"
@@ -571,7 +571,7 @@ def accuracy(
 
 
 class ViTTask:
-    """TrainTask of the ViT recipe (see :class:`seqpe_nd.tasks.trainer.TrainTask`)."""
+    """TrainTask of the ViT recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
 
     def __init__(self, cfg: ViTConfig, run_dir: Path | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir

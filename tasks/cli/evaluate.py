@@ -51,12 +51,12 @@ def run_eval(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:
         results[run_dir.name] = get_recipe(task_of(run_dir)).evaluate(run_dir, **options)
     if len(results) > 1 and {task_of(r) for r in args.run_dirs} == {"vit"}:
-        from seqpe_nd.tasks.vit import write_comparison as write_vit_comparison
+        from seqpe_nd.tasks.recipes.vit import write_comparison as write_vit_comparison
 
         write_vit_comparison(results, args.out, title="top-1 vs evaluation resolution")
         return 0
     if len(results) > 1:
-        from seqpe_nd.tasks.cmd_compare import write_comparison
+        from seqpe_nd.tasks.cli.compare import write_comparison
 
         if {task_of(r) for r in args.run_dirs} != {"lm"}:
             raise ValueError("comparing several runs is implemented for LM runs only")

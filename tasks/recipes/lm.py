@@ -30,11 +30,11 @@ from transformers import GPT2Config
 
 from seqpe_nd.encodings import APESinConfig, PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace, load_space
-from seqpe_nd.tasks.evaluation import EVAL_JSON as EVAL_JSON, write_result
-from seqpe_nd.tasks import checkpoint as ckpt
-from seqpe_nd.tasks.gpt2 import GPT2WithPE
-from seqpe_nd.tasks.text_data import TextCorpus, TextDataConfig, first_sample, prepare_text, sample_blocks
-from seqpe_nd.tasks.trainer import TrainConfig, unwrap
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, write_result
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
+from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, first_sample, prepare_text, sample_blocks
+from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVAL_PNG = "eval.png"
@@ -194,7 +194,7 @@ def perplexity(
 # --- the task the training loop runs --------------------------------------------------------------
 
 class LMTask:
-    """TrainTask of the LM recipe (see :class:`seqpe_nd.tasks.trainer.TrainTask`)."""
+    """TrainTask of the LM recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
 
     def __init__(self, cfg: LMConfig, run_dir: Path | None = None) -> None:
         self.cfg = cfg
@@ -415,7 +415,7 @@ def evaluate(
         "pe": cfg.pe.model_dump(mode="json"), "device": str(dev), "seconds": time.perf_counter() - t0, "lengths": rows,
     }
     if write:
-        from seqpe_nd.tasks.plots import plot_ppl
+        from seqpe_nd.tasks.engine.plots import plot_ppl
 
         write_result(run_dir, result)
         plot_ppl({run_dir.name: {int(k): v["ppl"] for k, v in rows.items()}}, run_dir / EVAL_PNG,

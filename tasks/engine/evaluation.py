@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks.engine import checkpoint as ckpt
 
 EVAL_JSON = "eval.json"
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks.engine import checkpoint as ckpt
 
 # Config sections that must match exactly when resuming: a different model cannot continue.
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")

@@ -1,7 +1,7 @@
 """Recipe registry and YAML run configs with dotted command-line overrides.
 
 A run config is one YAML file: a top-level ``task:`` naming the recipe, a ``train:`` section
-(:class:`~seqpe_nd.tasks.trainer.TrainConfig`) and whatever sections the recipe validates itself
+(:class:`~seqpe_nd.tasks.engine.trainer.TrainConfig`) and whatever sections the recipe validates itself
 (``model:``, ``pe:``, ``data:`` ...). A recipe module exposes::
 
     build_task(config: dict, run_dir: Path) -> TrainTask
@@ -18,15 +18,15 @@ from typing import Any, Protocol, cast, runtime_checkable
 import yaml
 from pydantic import ValidationError
 
-from seqpe_nd.tasks.trainer import TrainConfig, TrainTask
+from seqpe_nd.tasks.engine.trainer import TrainConfig, TrainTask
 
 # task name -> module implementing it
 RECIPES: dict[str, str] = {
-    "lm": "seqpe_nd.tasks.lm",
-    "vit": "seqpe_nd.tasks.vit",
-    "qa": "seqpe_nd.tasks.qa",
-    "video": "seqpe_nd.tasks.video",
-    "hybrid": "seqpe_nd.tasks.hybrid",
+    "lm": "seqpe_nd.tasks.recipes.lm",
+    "vit": "seqpe_nd.tasks.recipes.vit",
+    "qa": "seqpe_nd.tasks.recipes.qa",
+    "video": "seqpe_nd.tasks.recipes.video",
+    "hybrid": "seqpe_nd.tasks.recipes.hybrid",
 }
 
 

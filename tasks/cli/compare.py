@@ -1,7 +1,7 @@
 """``seqpe-nd compare CONFIG --methods nope ape_sin ... [--out DIR]``: Table 1 on your own config.
 
 Trains one run per method preset (the preset sets the ``pe`` section of CONFIG, see
-:data:`seqpe_nd.tasks.lm.METHOD_PRESETS`), same steps and seed, evaluates each, and prints one
+:data:`seqpe_nd.tasks.recipes.lm.METHOD_PRESETS`), same steps and seed, evaluates each, and prints one
 table; ``DIR/compare.json``, ``compare.md`` and ``compare.png`` hold the results. Finished runs
 are reused, interrupted ones resumed, so rerunning the command continues where it stopped.
 ``--jobs N`` trains N methods at once, each in its own process on one CPU thread (tiny models
@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from seqpe_nd.tasks import checkpoint as ckpt
+from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.recipes import load_config, train_config
 
 TABLE1 = ("nope", "ape_sin", "ape_learn", "rope", "rope-1e6", "rope-1e8", "alibi", "seqpe")
@@ -41,8 +41,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def _train_seconds(config: dict[str, Any], run_dir: Path, threads: int | None) -> float:
     """Train (or reuse) one method's run; returns its training wall time (a finished run keeps its own)."""
     import torch
-    from seqpe_nd.tasks import lm
-    from seqpe_nd.tasks.trainer import train_or_reuse
+    from seqpe_nd.tasks.recipes import lm
+    from seqpe_nd.tasks.engine.trainer import train_or_reuse
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -60,7 +60,7 @@ def compare(
     jobs: int = 1,
 ) -> dict[str, Any]:
     """Train (or reuse) and evaluate one run per method preset; write and return the comparison."""
-    from seqpe_nd.tasks import lm  # heavy (transformers): imported when a comparison runs, not for --help
+    from seqpe_nd.tasks.recipes import lm  # heavy (transformers): imported when a comparison runs, not for --help
 
     if jobs < 1:
         raise ValueError(f"--jobs {jobs} is not allowed; it must be a positive integer")
@@ -85,8 +85,8 @@ def compare(
 
 def write_comparison(results: dict[str, dict[str, Any]], out: Path | None, *, title: str) -> dict[str, Any]:
     """Print one table; with ``out``, write compare.json, compare.md and compare.png there (atomically)."""
-    from seqpe_nd.tasks import lm
-    from seqpe_nd.tasks.plots import plot_ppl
+    from seqpe_nd.tasks.recipes import lm
+    from seqpe_nd.tasks.engine.plots import plot_ppl
 
     rows = lm.summarize(results)
     md = lm.print_summary(rows, title)
