@@ -3,7 +3,7 @@
 from seqpe_nd.positions.digits import from_digits, num_digits, perturb_digits, to_digits
 from seqpe_nd.positions.distances import Distance, get_distance, list_distances, register_distance
 from seqpe_nd.positions.samplers import ContrastiveBatch, OODBatch, Shift
-from seqpe_nd.positions.settings import STRATEGIES, ContrastiveSettings, OODSettings, ShiftSettings
+from seqpe_nd.positions.settings import STRATEGIES, ContrastiveSettings, Frozen, OODSettings, ShiftSettings
 from seqpe_nd.positions.spaces import (
     NONE_ID,
     GridSpace,
@@ -20,7 +20,7 @@ from seqpe_nd.positions.spaces import (
 AnySpace = GridSpace | HybridSpace
 
 __all__ = [
-    "NONE_ID", "STRATEGIES", "AnySpace", "ContrastiveBatch", "ContrastiveSettings", "Distance", "GridSpace",
+    "NONE_ID", "STRATEGIES", "AnySpace", "ContrastiveBatch", "ContrastiveSettings", "Distance", "Frozen", "GridSpace",
     "HybridSpace", "Layout", "Modality", "OODBatch", "OODSettings", "PositionSpace", "Segment", "Shift",
     "ShiftSettings", "Timeline", "from_digits", "get_distance", "list_distances", "load_space", "num_digits",
     "parse_segments", "perturb_digits", "register_distance", "to_digits",

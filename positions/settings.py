@@ -10,6 +10,8 @@ STRATEGIES: tuple[Strategy, ...] = ("global", "global_hard", "local")
 
 
 class Frozen(BaseModel):
+    """The one base of every config section: frozen, unknown fields rejected, attribute docstrings as descriptions."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 

@@ -25,6 +25,7 @@ from seqpe_nd.encodings.config import (
     load_pe_config,
 )
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
+from seqpe_nd.encodings.prefixed import PrefixedEncoding, PrefixState
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "PEConfig",
     "PEState",
     "PositionEncoding",
+    "PrefixState",
+    "PrefixedEncoding",
     "RoPE",
     "RoPEAxial",
     "RoPEAxialConfig",

@@ -7,31 +7,28 @@ another method is an error naming the field, and an unknown ``method`` lists the
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, field_validator
+from pydantic import BaseModel, Field, PositiveInt, TypeAdapter, field_validator
 
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE, default_interpolation
 from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
-from seqpe_nd.positions import GridSpace, HybridSpace, get_distance
+from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, get_distance
 from seqpe_nd.positions.spaces import read_yaml_mapping
 
-
-class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 Backend = Literal["auto", "flex", "bias"]
 
 
-class NoPEConfig(_Config):
+class NoPEConfig(Frozen):
     """No position encoding."""
 
     method: Literal["nope"] = "nope"
 
 
-class APESinConfig(_Config):
+class APESinConfig(Frozen):
     """Sinusoidal APE added to the input embeddings; N-D: per-axis sinusoids concatenated."""
 
     method: Literal["ape_sin"] = "ape_sin"
@@ -44,7 +41,7 @@ class APESinConfig(_Config):
     0.02); at 1.0 the ±1 sinusoids are ~35× the tokens and swamp them. Give a value to override."""
 
 
-class APELearnConfig(_Config):
+class APELearnConfig(Frozen):
     """Learned APE table, resampled beyond its extent (linear 1-D, bicubic 2-D, trilinear 3-D)."""
 
     method: Literal["ape_learn"] = "ape_learn"
@@ -63,7 +60,7 @@ class APELearnConfig(_Config):
         return (value,) if isinstance(value, int) else value
 
 
-class RoPEConfig(_Config):
+class RoPEConfig(Frozen):
     """RoPE on 1-D positions (use rope_axial or rope_mixed for N-D)."""
 
     method: Literal["rope"] = "rope"
@@ -71,7 +68,7 @@ class RoPEConfig(_Config):
     """Frequency base θ; larger rotates slower."""
 
 
-class RoPEAxialConfig(_Config):
+class RoPEAxialConfig(Frozen):
     """Axial RoPE (Heo et al. RoPE2D, any dims): head dim split across axes."""
 
     method: Literal["rope_axial"] = "rope_axial"
@@ -79,7 +76,7 @@ class RoPEAxialConfig(_Config):
     """Frequency base; Heo et al. use 100 for ViTs (10000 makes it RoPE in 1-D)."""
 
 
-class RoPEMixedConfig(_Config):
+class RoPEMixedConfig(Frozen):
     """RoPE-Mixed (Heo et al.): learnable per-head frequency vectors mixing the axes."""
 
     method: Literal["rope_mixed"] = "rope_mixed"
@@ -89,7 +86,7 @@ class RoPEMixedConfig(_Config):
     """One set of frequencies per layer (Heo et al.), or one shared by all layers."""
 
 
-class MultimodalRoPEConfig(_Config):
+class MultimodalRoPEConfig(Frozen):
     """M-RoPE (Qwen2-VL): RoPE's bands split across (time, row, col); text gets one id on every axis."""
 
     method: Literal["mrope"] = "mrope"
@@ -99,7 +96,7 @@ class MultimodalRoPEConfig(_Config):
     """Frequency bands per axis (timeline first), summing to head_dim/2; default Qwen2-VL's 1/4, 3/8, 3/8 split."""
 
 
-class ALiBiConfig(_Config):
+class ALiBiConfig(Frozen):
     """ALiBi on 1-D positions with Press et al.'s slopes (use alibi_nd for N-D)."""
 
     method: Literal["alibi"] = "alibi"
@@ -107,7 +104,7 @@ class ALiBiConfig(_Config):
     """Where the bias runs: auto = FlexAttention on CUDA, one dense bias elsewhere; flex; bias."""
 
 
-class ALiBiNDConfig(_Config):
+class ALiBiNDConfig(Frozen):
     """ALiBi on any space: bias -m_h · δ(p_q, p_k) with a distance."""
 
     method: Literal["alibi_nd"] = "alibi_nd"
@@ -124,7 +121,7 @@ class ALiBiNDConfig(_Config):
         return name
 
 
-class SeqPEConfig(_Config):
+class SeqPEConfig(Frozen):
     """SeqPE: a learned sequential encoder of position digits, plus its regularizers."""
 
     method: Literal["seqpe"] = "seqpe"

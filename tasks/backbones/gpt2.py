@@ -22,18 +22,22 @@ Legend: b batch, n query tokens, m key tokens, h heads, e head dim, d model dim,
 per position (1 for text), v vocabulary.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
+from seqpe_nd.encodings import APESinConfig, PEConfig, build_position_encoding
 from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.positions import Frozen, GridSpace
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
 """Name under which the attention and mask functions are registered with transformers."""
@@ -257,3 +261,52 @@ class GPT2WithPE(GPT2LMHeadModel):
             pe_aux_loss=getattr(state, "aux_loss", None),
             pe_logs=getattr(state, "logs", None),
         )
+
+
+class GPT2Settings(Frozen):
+    """The GPT-2 backbone (``model:``); the vocabulary comes from the tokenizer."""
+
+    n_layer: PositiveInt = 12
+    """Transformer blocks."""
+    n_head: PositiveInt = 12
+    """Attention heads per block."""
+    n_embd: PositiveInt = 768
+    """Model width; divisible by n_head."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Residual, embedding and attention dropout (the paper: 0.1)."""
+    block_size: PositiveInt = 512
+    """Training length L in tokens; must equal the position space's L."""
+    init_std: float = Field(0.02, gt=0.0)
+    """Std of GPT-2's normal weight init (``initializer_range``)."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "GPT2Settings":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd = {self.n_embd} must be divisible by n_head = {self.n_head}")
+        return self
+
+
+def gpt2_config(settings: GPT2Settings, *, vocab_size: int, eos_id: int) -> GPT2Config:
+    """The stock ``GPT2Config`` of the backbone (``n_positions`` only documents the training length)."""
+    return GPT2Config(
+        vocab_size=vocab_size, n_positions=settings.block_size, n_embd=settings.n_embd, n_layer=settings.n_layer,
+        n_head=settings.n_head, resid_pdrop=settings.dropout, embd_pdrop=settings.dropout,
+        attn_pdrop=settings.dropout, initializer_range=settings.init_std,
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+    )
+
+
+def build_gpt2(settings: GPT2Settings, pe_config: PEConfig, space: GridSpace, *, vocab_size: int, eos_id: int) -> "GPT2WithPE":
+    """A randomly initialised GPT-2 whose positions come from ``pe_config`` on ``space``.
+
+    An APE-sin without a ``scale`` gets the sinusoid RMS (1/√2 per coordinate) matched to GPT-2's
+    N(0, init_std) token embeddings, i.e. amplitude init_std·√2 (see ``APESinConfig.scale``).
+    """
+    if isinstance(pe_config, APESinConfig) and pe_config.scale is None:
+        pe_config = pe_config.model_copy(update={"scale": settings.init_std * math.sqrt(2.0)})
+    m = settings
+    pe = build_position_encoding(
+        pe_config, space=space, num_heads=m.n_head, head_dim=m.n_embd // m.n_head, num_layers=m.n_layer,
+        d_model=m.n_embd,
+    )
+    return GPT2WithPE(gpt2_config(m, vocab_size=vocab_size, eos_id=eos_id), pe)

@@ -6,10 +6,10 @@ prints one comparison table and writes ``--out``'s JSON and PNG.
 """
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from seqpe_nd.tasks.engine.evaluation import read_run_config
 from seqpe_nd.tasks.recipes import get_recipe
 
 
@@ -34,31 +34,21 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def task_of(run_dir: Path) -> str:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.json; is it a training run directory?")
-    task = json.loads(path.read_text()).get("task")
+    task = read_run_config(run_dir).get("task")
     if not task:
-        raise ValueError(f"{path} has no 'task' field")
+        raise ValueError(f"{run_dir}/config.json has no 'task' field")
     return str(task)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {"lengths": args.lengths, "split": args.split, "max_tokens": args.max_tokens, "device": args.device}
+    options: dict[str, Any] = {"lengths": args.lengths, "split": args.split, "max_tokens": args.max_tokens}
     options |= {"resolutions": args.resolutions, "max_images": args.max_images}  # ViT
     options = {k: v for k, v in options.items() if v is not None}
-    results = {}
-    for run_dir in args.run_dirs:
-        results[run_dir.name] = get_recipe(task_of(run_dir)).evaluate(run_dir, **options)
-    if len(results) > 1 and {task_of(r) for r in args.run_dirs} == {"vit"}:
-        from seqpe_nd.tasks.recipes.vit import write_comparison as write_vit_comparison
-
-        write_vit_comparison(results, args.out, title="top-1 vs evaluation resolution")
-        return 0
+    tasks = {task_of(r) for r in args.run_dirs}
+    if len(tasks) > 1:
+        raise ValueError(f"runs of different tasks {sorted(tasks)} cannot be compared; evaluate them one task at a time")
+    recipe = get_recipe(tasks.pop())
+    results = {run_dir.name: recipe.evaluate(run_dir, device=args.device, **options) for run_dir in args.run_dirs}
     if len(results) > 1:
-        from seqpe_nd.tasks.cli.compare import write_comparison
-
-        if {task_of(r) for r in args.run_dirs} != {"lm"}:
-            raise ValueError("comparing several runs is implemented for LM runs only")
-        write_comparison(results, args.out, title="perplexity vs evaluation length")
+        recipe.write_comparison(results, args.out, title=f"{recipe.metric[1]} vs evaluation size")
     return 0

@@ -63,10 +63,7 @@ def similarity_2d(encoder: SeqPE, extent: tuple[int, int]) -> tuple[list[tuple[i
 
 
 def run_similarity(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from seqpe_nd.tasks.engine.plots import plt, save_figure  # matplotlib only when a figure is drawn
 
     if args.encoder is not None:
         encoder = load_encoder(args.encoder)
@@ -111,8 +108,7 @@ def run_similarity(args: argparse.Namespace) -> int:
             fig.colorbar(im, ax=ax, fraction=0.046)
         fig.suptitle(f"SeqPE: dot product of five positions with the {extent[0]}x{extent[1]} grid ({title})")
         path = out / "similarity-2d.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     print(f"wrote {path}")
     return 0
 

@@ -8,9 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from seqpe_nd.tasks.recipes import format_validation_error, get_recipe, load_config, train_config
+from seqpe_nd.tasks.recipes import get_recipe, load_config
 from seqpe_nd.tasks.engine.trainer import run_dir_has_content, train
 
 
@@ -48,12 +46,8 @@ def run_train(args: argparse.Namespace) -> int:
             f"run directory {run_dir} is not empty; pass --resume to continue it or choose another --run-dir"
         )
 
-    cfg = train_config(config)
-    try:
-        task = get_recipe(config["task"]).build_task(config, run_dir)
-    except ValidationError as err:
-        raise ValueError(f"{args.config}: {format_validation_error(err)}") from None
-    result = train(task, cfg, run_dir, resume=args.resume)
+    task = get_recipe(config.task).build_task(config, run_dir)
+    result = train(task, config.train, run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "step")
         print(f"{run_dir}: step {int(result['step'])}" + (f", {shown}" if shown else ""))

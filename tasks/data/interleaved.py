@@ -34,9 +34,10 @@ from typing import Literal
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch import Tensor
 
+from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.data.vision import Scene, Shape, render
 
 COLORS: dict[str, tuple[float, float, float]] = {
@@ -63,10 +64,8 @@ MEAN, STD = 0.3, 0.25
 """Pixel normalisation of the rendered images (values in [0, 1])."""
 
 
-class HybridDataConfig(BaseModel):
+class HybridDataConfig(Frozen):
     """The procedural matching examples (``data:`` of a hybrid recipe)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     question: Literal["colour", "place", "sentence"] = "colour"
     """colour: which candidate's shape has the colour of the first (reference) image's; place:

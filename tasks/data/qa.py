@@ -36,9 +36,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 from jaxtyping import Int
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor
 
+from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.data.text import SPLITS, TextTokenizer, embedded_documents, split_documents
 
 IGNORE_INDEX = -100
@@ -236,11 +237,8 @@ def make_example(
     return builder.build(source.item(split, index, rng), budget=budget, depth=depth)
 
 
-class _DataSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-
-class QADataConfig(_DataSection):
+class QADataConfig(Frozen):
     """Where questions and documents come from (the ``data:`` section of a QA run)."""
 
     source: Literal["embedded", "hf", "files"] = "embedded"

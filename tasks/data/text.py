@@ -30,11 +30,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from jaxtyping import Int
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_bytes
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -45,10 +46,8 @@ _SYNSET_LINES_PER_DOC = 64
 _ENCODE_BATCH = 1024  # documents per encode_batch call; bounds memory while tokenizing
 
 
-class TextDataConfig(BaseModel):
+class TextDataConfig(Frozen):
     """Where the text comes from, how it is tokenized and split (the ``data:`` section of a recipe)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     source: Literal["embedded", "hf", "files"] = "embedded"
     """``embedded``: text shipped with Python and timm; ``hf``: a Hugging Face data set; ``files``: local text files."""

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import Field, PositiveInt
 from torch import Tensor
 
+from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.data.vision import Scene, Shape, render
 
 CLASSES: tuple[str, ...] = (
@@ -41,10 +42,8 @@ MEAN, STD = 0.3, 0.25
 """Pixel normalisation of the rendered clips (values in [0, 1])."""
 
 
-class VideoDataConfig(BaseModel):
+class VideoDataConfig(Frozen):
     """The procedural clips (``data:`` of a video recipe)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     distractors: int = Field(1, ge=0, le=4)
     """Grey shapes, shown all clip long, that carry no label information."""

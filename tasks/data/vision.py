@@ -30,8 +30,10 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor
+
+from seqpe_nd.positions import Frozen
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,11 +44,7 @@ RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")
 """Procedural classes: where the red shape lies relative to the blue one."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class ProceduralSettings(_Section):
+class ProceduralSettings(Frozen):
     """The embedded procedural data set (``data.procedural``)."""
 
     classes: Literal[2, 4] = 4
@@ -59,7 +57,7 @@ class ProceduralSettings(_Section):
     """Std of per-pixel noise (drawn per rendered size, so it is not part of the scene)."""
 
 
-class AugmentSettings(_Section):
+class AugmentSettings(Frozen):
     """Train-time augmentation by timm (``data.augment``).
 
     DeiT: rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, smoothing 0.1."""
@@ -96,7 +94,7 @@ class AugmentSettings(_Section):
         return self.mixup > 0 or self.cutmix > 0
 
 
-class VisionDataConfig(_Section):
+class VisionDataConfig(Frozen):
     """Where images come from (``data:``)."""
 
     source: Literal["procedural", "imagefolder", "hf"] = "procedural"

@@ -1,9 +1,11 @@
-"""Pieces every recipe's ``evaluate`` shares: option checks, the classification loop, the result file.
+"""What every recipe's evaluation shares: the device, a trained run's config and weights, the
+classification loop, tables, and the result file.
 
 Legend: ``b`` batch, ``k`` classes.
 """
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -12,18 +14,48 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 
 EVAL_JSON = "eval.json"
+RUN_CONFIG = "config.json"
 
 
 def reject_unknown_options(recipe: str, options: Mapping[str, Any], allowed: Sequence[str]) -> None:
     """``evaluate(**options)`` receives every CLI flag; one this recipe has no use for is an error, unless unset."""
-    given = sorted(k for k, v in options.items() if v is not None)
+    given = sorted(k for k, v in options.items() if v is not None and k not in allowed)
     if given:
         raise ValueError(f"the {recipe} recipe's evaluate() has no option(s) {given}; allowed: {', '.join(allowed)}")
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else the CPU; anything else as named."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config a training run saved (``run_dir/config.json``)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {RUN_CONFIG}; is it a training run directory?")
+    return json.loads(path.read_text())
+
+
+def load_weights_checked(
+    model: nn.Module, found: Path, expected: Mapping[str, Any], sections: Sequence[str]
+) -> nn.Module:
+    """``model`` with the weights of checkpoint ``found``, in eval mode.
+
+    A checkpoint whose ``sections`` differ from ``expected`` (the config ``model`` was built from)
+    raises a ValueError naming each differing field before any weight is read.
+    """
+    saved = json.loads((Path(found) / RUN_CONFIG).read_text())
+    ckpt.check_config(expected, {k: v for k, v in saved.items() if k != "train"}, tuple(sections))
+    ckpt.load_weights(model, found)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -59,3 +91,26 @@ def write_result(run_dir: Path, result: Mapping[str, Any]) -> Path:
     path = Path(run_dir) / EVAL_JSON
     ckpt.atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     return path
+
+
+def fmt(x: float | None, digits: int = 2) -> str:
+    """A table cell: ``-`` for a missing value, 3 significant digits from 10 000 up."""
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if abs(x) >= 1e4 else f"{x:.{digits}f}"
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Print a rich table (first column left-aligned, numbers right) and return it as Markdown."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    md = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for cells in rows:
+        table.add_row(*cells)
+        md.append("| " + " | ".join(cells) + " |")
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs: wide enough for every column
+    return "\n".join(md) + "\n"

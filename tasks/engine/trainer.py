@@ -24,10 +24,11 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 
 # Config sections that must match exactly when resuming: a different model cannot continue.
@@ -81,10 +82,8 @@ class TrainTask(Protocol):
         ...
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(Frozen):
     """Optimisation and bookkeeping of one training run (the ``train:`` section of a recipe YAML)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     steps: int = Field(1000, ge=0)
     """Optimizer steps in total."""
@@ -374,7 +373,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         start = 0
         found = ckpt.latest_checkpoint(run_dir) if resume else None
         if found is not None:
-            state = ckpt.load_checkpoint(found, expected_config=config, strict_sections=STRICT_SECTIONS)
+            sections = getattr(task, "strict_sections", STRICT_SECTIONS)  # a recipe may add its own (hybrid: positions)
+            state = ckpt.load_checkpoint(found, expected_config=config, strict_sections=tuple(sections))
             other = ckpt.diff_configs(config, state.config)
             if state.state["world"] != world:
                 raise ValueError(

@@ -23,8 +23,6 @@ Legend: b batch, n tokens, t generated tokens, v vocabulary.
 
 import json
 import math
-import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,16 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError, model_validator
+from pydantic import PositiveInt, model_validator
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, pe_metrics
-from seqpe_nd.positions import GridSpace, HybridSpace
-from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, write_result
-from seqpe_nd.tasks.engine import checkpoint as ckpt
-from seqpe_nd.tasks.recipes import lm
-from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
+from seqpe_nd.encodings import PEConfig, load_pe_config
+from seqpe_nd.positions import Frozen, GridSpace, load_space
+from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, GPT2WithPE, build_gpt2
 from seqpe_nd.tasks.data.qa import (
     IGNORE_INDEX,
     PromptBuilder,
@@ -56,22 +51,28 @@ from seqpe_nd.tasks.data.qa import (
     collate_train,
     make_example,
 )
-from seqpe_nd.tasks.data.text import TextDataConfig, TextTokenizer, first_sample, load_pretrained_tokenizer, prepare_text, sample_blocks
-from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
+from seqpe_nd.tasks.data.text import (
+    TextDataConfig,
+    TextTokenizer,
+    first_sample,
+    load_pretrained_tokenizer,
+    prepare_text,
+    sample_blocks,
+)
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.evaluation import read_run_config
+from seqpe_nd.tasks.engine.trainer import unwrap
+from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
+from seqpe_nd.tasks.recipes.config import RunConfig, Space
 
-EVAL_PNG = "eval.png"
 BEST = "best"
 """Sub-directory of a QA run holding the checkpoint with the best validation answer perplexity."""
-# Sections that must match an LM run (and, on resume, the QA run's own checkpoint).
+# Sections that must match an LM run (and, on resume or evaluation, the QA run's own checkpoint).
 INHERITED: tuple[str, ...] = ("model", "space", "pe", "lm_data")
 _NEXT_TRIES = 64  # training: an example too long for the budget gives way to the next index
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class QAEvalSettings(_Section):
+class QAEvalSettings(Frozen):
     """Evaluation (``eval:``) and the validation run during training."""
 
     lengths: list[PositiveInt] | None = None
@@ -90,7 +91,7 @@ class QAEvalSettings(_Section):
     """Which weights ``evaluate`` loads: the best validation answer perplexity, or the last step."""
 
 
-class QAConfig(_Section):
+class QAConfig(RunConfig):
     """A whole QA fine-tuning run: one YAML file with ``task: qa``."""
 
     task: Literal["qa"] = "qa"
@@ -98,10 +99,10 @@ class QAConfig(_Section):
     """LM run directory whose latest checkpoint is fine-tuned."""
     init_checkpoint: str | None = None
     """Filled in by the recipe: the checkpoint directory actually loaded (provenance)."""
-    model: lm.GPT2Settings | None = None
+    model: GPT2Settings | None = None
     """None: the LM run's; given: must equal it."""
-    space: dict[str, Any] | str | None = None
-    """None: the LM run's; given: must equal it (a YAML path or a mapping)."""
+    space: Space | None = None
+    """None: the LM run's; given: must equal it (inline, or a YAML path as in RunConfig.space)."""
     pe: PEConfig | None = None
     """None: the LM run's; given: must equal it field by field."""
     lm_data: TextDataConfig | None = None
@@ -111,7 +112,6 @@ class QAConfig(_Section):
     random_shift: bool | None = None
     """Random start shifts as in LM training (App. A.5); None: as the LM run."""
     data: QADataConfig = QADataConfig()
-    train: TrainConfig = TrainConfig()
     eval: QAEvalSettings = QAEvalSettings()
 
     @model_validator(mode="after")
@@ -125,27 +125,34 @@ class QAConfig(_Section):
         return None not in (self.model, self.space, self.pe, self.lm_data, self.context_length, self.random_shift)
 
 
-def parse_config(config: dict[str, Any] | QAConfig) -> QAConfig:
-    """Validate a run config; errors name the dotted field path."""
-    if isinstance(config, QAConfig):
-        return config
-    try:
-        return QAConfig.model_validate(config)
-    except ValidationError as err:
-        from seqpe_nd.tasks.recipes import format_validation_error
-
-        raise ValueError(format_validation_error(err)) from None
-
-
 def _comparable(section: str, value: Any) -> Any:
     if value is None:
         return None
-    if section == "space":
-        return lm.resolve_space(value).model_dump(mode="json")
     dumped = value.model_dump(mode="json")
     if section == "lm_data":
         dumped.pop("cache_dir", None)  # where the cache lives does not change the tokenizer
     return dumped
+
+
+def read_lm_run(init: Path) -> tuple[Path, dict[str, Any]]:
+    """The latest checkpoint of an LM run and the sections a QA run inherits from it (typed)."""
+    if not (init / "config.json").is_file():
+        raise FileNotFoundError(f"init_from: {init} has no config.json; it must be an LM training run directory")
+    task = read_run_config(init).get("task")
+    if task != "lm":
+        raise ValueError(f"init_from: {init} is a {task!r} run; allowed: an 'lm' run")
+    found = ckpt.latest_checkpoint(init)
+    if found is None:
+        raise FileNotFoundError(f"init_from: no complete checkpoint in {init}")
+    raw = json.loads((found / "config.json").read_text())
+    sections = {
+        "model": GPT2Settings.model_validate(raw["model"]),
+        "space": load_space(raw["space"]),
+        "pe": load_pe_config(raw["pe"]),
+        "lm_data": TextDataConfig.model_validate(raw["data"]),
+        "random_shift": bool(raw.get("random_shift", True)),
+    }
+    return found, sections
 
 
 def resolve_config(cfg: QAConfig) -> QAConfig:
@@ -154,35 +161,21 @@ def resolve_config(cfg: QAConfig) -> QAConfig:
     Raises a ValueError naming each differing field (``pe.base: LM run has 10000.0, config has 1000000.0``).
     """
     init = Path(cfg.init_from)
-    config_file = init / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"init_from: {init} has no config.json; it must be an LM training run directory")
-    raw = json.loads(config_file.read_text())
-    if raw.get("task") != "lm":
-        raise ValueError(f"init_from: {init} is a {raw.get('task')!r} run; allowed: an 'lm' run")
-    found = ckpt.latest_checkpoint(init)
-    if found is None:
-        raise FileNotFoundError(f"init_from: no complete checkpoint in {init}")
-    lm_cfg = lm.parse_config(json.loads((found / "config.json").read_text()))
-    theirs = {"model": lm_cfg.model, "space": lm_cfg.space, "pe": lm_cfg.pe, "lm_data": lm_cfg.data}
+    found, theirs = read_lm_run(init)
     diffs: list[str] = []
-    for section, mine in (("model", cfg.model), ("space", cfg.space), ("pe", cfg.pe), ("lm_data", cfg.lm_data)):
+    for section in INHERITED:
+        mine = getattr(cfg, section)
         if mine is None:
             continue
         a, b = _comparable(section, mine), _comparable(section, theirs[section])
-        diffs += [
-            d.replace("checkpoint has", "LM run has") for d in ckpt.diff_configs({section: a}, {section: b})
-        ]
+        diffs += [d.replace("checkpoint has", "LM run has") for d in ckpt.diff_configs({section: a}, {section: b})]
     if diffs:
         raise ValueError(f"init_from: {init} does not match this config: " + "; ".join(diffs))
     return cfg.model_copy(update={
         "init_checkpoint": str(found.resolve()),
-        "model": lm_cfg.model,
-        "space": lm.resolve_space(lm_cfg.space).model_dump(mode="json"),
-        "pe": lm_cfg.pe,
-        "lm_data": lm_cfg.data,
-        "context_length": cfg.context_length or 2 * lm_cfg.model.block_size,
-        "random_shift": lm_cfg.random_shift if cfg.random_shift is None else cfg.random_shift,
+        **{s: theirs[s] for s in INHERITED},
+        "context_length": cfg.context_length or 2 * theirs["model"].block_size,
+        "random_shift": theirs["random_shift"] if cfg.random_shift is None else cfg.random_shift,
     })
 
 
@@ -328,23 +321,27 @@ def score_examples(
     return out
 
 
-# --- the task the training loop runs ----------------------------------------------------------------
+# --- the recipe ------------------------------------------------------------------------------------
 
-class QATask:
-    """TrainTask of the QA recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
+class QARecipe(Recipe[QAConfig]):
+    """Fine-tuning an LM run on multi-document QA; evaluated by answer perplexity and EM at longer contexts."""
+
+    task = "qa"
+    config_type = QAConfig
+    strict_sections = ("task", *INHERITED)
+    main_loss = "answer_loss"
+    eval_options = ("lengths", "split", "num_examples", "max_tokens", "checkpoint", "documents")
+    constructor_options = ("documents",)
+    rows_key = "lengths"
+    metric = ("em", "EM %")
 
     def __init__(self, cfg: QAConfig, run_dir: Path | None = None, *, documents: Sequence[str] | None = None) -> None:
         if not cfg.resolved:
-            raise ValueError("QATask needs a resolved config (see resolve_config)")
-        self.cfg = cfg
-        self.run_dir = None if run_dir is None else Path(run_dir)
-        assert cfg.model is not None and cfg.lm_data is not None and cfg.space is not None and cfg.context_length
+            raise ValueError("the QA recipe needs a resolved config (see resolve_config)")
+        super().__init__(cfg, run_dir)
+        assert cfg.model is not None and cfg.lm_data is not None and cfg.pe is not None and cfg.context_length
         self.context_length: int = cfg.context_length
-        self.lm_cfg = lm.LMConfig(model=cfg.model, data=cfg.lm_data, space=cfg.space, pe=cfg.pe,
-                                  random_shift=bool(cfg.random_shift))
-        self.space: GridSpace | HybridSpace = lm.resolve_space(cfg.space)
-        if not isinstance(self.space, GridSpace) or self.space.ndim != 1:
-            raise ValueError(f"space: the QA recipe needs a 1-D grid space, got {self.space.kind} with width {self.space.width}")
+        self.space: GridSpace = cfg.grid_space(1)
         self.tokenizer = load_tokenizer(cfg.lm_data)
         self.source: QASource = build_source(cfg.data, documents=documents)
         self.builder = PromptBuilder(self.tokenizer)
@@ -373,12 +370,24 @@ class QATask:
         return out, skipped
 
     # -- TrainTask --------------------------------------------------------------------------
+    def fresh_model(self) -> GPT2WithPE:
+        """The LM run's architecture and PE, randomly initialised."""
+        assert self.cfg.model is not None and self.cfg.pe is not None
+        tok = self.tokenizer
+        return build_gpt2(self.cfg.model, self.cfg.pe, self.space, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
+
     def build_model(self) -> GPT2WithPE:
         """The LM run's architecture and PE, with its checkpoint's weights (fp32, CPU)."""
         assert self.cfg.init_checkpoint is not None
-        model = lm.build_model(self.lm_cfg, self.space, vocab_size=self.tokenizer.vocab_size, eos_id=self.tokenizer.eos_id)
+        model = self.fresh_model()
         ckpt.load_weights(model, Path(self.cfg.init_checkpoint))
         return model
+
+    def load_trained(self, checkpoint: Path | None = None) -> nn.Module:
+        from seqpe_nd.tasks.engine.evaluation import load_weights_checked
+
+        assert checkpoint is not None
+        return load_weights_checked(self.fresh_model(), checkpoint, self.config_dict(), self.strict_sections)
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t = self.cfg.train
@@ -398,25 +407,20 @@ class QATask:
                                  f"context_length = {self.cfg.context_length}; raise it")
         return collate_train(examples, self.tokenizer.eos_id)
 
-    def loss(
-        self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+    def shift_extent(self, model: nn.Module, batch: dict[str, Tensor]) -> list[int]:
+        return [batch["input_ids"].shape[1]]
+
+    def step(
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+    ) -> StepOutput:
         ids = batch["input_ids"]  # (b, n), right-padded
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
-        shifted = False
-        if self.cfg.random_shift:
-            shift = self.space.sample_shift(generator, extent=[n])
-            if shift.applied:  # the whole step moves by one z (App. A.5); the PE then skips L_OOD
-                pos, shifted = self.space.apply_shift(pos, shift.z.to(ids.device)), True
-        total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator, pe_shifted=shifted)
-        qa = total / max(count, 1)
-        metrics: dict[str, float | Tensor] = {"answer_loss": float(qa.detach()), "shifted": float(shifted)}
-        loss = qa
-        if out.pe_aux_loss is not None:
-            loss = loss + out.pe_aux_loss
-        metrics.update(pe_metrics(out.pe_aux_loss, out.pe_logs))
-        return loss, metrics
+        if shift is not None:  # the whole step moves by one z (App. A.5); the PE then skips L_OOD
+            pos = self.space.apply_shift(pos, shift.to(ids.device))
+        total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator,
+                                        pe_shifted=shift is not None)
+        return StepOutput(total / max(count, 1), out.pe_aux_loss, out.pe_logs)
 
     def validation_examples(self) -> list[QAExample]:
         if self._val is None:
@@ -425,7 +429,7 @@ class QATask:
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Answer perplexity on validation questions at context_length; keeps the best weights in ``run_dir/best``."""
-        device = next(unwrap(model).parameters()).device
+        device = self.device_of(model)
         length = self.context_length
         res = score_examples(model, self.validation_examples(), self.tokenizer, batch_size=self._batch(length),
                              max_new_tokens=None, device=device)
@@ -458,165 +462,95 @@ class QATask:
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["lengths"].sum())
 
-    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return param.ndim < 2 or name.startswith("pe.")  # as the LM recipe: biases, norms, every PE parameter
+    @classmethod
+    def build_task(cls, cfg: QAConfig, run_dir: Path) -> "QARecipe":
+        """Resolves and checks the LM run before anything trains."""
+        recipe = cls(resolve_config(cfg), run_dir)
+        init = Path(recipe.cfg.init_checkpoint or "")
+        vocab = _checkpoint_vocab(init)
+        if vocab != recipe.tokenizer.vocab_size:
+            assert recipe.cfg.lm_data is not None
+            raise ValueError(
+                f"lm_data.tokenizer: the LM checkpoint {init} has {vocab} token embeddings but its tokenizer "
+                f"({recipe.cfg.lm_data.tokenizer!r}) has {recipe.tokenizer.vocab_size}"
+            )
+        return recipe
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.cfg.model_dump(mode="json", exclude={"train"})
+    # -- evaluation -------------------------------------------------------------------------------
+    def eval_plan(
+        self, *, lengths: list[int] | None = None, split: str | None = None, num_examples: int | None = None,
+        max_tokens: int | None = None, checkpoint: str | None = None,
+    ) -> EvalPlan:
+        """Table 2: the same questions at every length (default 1, 2, 4 and 8 times context_length).
 
+        ``max_tokens`` caps the prompt tokens per length: ``max_tokens // length`` questions (at least one).
+        """
+        L, e = self.context_length, self.cfg.eval
+        sizes = list(lengths or e.lengths or [L * f for f in (1, 2, 4, 8)])
+        check_sizes(sizes, lambda n: n >= 16, "context lengths >= 16 tokens (Fig. 4's template)", "length")
+        split = split or e.split
+        if split not in ("validation", "test"):
+            raise ValueError(f"split {split!r} is not an evaluation split; allowed: validation, test")
+        which = checkpoint or e.checkpoint
+        if which not in ("best", "latest"):
+            raise ValueError(f"checkpoint {which!r} unknown; allowed: best, latest")
+        for name, value in (("num_examples", num_examples), ("max_tokens", max_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} = {value} is not allowed; it must be a positive integer")
+        assert self.run_dir is not None
+        found = ckpt.latest_checkpoint(self.run_dir / BEST) if which == "best" else None
+        found = found or ckpt.latest_checkpoint(self.run_dir)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.run_dir} (or {self.run_dir / BEST})")
+        vocab = _checkpoint_vocab(found)
+        if vocab != self.tokenizer.vocab_size:
+            raise ValueError(f"lm_data.tokenizer: checkpoint {found} has {vocab} token embeddings, "
+                             f"the tokenizer has {self.tokenizer.vocab_size}")
+        header = {"checkpoint": str(found), "split": split, "context_length": L, "data": self.cfg.data.source}
+        context = {"count": num_examples or e.num_examples, "max_tokens": max_tokens}
+        return EvalPlan(sizes, header, found, context)
 
-def build_task(config: dict[str, Any], run_dir: Path) -> QATask:
-    """The recipe entry point (``task: qa``): resolves and checks the LM run before anything trains."""
-    task = QATask(resolve_config(parse_config(config)), run_dir)
-    init = Path(task.cfg.init_checkpoint or "")
-    vocab = _checkpoint_vocab(init)
-    if vocab != task.tokenizer.vocab_size:
-        raise ValueError(
-            f"lm_data.tokenizer: the LM checkpoint {init} has {vocab} token embeddings but its tokenizer "
-            f"({task.lm_cfg.data.tokenizer!r}) has {task.tokenizer.vocab_size}"
-        )
-    return task
-
-
-# --- evaluation -------------------------------------------------------------------------------------
-
-def load_qa_model(run_dir: Path, task: QATask, checkpoint: str = "best") -> tuple[GPT2WithPE, Path]:
-    """The fine-tuned model of a QA run (best or latest weights), in eval mode, and the checkpoint read."""
-    run_dir = Path(run_dir)
-    found = ckpt.latest_checkpoint(run_dir / BEST) if checkpoint == "best" else None
-    if found is None:
-        found = ckpt.latest_checkpoint(run_dir)
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir} (or {run_dir / BEST})")
-    saved = json.loads((found / "config.json").read_text())
-    ckpt.check_config(task.config_dict(), {k: v for k, v in saved.items() if k != "train"}, INHERITED)
-    vocab = _checkpoint_vocab(found)
-    if vocab != task.tokenizer.vocab_size:
-        raise ValueError(f"lm_data.tokenizer: checkpoint {found} has {vocab} token embeddings, the tokenizer has {task.tokenizer.vocab_size}")
-    model = lm.build_model(task.lm_cfg, task.space, vocab_size=task.tokenizer.vocab_size, eos_id=task.tokenizer.eos_id)
-    ckpt.load_weights(model, found)
-    return model.eval(), found
-
-
-def evaluate(
-    run_dir: Path,
-    *,
-    lengths: Sequence[int] | None = None,
-    split: str | None = None,
-    num_examples: int | None = None,
-    max_tokens: int | None = None,
-    checkpoint: str | None = None,
-    device: str = "auto",
-    write: bool = True,
-    quiet: bool = False,
-    documents: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Table 2 for one run: answer perplexity and EM / strict EM per context length.
-
-    Args:
-        num_examples: questions per length (default ``eval.num_examples``).
-        max_tokens: ``seqpe-nd eval --max-tokens``: at most this many prompt tokens per length,
-            i.e. ``max_tokens // length`` questions (at least one).
-        documents: replaces the embedded text of the embedded generator (tests).
-    """
-    run_dir = Path(run_dir)
-    cfg = parse_config(lm.load_run_config(run_dir))
-    if not cfg.resolved:
-        raise ValueError(f"{run_dir}/config.json is not a resolved QA run config")
-    task = QATask(cfg, run_dir, documents=documents)
-    L = task.context_length
-    lengths = list(lengths or cfg.eval.lengths or [L * f for f in (1, 2, 4, 8)])
-    split = split or cfg.eval.split
-    if split not in ("validation", "test"):
-        raise ValueError(f"split {split!r} is not an evaluation split; allowed: validation, test")
-    count = num_examples or cfg.eval.num_examples
-    which = checkpoint or cfg.eval.checkpoint
-    if which not in ("best", "latest"):
-        raise ValueError(f"checkpoint {which!r} unknown; allowed: best, latest")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    model, found = load_qa_model(run_dir, task, which)
-    model = model.to(dev)
-    rows: dict[str, dict[str, Any]] = {}
-    t0 = time.perf_counter()
-    for length in lengths:
-        t = time.perf_counter()
-        n = count if max_tokens is None else max(1, min(count, max_tokens // length))
-        examples, skipped = task.eval_examples(split, n, length)
+    def eval_size(self, model: nn.Module, size: int, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
+        count, cap, split = plan.context["count"], plan.context["max_tokens"], plan.header["split"]
+        n = count if cap is None else max(1, min(count, cap // size))
+        examples, skipped = self.eval_examples(split, n, size)
         if not examples:
-            raise ValueError(f"no {split} question fits in {length} tokens")
-        res = score_examples(model, examples, task.tokenizer, batch_size=task._batch(length),
-                             max_new_tokens=cfg.eval.max_new_tokens, device=dev)
+            raise ValueError(f"no {split} question fits in {size} tokens")
+        res = score_examples(model, examples, self.tokenizer, batch_size=self._batch(size),
+                             max_new_tokens=self.cfg.eval.max_new_tokens, device=device)
         samples = res.pop("samples")
-        res.update({
-            "skipped": skipped, "seconds": time.perf_counter() - t,
+        return {
+            **res, "skipped": skipped,
             "mean_tokens": float(np.mean([e.num_tokens for e in examples])),
             "mean_docs": float(np.mean([len(e.documents) for e in examples])),
             "samples": samples[:5],
-        })
-        rows[str(length)] = res
-    result = {
-        "run_dir": str(run_dir), "checkpoint": str(found), "split": split, "context_length": L,
-        "pe": cfg.pe.model_dump(mode="json") if cfg.pe is not None else None, "data": cfg.data.source,
-        "device": str(dev), "seconds": time.perf_counter() - t0, "lengths": rows,
-    }
-    if write:
-        write_result(run_dir, result)
-        plot_qa({run_dir.name: rows}, run_dir / EVAL_PNG, title=f"{run_dir.name}: QA vs context length ({split})", train_length=L)
-    if not quiet:
-        print_eval(result)
-    return result
+        }
+
+    def write_figures(self, result: dict[str, Any], model: nn.Module) -> None:
+        assert self.run_dir is not None
+        name = self.run_dir.name
+        plot_runs_qa({name: result}, self.run_dir / EVAL_PNG, title=f"{name}: QA vs context length ({result['split']})")
+
+    def eval_table(self, result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+        L = result["context_length"]
+        title = f"{result['run_dir']} — {result['split']} QA (fine-tuned at {L} tokens)"
+        columns = ["length", "× train", "questions", "docs", "answer PPL", "EM", "strict EM", "seconds"]
+        cells = [
+            [n, f"{int(n) / L:g}", str(r["examples"]), f"{r['mean_docs']:.1f}", f"{r['ppl']:.2f}", f"{r['em']:.1f}",
+             f"{r['strict_em']:.1f}", f"{r['seconds']:.1f}"]
+            for n, r in result["lengths"].items()
+        ]
+        return title, columns, cells
+
+    @classmethod
+    def plot_runs(cls, results: Any, path: Path, *, title: str) -> Path:
+        return plot_runs_qa(results, path, title=title)
 
 
-def print_eval(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def plot_runs_qa(results: Any, path: Path, *, title: str) -> Path:
+    """EM, strict EM and answer perplexity against context length, one colour per run."""
+    from seqpe_nd.tasks.engine.plots import plot_qa
 
-    L = result["context_length"]
-    table = Table(title=f"{result['run_dir']} — {result['split']} QA (fine-tuned at {L} tokens)")
-    for col in ("length", "× train", "questions", "docs", "answer PPL", "EM", "strict EM", "seconds"):
-        table.add_column(col, justify="right")
-    for length, r in result["lengths"].items():
-        table.add_row(length, f"{int(length) / L:g}", str(r["examples"]), f"{r['mean_docs']:.1f}", f"{r['ppl']:.2f}",
-                      f"{r['em']:.1f}", f"{r['strict_em']:.1f}", f"{r['seconds']:.1f}")
-    Console().print(table)
-
-
-def plot_qa(
-    runs: dict[str, dict[str, dict[str, Any]]], path: Path, *, title: str, train_length: int | None = None
-) -> Path:
-    """EM (solid) and strict EM (dashed) and answer perplexity (log) against context length, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, (ax_em, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
-    for i, (name, rows) in enumerate(runs.items()):
-        xs = sorted(int(k) for k in rows)
-        colour = f"C{i}"
-        ax_em.plot(xs, [rows[str(x)]["em"] for x in xs], marker="o", color=colour, label=name)
-        ax_em.plot(xs, [rows[str(x)]["strict_em"] for x in xs], marker="x", linestyle="--", color=colour)
-        ax_ppl.plot(xs, [rows[str(x)]["ppl"] for x in xs], marker="o", color=colour, label=name)
-    lengths = sorted({int(k) for rows in runs.values() for k in rows})
-    top = max([rows[k]["em"] for rows in runs.values() for k in rows] + [0.0])
-    ax_em.set_ylim(-2, max(10.0, 1.15 * top))
-    for ax in (ax_em, ax_ppl):
-        if train_length is not None:
-            ax.axvline(train_length, color="grey", linestyle=":", linewidth=1)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [str(x) for x in lengths])
-        ax.minorticks_off()
-        ax.set_xlabel("context length (tokens)")
-        ax.grid(True, which="major", alpha=0.3)
-    ax_em.set_ylabel("EM % (solid: contains, dashed: strict)")
-    ax_ppl.set_ylabel("answer perplexity")
-    ax_ppl.set_yscale("log")
-    ax_em.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    trains = {r["context_length"] for r in results.values()}
+    return plot_qa({name: r["lengths"] for name, r in results.items()}, path, title=title,
+                   train_length=trains.pop() if len(trains) == 1 else None)

@@ -1,8 +1,8 @@
 """The video recipe (``task: video``): the ViT adapter over a 3-D space of tubelet patches.
 
 Beyond the paper (which shows 1-D and 2-D): the same timm VisionTransformer and
-:class:`~seqpe_nd.tasks.recipes.vit.ViTWithPE` as the image recipe, with timm's ``embed_layer`` seam
-filled by :class:`~seqpe_nd.tasks.recipes.vit.TubeletEmbed`. The position space is a 3-D grid
+:class:`~seqpe_nd.tasks.backbones.vit.ViTWithPE` as the image recipe, with timm's ``embed_layer`` seam
+filled by :class:`~seqpe_nd.tasks.backbones.vit.TubeletEmbed`. The position space is a 3-D grid
 ``(frame, row, col)`` declared in YAML, and every method (NoPE, APE-sin 3-D, APE-learn with
 trilinear resampling, axial RoPE 3-D, SeqPE 3-D, ...) comes from the PE config alone: nothing
 here knows which one it holds. Clips come from :mod:`seqpe_nd.tasks.data.video`; the model is
@@ -11,36 +11,26 @@ trained at ``T`` frames × ``R`` pixels and evaluated at more frames and at larg
 Legend: b batch, c channels, f frames, y/x pixels.
 """
 
-import json
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from functools import partial
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding, pe_metrics
-from seqpe_nd.positions import GridSpace, HybridSpace, load_space
-from seqpe_nd.tasks.engine.evaluation import EVAL_JSON as EVAL_JSON, classify, reject_unknown_options, write_result
-from seqpe_nd.tasks.engine import checkpoint as ckpt
-from seqpe_nd.tasks.engine.trainer import TrainConfig, unwrap
+from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.positions import Frozen
+from seqpe_nd.tasks.backbones.vit import TubeletEmbed, ViTWithPE, create_vit
 from seqpe_nd.tasks.data.video import CLASSES, VideoDataConfig, clip_batch
-from seqpe_nd.tasks.recipes.vit import TubeletEmbed, ViTWithPE, create_vit, load_run_config
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
-ConfigT = TypeVar("ConfigT", bound=BaseModel)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+from seqpe_nd.tasks.engine.evaluation import classify
+from seqpe_nd.tasks.engine.trainer import unwrap
+from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
+from seqpe_nd.tasks.recipes.config import RunConfig, Space
 
 
-class VideoModelSettings(_Section):
+class VideoModelSettings(Frozen):
     """The video ViT (``model:``): a timm VisionTransformer with a tubelet patch embedding."""
 
     img_size: PositiveInt = 32
@@ -79,7 +69,7 @@ class VideoModelSettings(_Section):
         return (self.frames // self.tubelet, g, g)
 
 
-class VideoEvalSettings(_Section):
+class VideoEvalSettings(Frozen):
     """Evaluation (``eval:``) and validation during training."""
 
     sizes: list[tuple[PositiveInt, PositiveInt]] | None = None
@@ -92,14 +82,14 @@ class VideoEvalSettings(_Section):
     """Validation during training: the first this many clips at the training size."""
 
 
-class VideoConfig(_Section):
+class VideoConfig(RunConfig):
     """A whole video run: one YAML file with ``task: video``."""
 
     task: Literal["video"] = "video"
     model: VideoModelSettings = VideoModelSettings()
     data: VideoDataConfig = VideoDataConfig()
-    space: dict[str, Any] | str
-    """3-D position space (frame, row, col): an inline mapping or a YAML path; its L must be the training token grid."""
+    space: Space
+    """3-D position space (frame, row, col) whose L is the training token grid: inline, or a YAML path."""
     pe: PEConfig = Field(
         default_factory=lambda: SeqPEConfig(
             integration="attn_mul", per_layer=True, hidden=64, heads=2, init="trunc_normal"
@@ -108,69 +98,20 @@ class VideoConfig(_Section):
     """Position encoding; ``method`` picks one (nope, ape_sin, ape_learn, rope_axial, rope_mixed, seqpe, ...)."""
     random_shift: bool = False
     """Shift a whole step's token positions with the space's ``shift.prob`` (App. A.5; SeqPE runs)."""
-    train: TrainConfig = TrainConfig()
     eval: VideoEvalSettings = VideoEvalSettings()
 
-
-def load_space_source(source: dict[str, Any] | str) -> GridSpace | HybridSpace:
-    """A position space from a config's ``space:``: an inline mapping or a YAML path (cwd or the repository)."""
-    if isinstance(source, dict):
-        return load_space(source)
-    p = Path(source)
-    found = next((c for c in (p, Path.cwd() / p, REPO_ROOT / p) if c.is_file()), None)
-    if found is None:
-        raise FileNotFoundError(f"space file {source!r} not found (looked in {Path.cwd()} and {REPO_ROOT})")
-    return load_space(found)
-
-
-def validate_config(model: type[ConfigT], config: dict[str, Any] | ConfigT) -> ConfigT:
-    """A run config validated by ``model``; errors name the dotted field path."""
-    if isinstance(config, model):
-        return config
-    try:
-        return model.model_validate(config)
-    except ValidationError as err:
-        from seqpe_nd.tasks.recipes import format_validation_error
-
-        raise ValueError(format_validation_error(err)) from None
+    @model_validator(mode="after")
+    def _space_fits(self) -> "VideoConfig":
+        space, m = self.grid_space(3), self.model
+        if tuple(space.L) != m.grid:
+            raise ValueError(
+                f"space.L = {list(space.L)} must be the training token grid {list(m.grid)} (model.frames = "
+                f"{m.frames} / tubelet = {m.tubelet}, model.img_size = {m.img_size} / patch_size = {m.patch_size})"
+            )
+        return self
 
 
-def load_trained(run_dir: Path, task: Any, strict_sections: tuple[str, ...]) -> nn.Module:
-    """``task.build_model()`` with a run's latest weights, in eval mode; a checkpoint whose
-    model/space/PE differs from ``task.config_dict()`` says which field."""
-    found = ckpt.latest_checkpoint(Path(run_dir))
-    if found is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir}")
-    saved = json.loads((found / "config.json").read_text())
-    ckpt.check_config(task.config_dict(), {k: v for k, v in saved.items() if k != "train"}, strict_sections)
-    model = task.build_model()
-    ckpt.load_weights(model, found)
-    return model.eval()
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    return torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
-
-
-def resolve_space(source: dict[str, Any] | str) -> GridSpace:
-    """The 3-D grid space of a config's ``space:``."""
-    space = load_space_source(source)
-    if not isinstance(space, GridSpace) or space.ndim != 3:
-        raise ValueError(
-            f"space: the video recipe needs a 3-D grid space (frame, row, col), got {space.kind} of width {space.width}"
-        )
-    return space
-
-
-def parse_config(config: dict[str, Any] | VideoConfig) -> VideoConfig:
-    """Validate a run config; errors name the dotted field path."""
-    return validate_config(VideoConfig, config)
-
-
-def build_model(cfg: VideoConfig, space: GridSpace) -> ViTWithPE:
+def build_model(cfg: VideoConfig) -> ViTWithPE:
     """A randomly initialised video ViT: timm's VisionTransformer, a tubelet embedding, ``cfg.pe``."""
     m = cfg.model
     vit = create_vit(
@@ -188,7 +129,7 @@ def build_model(cfg: VideoConfig, space: GridSpace) -> ViTWithPE:
     attn = vit.blocks[0].attn
     pe = build_position_encoding(
         cfg.pe,
-        space=space,
+        space=cfg.space,
         num_heads=attn.num_heads,
         head_dim=attn.head_dim,
         num_layers=len(vit.blocks),
@@ -211,22 +152,17 @@ def accuracy(
     return classify(lambda x: model(x).logits, batches(), unit="clips")
 
 
-class VideoTask:
-    """TrainTask of the video recipe (see :class:`seqpe_nd.tasks.engine.trainer.TrainTask`)."""
+class VideoRecipe(Recipe[VideoConfig]):
+    """Clip classification; evaluated by top-1 at more frames and at larger frames."""
 
-    def __init__(self, cfg: VideoConfig, run_dir: Path | None = None) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
-        self.space = resolve_space(cfg.space)
-        if tuple(self.space.L) != cfg.model.grid:
-            m = cfg.model
-            raise ValueError(
-                f"space.L = {list(self.space.L)} must be the training token grid {list(m.grid)} "
-                f"(model.frames = {m.frames} / tubelet = {m.tubelet}, model.img_size = {m.img_size} / patch_size = {m.patch_size})"
-            )
+    task = "video"
+    config_type = VideoConfig
+    main_loss = "cls_loss"
+    no_decay_names = ("prefix_pos", "vit.cls_token", "vit.reg_token")  # as the image recipe
+    eval_options = ("sizes", "max_clips", "batch_size")
 
-    # -- TrainTask ------------------------------------------------------------------------
     def build_model(self) -> ViTWithPE:
-        return build_model(self.cfg, self.space)
+        return build_model(self.cfg)
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t, m = self.cfg.train, self.cfg.model
@@ -234,65 +170,57 @@ class VideoTask:
         x, y = clip_batch(self.cfg.data, t.seed, "train", range(first, first + t.batch_size), m.frames, m.img_size)
         return {"clips": x, "targets": y}
 
-    def loss(
-        self, model: nn.Module, batch: dict[str, Tensor], *, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+    def shift_extent(self, model: nn.Module, batch: dict[str, Tensor]) -> list[int]:
+        return list(unwrap(model).grid_shape(batch["clips"].shape))
+
+    def step(
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+    ) -> StepOutput:
         clips, targets = batch["clips"], batch["targets"]
-        offset, shifted = None, False
-        if self.cfg.random_shift:
-            grid = unwrap(model).grid_shape(clips.shape)
-            shift = self.space.sample_shift(generator, extent=list(grid))
-            if shift.applied:  # the whole step's grids start at z (App. A.5)
-                offset, shifted = shift.z.to(clips.device), True
-        out = model(clips, pos_offset=offset, pe_generator=generator, pe_shifted=shifted)
+        offset = None if shift is None else shift.to(clips.device)  # the whole step's grids start at z
+        out = model(clips, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
         main = F.cross_entropy(out.logits.float(), targets)
-        metrics: dict[str, float | Tensor] = {
-            "cls_loss": float(main.detach()),
-            "shifted": float(shifted),
-            "train_top1": 100.0 * float((out.logits.argmax(-1) == targets).float().mean()),
-        }
-        total = main
-        if out.aux_loss is not None:
-            total = total + out.aux_loss
-        metrics.update(pe_metrics(out.aux_loss, out.logs))
-        return total, metrics
+        top1 = 100.0 * (out.logits.argmax(-1) == targets).float().mean()
+        return StepOutput(main, out.aux_loss, out.logs, {"train_top1": top1})
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Top-1 on the first ``eval.val_clips`` validation clips at the training size."""
-        device = next(unwrap(model).parameters()).device
         m, e = self.cfg.model, self.cfg.eval
-        res = accuracy(
-            model,
-            self.cfg,
-            m.frames,
-            m.img_size,
-            min(e.val_clips, self.cfg.data.val_size),
-            batch_size=e.batch_size,
-            device=device,
-        )
+        count = min(e.val_clips, self.cfg.data.val_size)
+        res = accuracy(model, self.cfg, m.frames, m.img_size, count, batch_size=e.batch_size, device=self.device_of(model))
         return {"top1": res["top1"], "loss": res["loss"]}
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["clips"].shape[0])  # clips, for clips/s
 
-    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        # As the image recipe: biases, norms, cls/prefix embeddings and every PE parameter.
-        return param.ndim < 2 or name.startswith("pe.") or name in ("prefix_pos", "vit.cls_token", "vit.reg_token")
+    # -- evaluation -------------------------------------------------------------------------------
+    def eval_plan(
+        self, *, sizes: list[list[int]] | None = None, max_clips: int | None = None, batch_size: int | None = None
+    ) -> EvalPlan:
+        """(frames, pixels) pairs: default the config's ``eval.sizes`` or :func:`default_sizes`."""
+        m, e = self.cfg.model, self.cfg.eval
+        pairs = [tuple(int(v) for v in s) for s in (sizes or e.sizes or default_sizes(m.frames, m.img_size, m.patch_size, m.tubelet))]
+        check_sizes(pairs, lambda s: len(s) == 2 and s[0] >= m.tubelet and s[1] >= m.patch_size,
+                    f"(frames >= tubelet = {m.tubelet}, pixels >= patch_size = {m.patch_size})", "eval size")
+        count = min(self.cfg.data.val_size, max_clips or e.max_clips or self.cfg.data.val_size)
+        header = {"train_size": [m.frames, m.img_size]}
+        return EvalPlan(pairs, header, context={"count": count, "batch_size": batch_size or e.batch_size})
 
-    def config_dict(self) -> dict[str, Any]:
-        out = self.cfg.model_dump(mode="json", exclude={"train"})
-        out["space"] = self.space.model_dump(mode="json")
-        return out
+    def eval_size(self, model: nn.Module, size: tuple[int, int], plan: EvalPlan, device: torch.device) -> dict[str, Any]:
+        (f, s), m, c = size, self.cfg.model, plan.context
+        res = accuracy(model, self.cfg, f, s, c["count"], batch_size=c["batch_size"], device=device)
+        return {**res, "frames": f, "pixels": s, "grid": [f // m.tubelet, s // m.patch_size, s // m.patch_size]}
 
-
-def build_task(config: dict[str, Any], run_dir: Path) -> VideoTask:
-    """The recipe entry point (``task: video``)."""
-    return VideoTask(parse_config(config), run_dir)
-
-
-# =====================================================================================================
-# Evaluation: accuracy at more frames and at larger frames
-# =====================================================================================================
+    def eval_table(self, result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+        T, R = result["train_size"]
+        title = f"{result['run_dir']} — top-1 vs clip size (trained at {T} frames × {R} px)"
+        columns = ["frames", "pixels", "token grid", "clips", "top-1 %", "loss", "seconds"]
+        cells = [
+            [str(r["frames"]), str(r["pixels"]), "×".join(map(str, r["grid"])), str(r["clips"]), f"{r['top1']:.2f}",
+             f"{r['loss']:.3f}", f"{r['seconds']:.1f}"]
+            for r in result["sizes"].values()
+        ]
+        return title, columns, cells
 
 
 def default_sizes(frames: int, img_size: int, patch_size: int, tubelet: int) -> list[tuple[int, int]]:
@@ -309,89 +237,3 @@ def default_sizes(frames: int, img_size: int, patch_size: int, tubelet: int) -> 
         (frames, px(2)),
         (2 * frames, px(2)),
     ]
-
-
-def load_model(run_dir: Path, *, task: VideoTask | None = None) -> ViTWithPE:
-    """The trained model of a run in eval mode; a checkpoint whose model/space/PE differs says which field."""
-    task = task or VideoTask(parse_config(load_run_config(run_dir)), run_dir)
-    return load_trained(run_dir, task, STRICT_SECTIONS)  # type: ignore[return-value]
-
-
-def evaluate(
-    run_dir: Path,
-    *,
-    sizes: Sequence[Sequence[int]] | None = None,
-    max_clips: int | None = None,
-    batch_size: int | None = None,
-    device: str = "auto",
-    write: bool = True,
-    quiet: bool = False,
-    **unused: Any,
-) -> dict[str, Any]:
-    """Top-1 of a trained run at each (frames, pixels) size; writes ``eval.json`` atomically.
-
-    Args:
-        sizes: (frames, pixels) pairs; default the config's ``eval.sizes`` or :func:`default_sizes`.
-    """
-    reject_unknown_options("video", unused, ("sizes", "max_clips", "batch_size", "device"))
-    run_dir = Path(run_dir)
-    cfg = parse_config(load_run_config(run_dir))
-    task = VideoTask(cfg, run_dir)
-    m = cfg.model
-    pairs = [
-        tuple(int(v) for v in s)
-        for s in (sizes or cfg.eval.sizes or default_sizes(m.frames, m.img_size, m.patch_size, m.tubelet))
-    ]
-    for s in pairs:
-        if len(s) != 2 or s[0] < m.tubelet or s[1] < m.patch_size:
-            raise ValueError(
-                f"eval size {list(s)} must be (frames >= tubelet = {m.tubelet}, pixels >= patch_size = {m.patch_size})"
-            )
-    dev = pick_device(device)
-    model = load_model(run_dir, task=task).to(dev)
-    n = min(cfg.data.val_size, max_clips or cfg.eval.max_clips or cfg.data.val_size)
-    bs = batch_size or cfg.eval.batch_size
-    t0 = time.perf_counter()
-    rows = {}
-    for f, s in pairs:
-        r = accuracy(model, cfg, f, s, n, batch_size=bs, device=dev)
-        rows[f"{f}x{s}"] = {
-            **r,
-            "frames": f,
-            "pixels": s,
-            "grid": [f // m.tubelet, s // m.patch_size, s // m.patch_size],
-        }
-    result = {
-        "run_dir": str(run_dir),
-        "train_size": [m.frames, m.img_size],
-        "pe": cfg.pe.model_dump(mode="json"),
-        "device": str(dev),
-        "seconds": time.perf_counter() - t0,
-        "sizes": rows,
-    }
-    if write:
-        write_result(run_dir, result)
-    if not quiet:
-        print_eval(result)
-    return result
-
-
-def print_eval(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    T, R = result["train_size"]
-    table = Table(title=f"{result['run_dir']} — top-1 vs clip size (trained at {T} frames × {R} px)")
-    for col in ("frames", "pixels", "token grid", "clips", "top-1 %", "loss", "seconds"):
-        table.add_column(col, justify="right")
-    for r in result["sizes"].values():
-        table.add_row(
-            str(r["frames"]),
-            str(r["pixels"]),
-            "×".join(map(str, r["grid"])),
-            str(r["clips"]),
-            f"{r['top1']:.2f}",
-            f"{r['loss']:.3f}",
-            f"{r['seconds']:.1f}",
-        )
-    Console().print(table)

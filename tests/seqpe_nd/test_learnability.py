@@ -14,8 +14,6 @@ import pytest
 import torch
 
 from seqpe_nd.encodings import build_position_encoding
-from seqpe_nd.encodings.config import load_pe_config
-from seqpe_nd.positions import load_space
 from seqpe_nd.regularizers import probe_contrastive, train_regularizers_alone
 from seqpe_nd.tasks.recipes import load_config
 
@@ -26,16 +24,16 @@ STEPS = 600
 def fit_from_shipped_config(lr_scale: float | None) -> tuple[float, float, float]:
     """(L_δ, chance = mean log #valid candidates, fraction of pivots whose p⁺ ranks first) after training."""
     config = load_config(VIT_SMOKE)
-    space = load_space(config["space"])
-    d_model, heads = int(config["model"]["embed_dim"]), int(config["model"]["num_heads"])
+    space = config.space
+    d_model, heads = config.model.embed_dim, config.model.num_heads
     torch.manual_seed(0)
     pe = build_position_encoding(
-        config["pe"], space=space, num_heads=heads, head_dim=d_model // heads, num_layers=1, d_model=d_model
+        config.pe, space=space, num_heads=heads, head_dim=d_model // heads, num_layers=1, d_model=d_model
     )
-    scale = load_pe_config(config["pe"]).encoder_lr_scale if lr_scale is None else lr_scale
+    scale = config.pe.encoder_lr_scale if lr_scale is None else lr_scale
     grid = space.positions(space.L).unsqueeze(0)  # the training grid stands in for the main positions
     train_regularizers_alone(
-        pe.encoder, pe.regularizer, STEPS, lr=float(config["train"]["lr"]) * scale,
+        pe.encoder, pe.regularizer, STEPS, lr=config.train.lr * scale,
         generator=torch.Generator().manual_seed(0), main_pos=grid,
     )
     probe = probe_contrastive(pe.encoder.eval(), torch.Generator().manual_seed(1234))

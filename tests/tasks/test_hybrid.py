@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
 from seqpe_nd.positions import HybridSpace, load_space
 from seqpe_nd.tasks.recipes import hybrid
 from seqpe_nd.tasks.data.interleaved import SENTENCE_LEN, VOCAB, HybridDataConfig, example_batch, make_example, segments
@@ -88,12 +89,12 @@ def test_space_is_defined_by_yaml_alone() -> None:
 
 def test_smoke_configs_cover_every_method_and_differ_only_in_it() -> None:
     configs = {p.stem: load_config(p) for p in SMOKE}
-    methods = {(hybrid.parse_config(c).positions, hybrid.parse_config(c).pe.method) for c in configs.values()}
+    methods = {(c.positions, c.pe.method) for c in configs.values()}
     assert methods == {(view, pe["method"]) for view, pe in METHODS.values()}
     ref = configs["seqpe"]
     for name, c in configs.items():
         for section in ("model", "data", "space", "train", "eval"):
-            assert c[section] == ref[section], f"{name}.yaml differs from seqpe.yaml in {section}"
+            assert getattr(c, section) == getattr(ref, section), f"{name}.yaml differs from seqpe.yaml in {section}"
 
 
 def test_examples_are_deterministic_under_a_seed() -> None:
@@ -140,7 +141,7 @@ def test_hard_distractors_copy_everything_but_the_answer() -> None:
 
 
 def test_positions_per_view() -> None:
-    task = hybrid.build_task(tiny_config("hybrid", {"method": "nope"}), Path("unused"))
+    task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config("hybrid", {"method": "nope"})), Path("unused"))
     pos, is_image = task.layout(2, (2, 2), torch.device("cpu"))
     text, image = task.text_id, task.image_id
     # sentence t = 0..4, [image] at 5, image 1 anchored at 6, [image] at 7, image 2 at 8
@@ -151,7 +152,7 @@ def test_positions_per_view() -> None:
     assert is_image.tolist() == [False] * 6 + [True] * 4 + [False] + [True] * 4
     # A hybrid distance that respects the metric: a patch is nearer its own image's patches.
     assert float(task.space.delta(pos[6], pos[9])) < float(task.space.delta(pos[6], pos[11]))
-    flat = hybrid.build_task(tiny_config("flat", {"method": "rope"}), Path("unused"))
+    flat = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config("flat", {"method": "rope"})), Path("unused"))
     assert flat.pe_positions(pos, 3).shape == (3, 15, 1) and flat.pe_positions(pos, 1)[0, :, 0].tolist() == list(
         range(15)
     )
@@ -159,7 +160,7 @@ def test_positions_per_view() -> None:
 
 
 def test_methods_without_a_hybrid_rule_ask_for_the_flat_view() -> None:
-    task = hybrid.build_task(tiny_config("hybrid", {"method": "rope"}), Path("unused"))
+    task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config("hybrid", {"method": "rope"})), Path("unused"))
     with pytest.raises(ValueError, match="no rule for hybrid positions"):
         task.build_model()
 
@@ -167,7 +168,7 @@ def test_methods_without_a_hybrid_rule_ask_for_the_flat_view() -> None:
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_method_runs_with_more_and_larger_images(name: str) -> None:
     view, pe = METHODS[name]
-    task = hybrid.build_task(tiny_config(view, pe), Path("unused"))
+    task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config(view, pe)), Path("unused"))
     torch.manual_seed(0)
     model = task.build_model()
     g = torch.Generator().manual_seed(0)
@@ -182,7 +183,7 @@ def test_every_method_runs_with_more_and_larger_images(name: str) -> None:
 
 
 def test_layout_and_batch_must_agree() -> None:
-    task = hybrid.build_task(tiny_config("hybrid", {"method": "nope"}), Path("unused"))
+    task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config("hybrid", {"method": "nope"})), Path("unused"))
     model = task.build_model().eval()
     batch = example_batch(task.cfg.data, 0, "validation", range(2), 2, 16)
     batch["text"] = batch["text"][:, :-1]
@@ -195,12 +196,12 @@ def test_tiny_run_beats_chance_and_evaluates_more_and_larger_images(tmp_path: Pa
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CPU: one thread is faster than two contended ones
     try:
-        task = hybrid.build_task(tiny_config("hybrid", {"method": "mrope"}), tmp_path)
+        task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config("hybrid", {"method": "mrope"})), tmp_path)
         result = train(task, task.cfg.train, tmp_path)
         assert result["val/top1"] > 65.0, result  # chance: 50 %
-        out = hybrid.evaluate(tmp_path, quiet=True)
+        out = hybrid.HybridRecipe.evaluate(tmp_path, quiet=True)
     finally:
         torch.set_num_threads(threads)
     assert set(out["sizes"]) == {"2x24", "4x24", "2x48"}
     assert out["sizes"]["4x24"]["chance"] == 25.0 and out["sizes"]["2x48"]["tokens"] == SENTENCE_LEN + 3 * (1 + 36)
-    assert (tmp_path / hybrid.EVAL_JSON).is_file()
+    assert (tmp_path / EVAL_JSON).is_file()

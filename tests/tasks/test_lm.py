@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.recipes import lm
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.cli.compare import compare
+from seqpe_nd.tasks.cli.compare import compare, method_config
 from seqpe_nd.tasks.engine.trainer import train
 
 
@@ -87,39 +86,40 @@ def tiny_config(tmp_path: Path, pe: dict | None = None, **train: object) -> dict
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     with pytest.raises(ValueError, match=r"model\.n_layr"):
-        lm.parse_config({**cfg, "model": {**cfg["model"], "n_layr": 2}})
+        lm.LMConfig.parse({**cfg, "model": {**cfg["model"], "n_layr": 2}})
     with pytest.raises(ValueError, match=r"pe\.rope\.alpha"):
-        lm.parse_config({**cfg, "pe": {"method": "rope", "alpha": 0.1}})
+        lm.LMConfig.parse({**cfg, "pe": {"method": "rope", "alpha": 0.1}})
     with pytest.raises(ValueError, match=r"space\.L = 16 must equal model\.block_size = 32"):
-        lm.LMTask(lm.parse_config({**cfg, "model": {**cfg["model"], "block_size": 32}}))
+        lm.LMRecipe(lm.LMConfig.parse({**cfg, "model": {**cfg["model"], "block_size": 32}}))
 
 
-def test_presets_set_the_pe_section_and_keep_same_method_options() -> None:
+def test_method_files_set_the_pe_section_and_keep_same_method_options(tmp_path: Path) -> None:
     base = {"task": "lm", "pe": {"method": "seqpe", "hidden": 128, "alpha": 0.1}, "random_shift": True}
-    assert lm.apply_preset(base, "seqpe-a0-b0.1")["pe"] == {"method": "seqpe", "hidden": 128, "alpha": 0.0, "beta": 0.1, "integration": "attn_bias", "per_layer": False}
-    rope = lm.apply_preset(base, "rope-1e6")
+    assert method_config(base, "seqpe-a0-b0.1", tmp_path)["pe"] == {"method": "seqpe", "hidden": 128, "alpha": 0.0, "beta": 0.1, "integration": "attn_bias", "per_layer": False}
+    rope = method_config(base, "rope-1e6", tmp_path)
     assert rope["pe"] == {"method": "rope", "base": 1e6} and rope["random_shift"] is True
-    assert lm.apply_preset(base, "ape_learn")["random_shift"] is False
-    with pytest.raises(ValueError, match="allowed: nope, ape_sin"):
-        lm.apply_preset(base, "rope-1e5")
+    assert method_config(base, "ape_learn", tmp_path)["random_shift"] is False
+    with pytest.raises(ValueError, match="unknown method 'rope-1e5'.*allowed: alibi, ape_learn"):
+        method_config(base, "rope-1e5", tmp_path)
+    (tmp_path / "rope-1e5.yaml").write_text("pe: {method: rope, base: 1.0e5}\n")  # a method of your own, beside the config
+    assert method_config(base, "rope-1e5", tmp_path)["pe"] == {"method": "rope", "base": 1e5}
 
 
 def test_ape_sin_amplitude_matches_the_token_embeddings_unless_given(tmp_path: Path) -> None:
     """GPT-2's tokens are N(0, init_std): unset, the sinusoids get RMS init_std (amplitude init_std·√2)."""
     cfg = tiny_config(tmp_path, pe={"method": "ape_sin"})
     cfg["model"]["init_std"] = 0.05
-    space = load_space(cfg["space"])
-    model = lm.build_model(lm.parse_config(cfg), space, vocab_size=300, eos_id=0)
+    model = lm.build_model(lm.LMConfig.parse(cfg), vocab_size=300, eos_id=0)
     e = model.pe.embed(model.pe.prepare(torch.arange(16)[None, :, None]))  # (1, 16, 32)
     assert e[0, 0, 1].item() == pytest.approx(0.05 * math.sqrt(2))  # cos(0) · scale
     assert e.pow(2).mean().sqrt().item() == pytest.approx(0.05, rel=1e-5)  # RMS = the tokens' std
-    given = lm.build_model(lm.parse_config({**cfg, "pe": {"method": "ape_sin", "scale": 1.0}}), space, vocab_size=300, eos_id=0)
+    given = lm.build_model(lm.LMConfig.parse({**cfg, "pe": {"method": "ape_sin", "scale": 1.0}}), vocab_size=300, eos_id=0)
     assert given.pe.embed(given.pe.prepare(torch.zeros(1, 1, 1, dtype=torch.long)))[0, 0, 1].item() == 1.0
 
 
 def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -> None:
     space = {"kind": "grid", "L": 16, "L_max": 1000, "shift": {"prob": 1.0}, "contrastive": {"batch": 4, "num_candidates": 8}, "ood": {"num_starts": 2, "num_teachers": 8}}
-    task = lm.LMTask(lm.parse_config({**tiny_config(tmp_path), "space": space}))
+    task = lm.LMRecipe(lm.LMConfig.parse({**tiny_config(tmp_path), "space": space}))
     model = task.build_model().train()
     seen = []
     prepare = model.pe.prepare
@@ -139,7 +139,7 @@ def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -
 
 
 def test_train_batches_are_deterministic_per_step(tmp_path: Path) -> None:
-    task = lm.LMTask(lm.parse_config(tiny_config(tmp_path)))
+    task = lm.LMRecipe(lm.LMConfig.parse(tiny_config(tmp_path)))
     a, b = task.train_batch(3, 0, 0, 1), task.train_batch(3, 0, 0, 1)
     assert torch.equal(a["input_ids"], b["input_ids"]) and a["input_ids"].shape == (4, 16)
     assert not torch.equal(a["input_ids"], task.train_batch(4, 0, 0, 1)["input_ids"])
@@ -152,24 +152,28 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("lm")
     config = tiny_config(root)
     run_dir = root / "run"
-    train(lm.build_task(config, run_dir), lm.parse_config(config).train, run_dir)
+    train(lm.LMRecipe.build_task(lm.LMConfig.parse(config), run_dir), lm.LMConfig.parse(config).train, run_dir)
     return run_dir
 
 
 def test_checkpoint_with_another_pe_config_names_the_field(trained_run: Path) -> None:
     config = json.loads((trained_run / "config.json").read_text())
     with pytest.raises(ValueError, match=r"pe\.alpha: checkpoint has 0\.1, config has 0\.5"):
-        lm.load_model(trained_run, {**config, "pe": {**config["pe"], "alpha": 0.5}})
+        load_model(trained_run, {**config, "pe": {**config["pe"], "alpha": 0.5}})
     with pytest.raises(ValueError, match=r"pe\.method: checkpoint has 'seqpe', config has 'rope'"):
-        lm.load_model(trained_run, {**config, "pe": {"method": "rope"}})
-    assert not lm.load_model(trained_run).training
+        load_model(trained_run, {**config, "pe": {"method": "rope"}})
+    assert not lm.LMRecipe.from_run(trained_run).load_trained().training
+
+
+def load_model(run_dir: Path, config: dict) -> nn.Module:
+    return lm.LMRecipe(lm.LMConfig.parse(config), run_dir).load_trained()
 
 
 def test_evaluate_writes_json_and_plot(trained_run: Path) -> None:
-    res = lm.evaluate(trained_run, lengths=[16, 64], quiet=True)
+    res = lm.LMRecipe.evaluate(trained_run, lengths=[16, 64], quiet=True)
     saved = json.loads((trained_run / "eval.json").read_text())
     assert saved["lengths"].keys() == {"16", "64"} == res["lengths"].keys()
-    num_test = lm.LMTask(lm.parse_config(json.loads((trained_run / "config.json").read_text()))).corpus.num_tokens("test")
+    num_test = lm.LMRecipe(lm.LMConfig.parse(json.loads((trained_run / "config.json").read_text()))).corpus.num_tokens("test")
     chunks = min(num_test // 64, 512 // 64)  # eval.max_tokens = 512
     assert saved["lengths"]["64"]["chunks"] == chunks > 0 and saved["lengths"]["64"]["tokens"] == chunks * 63
     assert (trained_run / "eval.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seqpe_nd.tasks.recipes.base import EVAL_PNG
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
 from seqpe_nd.positions import GridSpace
 from seqpe_nd.positions.samplers import Shift
 from seqpe_nd.tasks.recipes import lm
@@ -65,7 +67,7 @@ def _tiny_model(pe: dict, vocab: int = 97, seed: int = 0):
         "space": SPACE, "pe": pe,
     })
     torch.manual_seed(seed)
-    return lm.build_model(cfg, lm.resolve_space(cfg.space), vocab_size=vocab, eos_id=0).eval()
+    return lm.build_model(cfg, vocab_size=vocab, eos_id=0).eval()
 
 
 def _example(prompt: list[int], answer: list[int] | None = None) -> QAExample:
@@ -135,7 +137,7 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("qa")
     config = _lm_config(tmp, SEQPE)
     run = tmp / "lm"
-    task = lm.build_task(config, run)
+    task = lm.LMRecipe.build_task(lm.LMConfig.parse(config), run)
     torch.manual_seed(0)
     full = {**task.config_dict(), "train": TrainConfig(**config["train"]).model_dump(mode="json")}
     qa.ckpt.save_checkpoint(run, 1, model=task.build_model(), optimizer={}, rng={}, state={"world": 1}, config=full)
@@ -154,19 +156,19 @@ def _qa_config(lm_run: Path, **extra) -> dict:
 
 def test_init_run_must_match_pe_and_tokenizer_naming_the_field(lm_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"pe\.hidden: LM run has 32, config has 48"):
-        qa.build_task(_qa_config(lm_run, pe={**SEQPE, "hidden": 48}), tmp_path / "a")
+        qa.QARecipe.build_task(qa.QAConfig.parse(_qa_config(lm_run, pe={**SEQPE, "hidden": 48})), tmp_path / "a")
     data = _lm_config(lm_run.parent, SEQPE)["data"]
     with pytest.raises(ValueError, match=r"lm_data\.vocab_size: LM run has 2048, config has 4096"):
-        qa.build_task(_qa_config(lm_run, lm_data={**data, "vocab_size": 4096}), tmp_path / "b")
+        qa.QARecipe.build_task(qa.QAConfig.parse(_qa_config(lm_run, lm_data={**data, "vocab_size": 4096})), tmp_path / "b")
     with pytest.raises(ValueError, match=r"lm_data\.tokenizer: LM run has 'bpe', config has 'gpt2'"):
-        qa.build_task(_qa_config(lm_run, lm_data={**data, "tokenizer": "gpt2"}), tmp_path / "c")
+        qa.QARecipe.build_task(qa.QAConfig.parse(_qa_config(lm_run, lm_data={**data, "tokenizer": "gpt2"})), tmp_path / "c")
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        qa.build_task(_qa_config(tmp_path / "missing"), tmp_path / "d")
+        qa.QARecipe.build_task(qa.QAConfig.parse(_qa_config(tmp_path / "missing")), tmp_path / "d")
     # Restating the LM run's own settings is accepted, and every inherited section is filled in.
-    cfg = qa.resolve_config(qa.parse_config(_qa_config(lm_run, pe=SEQPE, lm_data=data, model={"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0})))
+    cfg = qa.resolve_config(qa.QAConfig.parse(_qa_config(lm_run, pe=SEQPE, lm_data=data, model={"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0})))
     assert cfg.resolved and cfg.pe.hidden == 32 and cfg.random_shift is True and cfg.context_length == CONTEXT
     assert cfg.init_checkpoint == str(qa.ckpt.latest_checkpoint(lm_run).resolve())
-    assert qa.resolve_config(qa.parse_config({**_qa_config(lm_run), "context_length": None})).context_length == 128
+    assert qa.resolve_config(qa.QAConfig.parse({**_qa_config(lm_run), "context_length": None})).context_length == 128
 
 
 def test_cli_train_refuses_mismatched_lm_run_naming_the_field(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,11 +185,11 @@ def test_qa_run_is_refused_as_a_starting_point(lm_run: Path, tmp_path: Path) -> 
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({"task": "qa"}))
     with pytest.raises(ValueError, match="is a 'qa' run; allowed: an 'lm' run"):
-        qa.build_task(_qa_config(fake), tmp_path / "e")
+        qa.QARecipe.build_task(qa.QAConfig.parse(_qa_config(fake)), tmp_path / "e")
 
 
 def test_ood_loss_only_on_unshifted_steps(lm_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    task = qa.QATask(qa.resolve_config(qa.parse_config(_qa_config(lm_run))), None, documents=DOCS)
+    task = qa.QARecipe(qa.resolve_config(qa.QAConfig.parse(_qa_config(lm_run))), None, documents=DOCS)
     model = task.build_model().train()
     seen: list[tuple[bool, float]] = []
     step = model.pe.regularizer.step
@@ -210,9 +212,9 @@ def test_ood_loss_only_on_unshifted_steps(lm_run: Path, monkeypatch: pytest.Monk
 @pytest.mark.slow
 def test_tiny_fine_tune_lowers_validation_answer_ppl_and_evaluates(lm_run: Path, tmp_path: Path) -> None:
     config = _qa_config(lm_run)
-    cfg = qa.resolve_config(qa.parse_config(config))
+    cfg = qa.resolve_config(qa.QAConfig.parse(config))
     run = tmp_path / "qa"
-    task = qa.QATask(cfg, run, documents=DOCS)
+    task = qa.QARecipe(cfg, run, documents=DOCS)
     before = task.validate(task.build_model().eval())["answer_ppl"]
     result = train(task, cfg.train, run)
     assert result["val/answer_ppl"] < 0.5 * before
@@ -221,9 +223,9 @@ def test_tiny_fine_tune_lowers_validation_answer_ppl_and_evaluates(lm_run: Path,
     best = json.loads((found / "state.json").read_text())
     assert best["val_answer_ppl"] <= result["val/answer_ppl"] + 1e-9
 
-    out = qa.evaluate(run, documents=DOCS, quiet=True)
-    saved = json.loads((run / qa.EVAL_JSON).read_text())
-    assert saved["lengths"].keys() == {str(CONTEXT), str(2 * CONTEXT)} and (run / qa.EVAL_PNG).stat().st_size > 0
+    out = qa.QARecipe.evaluate(run, documents=DOCS, quiet=True)
+    saved = json.loads((run / EVAL_JSON).read_text())
+    assert saved["lengths"].keys() == {str(CONTEXT), str(2 * CONTEXT)} and (run / EVAL_PNG).stat().st_size > 0
     for length, row in out["lengths"].items():
         assert row["examples"] == 4 and 0.0 <= row["strict_em"] <= row["em"] <= 100.0
         assert row["mean_tokens"] <= int(length) and row["ppl"] > 1.0
@@ -235,6 +237,6 @@ def test_qa_configs_validate() -> None:
     assert paths, "configs/qa has no YAML"
     for path in paths:
         config = recipes.load_config(path)
-        assert config["task"] == "qa"
-        assert qa.parse_config(config).init_from
-    assert recipes.get_recipe("qa") is qa
+        assert config.task == "qa" and isinstance(config, qa.QAConfig)
+        assert config.init_from
+    assert recipes.get_recipe("qa") is qa.QARecipe

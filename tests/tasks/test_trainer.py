@@ -5,7 +5,7 @@ import math
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from seqpe_nd.tasks import recipes
+from seqpe_nd.tasks.recipes.config import RunConfig
 from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.engine.trainer import TrainConfig, TrainTask, lr_at, param_groups, train, train_or_reuse, unwrap
 
@@ -91,16 +92,20 @@ class ToyTask:
         return self.config
 
 
-# A recipe module for the CLI tests (registered under "toy" by a fixture).
-def build_task(config: dict[str, Any], run_dir: Path) -> ToyTask:
-    unknown = set(config) - {"task", "train", "pe", "model"}
-    if unknown:
-        raise ValueError(f"unknown sections {sorted(unknown)}")
-    return ToyTask(config)
+# A recipe for the CLI tests (registered under "toy" by a fixture).
+class ToyConfig(RunConfig):
+    task: Literal["toy"] = "toy"
+    space: Any = None
+    pe: dict[str, Any] = {}
+    model: dict[str, Any] = {}
 
 
-def evaluate(run_dir: Path, **options: Any) -> dict[str, Any]:
-    return {"run_dir": str(run_dir)}
+class ToyRecipe:
+    config_type = ToyConfig
+
+    @classmethod
+    def build_task(cls, config: ToyConfig, run_dir: Path) -> ToyTask:
+        return ToyTask(config.model_dump(mode="json"))
 
 
 CFG = TrainConfig(
@@ -310,10 +315,9 @@ def test_train_config_errors_name_the_field() -> None:
 @pytest.fixture
 def toy_recipe(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     module = types.ModuleType("toy_recipe")
-    module.build_task = build_task  # type: ignore[attr-defined]
-    module.evaluate = evaluate  # type: ignore[attr-defined]
+    module.ToyRecipe = ToyRecipe  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "toy_recipe", module)
-    monkeypatch.setitem(recipes.RECIPES, "toy", "toy_recipe")
+    monkeypatch.setitem(recipes.RECIPES, "toy", "toy_recipe:ToyRecipe")
     config = tmp_path / "toy.yaml"
     config.write_text(
         "task: toy\npe:\n  base: 10000.0\nmodel:\n  width: 16\n"
@@ -346,7 +350,7 @@ def test_cli_errors_name_the_key(toy_recipe: Path, tmp_path: Path, capsys: pytes
     assert main(["train", str(toy_recipe), "--run-dir", run, "--set", "task=vid"]) == 2
     assert "unknown task 'vid'" in capsys.readouterr().err
     assert main(["train", str(toy_recipe), "--run-dir", run, "--set", "extra.x=1"]) == 2
-    assert "unknown sections ['extra']" in capsys.readouterr().err
+    assert "extra: Extra inputs are not permitted" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

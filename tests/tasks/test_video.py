@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
 from seqpe_nd.positions import GridSpace, load_space
 from seqpe_nd.tasks.recipes import video
 from seqpe_nd.tasks.recipes import get_recipe, load_config
@@ -79,11 +80,11 @@ def test_space_is_defined_by_yaml_alone() -> None:
 
 def test_smoke_configs_cover_every_method_and_differ_only_in_it() -> None:
     configs = {p.stem: load_config(p) for p in SMOKE}
-    assert {video.parse_config(c).pe.method for c in configs.values()} == set(METHODS)
+    assert {c.pe.method for c in configs.values()} == set(METHODS)
     ref = configs["seqpe"]
     for name, c in configs.items():
         for section in ("model", "data", "space", "train", "eval"):
-            assert c[section] == ref[section], f"{name}.yaml differs from seqpe.yaml in {section}"
+            assert getattr(c, section) == getattr(ref, section), f"{name}.yaml differs from seqpe.yaml in {section}"
 
 
 def test_clips_are_deterministic_under_a_seed() -> None:
@@ -131,7 +132,7 @@ def test_label_needs_time_and_space() -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_on_more_and_larger_frames(method: str) -> None:
-    task = video.build_task(tiny_config(PE[method]), Path("unused"))
+    task = video.VideoRecipe.build_task(video.VideoConfig.parse(tiny_config(PE[method])), Path("unused"))
     torch.manual_seed(0)
     model = task.build_model().eval()
     with torch.no_grad():
@@ -145,11 +146,11 @@ def test_space_must_match_the_token_grid() -> None:
     cfg = tiny_config({"method": "nope"})
     cfg["space"]["L"] = [4, 2, 2]
     with pytest.raises(ValueError, match=r"space.L = \[4, 2, 2\] must be the training token grid \[3, 2, 2\]"):
-        video.build_task(cfg, Path("unused"))
+        video.VideoRecipe.build_task(video.VideoConfig.parse(cfg), Path("unused"))
     cfg = tiny_config({"method": "nope"})
     cfg["space"] = {"L": [2, 2], "L_max": [10, 10]}
     with pytest.raises(ValueError, match="needs a 3-D grid space"):
-        video.build_task(cfg, Path("unused"))
+        video.VideoRecipe.build_task(video.VideoConfig.parse(cfg), Path("unused"))
 
 
 @pytest.mark.slow
@@ -157,12 +158,12 @@ def test_tiny_run_beats_chance_and_evaluates_larger_clips(tmp_path: Path) -> Non
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shared 2-core CPU: one thread is faster than two contended ones
     try:
-        task = video.build_task(tiny_config({"method": "ape_sin"}), tmp_path)
+        task = video.VideoRecipe.build_task(video.VideoConfig.parse(tiny_config({"method": "ape_sin"})), tmp_path)
         result = train(task, task.cfg.train, tmp_path)
         assert result["val/top1"] > 60.0, result  # chance: 25 %
-        out = video.evaluate(tmp_path, quiet=True)
+        out = video.VideoRecipe.evaluate(tmp_path, quiet=True)
     finally:
         torch.set_num_threads(threads)
     assert set(out["sizes"]) == {"3x16", "6x16", "3x32"}
     assert out["sizes"]["3x32"]["grid"] == [3, 4, 4]
-    assert (tmp_path / video.EVAL_JSON).is_file()
+    assert (tmp_path / EVAL_JSON).is_file()

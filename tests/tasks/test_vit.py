@@ -9,7 +9,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks.recipes.vit import PEAttention, PrefixedEncoding, TubeletEmbed, ViTWithPE, create_vit
+from seqpe_nd.encodings import PrefixedEncoding
+from seqpe_nd.tasks.backbones.vit import PEAttention, TubeletEmbed, ViTWithPE, create_vit
 
 D, HEADS, DEPTH, PATCH, IMG, CLASSES = 32, 2, 2, 8, 32, 5
 SPACE_2D = {

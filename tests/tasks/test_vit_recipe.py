@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from seqpe_nd.tasks.cli import main as cli_main
-from seqpe_nd.tasks.recipes import get_recipe, load_config, load_yaml
+from seqpe_nd.tasks.recipes import get_recipe, load_config
 from seqpe_nd.tasks.engine.trainer import TrainConfig, train
 from seqpe_nd.tasks.data.vision import (
     AugmentSettings,
@@ -24,7 +24,14 @@ from seqpe_nd.tasks.data.vision import (
     make_scene,
     render,
 )
-from seqpe_nd.tasks.recipes.vit import ViTConfig, build_task, compare, default_resolutions, evaluate, parse_config
+from seqpe_nd.tasks.recipes.vit import ViTConfig, ViTRecipe, default_resolutions
+
+parse_config = ViTConfig.parse
+evaluate = ViTRecipe.evaluate
+
+
+def build_task(config: dict, run_dir: Path) -> ViTRecipe:
+    return ViTRecipe.build_task(ViTConfig.parse(config), run_dir)
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -153,15 +160,14 @@ def test_vit_configs_exist_for_every_method() -> None:
 
 @pytest.mark.parametrize("path", VIT_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_every_vit_config_validates_and_builds(path: Path) -> None:
-    config = load_config(path)
-    cfg = parse_config(config)
-    assert cfg.task == "vit" and get_recipe("vit").build_task is build_task
-    task = build_task(config, Path("unused"))
+    cfg = load_config(path)
+    assert cfg.task == "vit" and isinstance(cfg, ViTConfig) and get_recipe("vit") is ViTRecipe
+    task = ViTRecipe.build_task(cfg, Path("unused"))
     assert task.space.L == (cfg.model.img_size // cfg.model.patch_size,) * 2
 
 
 def test_paper_config_is_the_deit_recipe() -> None:
-    cfg = parse_config(load_yaml(REPO / "configs" / "vit" / "paper" / "seqpe_attn_mul.yaml"))
+    cfg = load_config(REPO / "configs" / "vit" / "paper" / "seqpe_attn_mul.yaml")
     t, aug = cfg.train, cfg.data.augment
     assert cfg.model.name == "vit_small_patch16_224" and cfg.model.img_size == 224
     assert t.lr == 1.2e-3 and t.weight_decay == 0.05 and t.schedule == "cosine"
@@ -220,7 +226,8 @@ def test_train_and_evaluate_end_to_end(tmp_path: Path) -> None:
     train(build_task(cfg2, other), TrainConfig(**cfg2["train"]), other)
     evaluate(other, resolutions=[16, 24], max_images=8, quiet=True)
     assert not (other / "pe_similarity.png").exists()
-    compare([run, other], tmp_path / "both.png")
+    both = {d.name: json.loads((d / "eval.json").read_text()) for d in (run, other)}
+    ViTRecipe.plot_runs(both, tmp_path / "both.png", title="both")
     assert (tmp_path / "both.png").stat().st_size > 0
     argv = ["eval", str(run), str(other), "--resolutions", "16", "20", "--max-images", "4", "--out", str(tmp_path / "cmp")]
     assert cli_main(argv) == 0  # seqpe-nd eval RUN RUN --resolutions ...

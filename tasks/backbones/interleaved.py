@@ -1,0 +1,132 @@
+"""An interleaved text + image transformer with any position encoding.
+
+A small stack of timm ``Block``s whose attention is the ViT adapter's
+:class:`~seqpe_nd.tasks.backbones.vit.PEAttention` (timm's ``Attention`` with ``pe.attend`` in
+place of SDPA), over ``[text token embeddings | timm PatchEmbed patches]`` placed in layout
+order. Each image's answer score is read at its ``[image]`` marker word (or from the mean of its
+patches) through one linear layer, so any number of images can be scored. The positions the PE
+sees are the caller's: hybrid ones, or a flat 1-D index.
+
+Legend: b batch, k images, c channels, y/x pixels, n text tokens, s sequence tokens, w position
+width, d model dim.
+"""
+
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Bool, Float, Int
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block, init_weights_vit_timm
+from torch import Tensor, nn
+
+from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.tasks.backbones.vit import ForwardContext, PEAttention, PEHub
+
+
+class HybridOutput(NamedTuple):
+    logits: Tensor
+    """(b, k): one score per image."""
+    aux_loss: Tensor | None
+    """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
+    logs: dict[str, Any] | None = None
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+
+
+class InterleavedTransformer(nn.Module):
+    """timm ``Block``s with :class:`PEAttention` over interleaved text tokens and image patches."""
+
+    def __init__(
+        self,
+        pe: PositionEncoding,
+        *,
+        vocab_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        readout: Literal["marker", "mean"] = "marker",
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.readout = readout
+        if pe.num_layers != depth or pe.num_heads != num_heads or pe.head_dim * num_heads != embed_dim:
+            raise ValueError(
+                f"PE sized for {pe.num_layers} layers × {pe.num_heads} heads × {pe.head_dim} dims, the model has {depth} × {num_heads} × {embed_dim // num_heads}"
+            )
+        self.text_embed = nn.Embedding(vocab_size, embed_dim)
+        self.patch_embed = PatchEmbed(
+            img_size=None,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            flatten=False,
+            output_fmt="NHWC",
+            strict_img_size=False,
+        )
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        self.blocks = nn.Sequential(
+            *[
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i], attn_layer=PEAttention)
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        self.score = nn.Linear(embed_dim, 1)
+        self.apply(init_weights_vit_timm)
+        nn.init.trunc_normal_(self.text_embed.weight, std=0.02)
+        self.pe = pe
+        self._hub = PEHub()
+        self._hub.pe = pe
+        for i, blk in enumerate(self.blocks):
+            blk.attn.bind(self._hub, i)
+
+    def forward(
+        self,
+        text: Int[Tensor, "b n"],
+        images: Float[Tensor, "b k c y x"],
+        positions: Int[Tensor, "b s w"],
+        is_image: Bool[Tensor, " s"],
+        *,
+        pe_generator: torch.Generator | None = None,
+        pe_shifted: bool = False,
+    ) -> HybridOutput:
+        """Scores of each image for a batch sharing one layout.
+
+        Args:
+            positions: what the PE is given for every sequence token (its own position view).
+            is_image: which sequence slots hold patches (row-major, image after image); the others
+                take the text tokens in order.
+        """
+        B, K = images.shape[:2]
+        t_emb = self.text_embed(text)  # (b, n, d)
+        patches = self.patch_embed(images.flatten(0, 1))  # (b*k, gy, gx, d)
+        per_image = patches.shape[1] * patches.shape[2]
+        p_emb = patches.reshape(B, K * per_image, -1)  # (b, k*p, d)
+        if int(is_image.sum()) != K * per_image or int((~is_image).sum()) != text.shape[1]:
+            raise ValueError(
+                f"layout has {int(is_image.sum())} patch and {int((~is_image).sum())} text slots, the batch "
+                f"{K} images × {per_image} patches and {text.shape[1]} text tokens"
+            )
+        # Sequence slot -> source row in [text | patches], so the interleaving is one gather.
+        src = torch.empty(is_image.shape[0], dtype=torch.int64, device=text.device)
+        src[~is_image] = torch.arange(text.shape[1], device=text.device)
+        src[is_image] = text.shape[1] + torch.arange(K * per_image, device=text.device)
+        x = torch.cat([t_emb, p_emb], 1)[:, src]  # (b, s, d)
+
+        state = self.pe.prepare(positions, generator=pe_generator, shifted=pe_shifted)
+        self._hub.current = ForwardContext(generator=pe_generator, shifted=pe_shifted, state=state)
+        try:
+            e = self.pe.embed(state)
+            if e is not None:
+                x = x + e.to(x.dtype)
+            x = self.norm(self.blocks(x))
+        finally:
+            self._hub.current = None
+        if self.readout == "mean":  # each image's own patches, averaged
+            pooled = x[:, is_image].reshape(B, K, per_image, -1).mean(2)  # (b, k, d)
+        else:  # the [image] word just before each image, which must find its image through positions
+            starts = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
+            pooled = x[:, torch.nonzero(starts)[:, 0] - 1]  # (b, k, d)
+        return HybridOutput(self.score(pooled).squeeze(-1), state.aux_loss, state.logs)

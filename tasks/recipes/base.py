@@ -1,0 +1,309 @@
+"""The shared base of every recipe: what a paper task has in common, written once.
+
+A recipe is a :class:`Recipe` subclass holding only what is its own: its typed config, its
+model, its batches, its main loss (:meth:`Recipe.step`), its evaluation sizes and metric
+(:meth:`Recipe.eval_plan`, :meth:`Recipe.eval_size`, :meth:`Recipe.eval_table`). The base owns
+the rest:
+
+- the training step around the recipe's forward: the random start shift of App. A.5 (one shift
+  per step, with the space's ``shift.prob``), the PE's auxiliary loss (SeqPE's α·L_δ + β·L_OOD,
+  Eq. 15) and its logs;
+- the :class:`~seqpe_nd.tasks.engine.trainer.TrainTask` bookkeeping (no-decay groups, the
+  resolved config saved with every checkpoint, the sections that must match on resume);
+- loading a trained run (config, checkpoint, the check that the checkpoint fits the config);
+- the evaluation skeleton: options checked before anything loads, sizes → rows, ``eval.json``,
+  a table, figures; and the comparison of several evaluated runs.
+"""
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from seqpe_nd.encodings import pe_metrics
+from seqpe_nd.positions import GridSpace, HybridSpace
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.evaluation import (
+    fmt,
+    load_weights_checked,
+    pick_device,
+    print_table,
+    read_run_config,
+    reject_unknown_options,
+    write_result,
+)
+from seqpe_nd.tasks.engine.trainer import unwrap
+from seqpe_nd.tasks.recipes.config import RunConfig
+
+ConfigT = TypeVar("ConfigT", bound=RunConfig)
+R = TypeVar("R", bound="Recipe[Any]")
+EVAL_PNG = "eval.png"
+
+
+class StepOutput(NamedTuple):
+    """What a recipe's forward on one training batch returns to :meth:`Recipe.loss`."""
+
+    main: Tensor
+    """The recipe's own loss (0-dim)."""
+    aux_loss: Tensor | None
+    """The PE's auxiliary loss, None when it has none."""
+    pe_logs: Mapping[str, Any] | None
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+    metrics: dict[str, float | Tensor] = {}
+    """Extra metrics of the recipe (e.g. ``train_top1``)."""
+
+
+@dataclass
+class EvalPlan:
+    """What one evaluation will do, fixed (and checked) before the model loads."""
+
+    sizes: list[Any]
+    """Evaluation sizes (lengths, resolutions, (frames, pixels) pairs ...), one row each."""
+    header: dict[str, Any] = field(default_factory=dict)
+    """Fields of ``eval.json`` besides the rows (split, training size, ...)."""
+    checkpoint: Path | None = None
+    """The checkpoint to load; None: the run's latest complete one."""
+    context: dict[str, Any] = field(default_factory=dict)
+    """Whatever the recipe's ``eval_size`` needs (the token stream, the image source, ...)."""
+
+
+class Recipe(Generic[ConfigT]):
+    """One paper task: a TrainTask for the shared loop, and the evaluation of its trained runs."""
+
+    task: ClassVar[str]
+    """The ``task:`` value of its configs."""
+    config_type: ClassVar[type[RunConfig]]
+    strict_sections: ClassVar[tuple[str, ...]] = ("task", "model", "space", "pe")
+    """Config sections a checkpoint must match to be resumed or evaluated."""
+    main_loss: ClassVar[str] = "loss"
+    """Name under which the main loss is logged."""
+    no_decay_names: ClassVar[tuple[str, ...]] = ()
+    """Parameters trained without weight decay besides biases, norms and every PE parameter."""
+    eval_options: ClassVar[tuple[str, ...]] = ()
+    """The options of ``evaluate`` besides ``device``, ``write`` and ``quiet``."""
+    rows_key: ClassVar[str] = "sizes"
+    """Key of the per-size rows in ``eval.json``."""
+    metric: ClassVar[tuple[str, str]] = ("top1", "top-1 %")
+    """(row field, label) compared across runs."""
+
+    def __init__(self, cfg: ConfigT, run_dir: Path | None = None) -> None:
+        self.cfg: ConfigT = cfg
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.space: GridSpace | HybridSpace = cfg.space
+
+    @classmethod
+    def build_task(cls: "type[R]", cfg: Any, run_dir: Path) -> "R":
+        """The recipe's TrainTask for ``seqpe-nd train`` (a recipe may check more before training)."""
+        return cls(cfg, run_dir)
+
+    # --- the TrainTask the shared loop runs -------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> Any:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+    def batch_tokens(self, batch: Any) -> int:
+        raise NotImplementedError
+
+    def step(
+        self, model: nn.Module, batch: Any, *, shift: Tensor | None, generator: torch.Generator
+    ) -> StepOutput:
+        """The recipe's forward and main loss on a training batch; ``shift`` (or None) moves every position."""
+        raise NotImplementedError
+
+    @property
+    def shift_space(self) -> GridSpace | HybridSpace:
+        """The space whose shift settings apply (the one the PE sees)."""
+        return self.cfg.space
+
+    def shift_extent(self, model: nn.Module, batch: Any) -> list[int] | None:
+        """The extent of this batch's positions per dim (None: the space's training extent)."""
+        return None
+
+    def loss(
+        self, model: nn.Module, batch: Any, *, generator: torch.Generator
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        """Main loss + the PE's auxiliary loss, with one random start shift for the whole step (App. A.5)."""
+        z = None
+        if self.cfg.random_shift:
+            shift = self.shift_space.sample_shift(generator, self.shift_extent(model, batch))
+            z = shift.z if shift.applied else None
+        out = self.step(model, batch, shift=z, generator=generator)
+        metrics: dict[str, float | Tensor] = {self.main_loss: float(out.main.detach()), "shifted": float(z is not None)}
+        metrics.update(out.metrics)
+        metrics.update(pe_metrics(out.aux_loss, out.pe_logs))
+        total = out.main if out.aux_loss is None else out.main + out.aux_loss
+        return total, metrics
+
+    def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        # Biases, norms and every PE parameter (the released code trains the SeqPE encoder without decay).
+        return param.ndim < 2 or name.startswith("pe.") or name in self.no_decay_names
+
+    def config_dict(self) -> dict[str, Any]:
+        """The resolved config (the space inline, never a path) saved with every checkpoint."""
+        return self.cfg.model_dump(mode="json", exclude={"train"})
+
+    @staticmethod
+    def device_of(model: nn.Module) -> torch.device:
+        return next(unwrap(model).parameters()).device
+
+    # --- a trained run --------------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls: "type[R]", run_dir: Path, **kwargs: Any) -> "R":
+        """The recipe of a training run, from the config the run saved."""
+        return cls(cls.config_type.parse(read_run_config(run_dir)), run_dir, **kwargs)  # type: ignore[arg-type]
+
+    def load_trained(self, checkpoint: Path | None = None) -> nn.Module:
+        """The model with a checkpoint's weights (default: the run's latest), in eval mode.
+
+        A checkpoint whose model, space or PE config differs from this recipe's raises a ValueError
+        naming each differing field before any weight is loaded.
+        """
+        if checkpoint is None:
+            if self.run_dir is None:
+                raise ValueError("load_trained needs a run directory or a checkpoint")
+            checkpoint = ckpt.resolve_checkpoint(self.run_dir)
+        return load_weights_checked(self.build_model(), checkpoint, self.config_dict(), self.strict_sections)
+
+    # --- evaluation: sizes -> rows -> eval.json, table, figures -------------------------------------------
+    def eval_plan(self, **options: Any) -> EvalPlan:
+        """The sizes and settings of an evaluation; every option is checked here, before the model loads."""
+        raise NotImplementedError
+
+    def eval_size(self, model: nn.Module, size: Any, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
+        """One row of the result: the metric at one size."""
+        raise NotImplementedError
+
+    def size_key(self, size: Any) -> str:
+        """The row's key in ``eval.json`` (``"2048"``, ``"8x64"``)."""
+        return "x".join(map(str, size)) if isinstance(size, (tuple, list)) else str(size)
+
+    def eval_table(self, result: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]]]:
+        """(title, columns, cells) of the printed result."""
+        raise NotImplementedError
+
+    def write_figures(self, result: dict[str, Any], model: nn.Module) -> None:
+        """Figures of one evaluated run, next to ``eval.json`` (may add their names to ``result``)."""
+
+    def reuse_result(self, plan: EvalPlan) -> dict[str, Any] | None:
+        """A saved result that answers ``plan`` exactly, to return instead of evaluating again."""
+        return None
+
+    @classmethod
+    def evaluate(
+        cls, run_dir: Path, *, device: str = "auto", write: bool = True, quiet: bool = False, reuse: bool = False,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Evaluate a trained run at every size of its plan; writes ``eval.json`` (atomically) and figures.
+
+        With ``reuse``, a saved ``eval.json`` that answers the same plan is returned instead.
+        """
+        reject_unknown_options(cls.task, options, cls.eval_options)
+        run_dir = Path(run_dir)
+        recipe = cls.from_run(run_dir, **cls.run_options(options))
+        plan = recipe.eval_plan(**{k: v for k, v in options.items() if k not in cls.constructor_options})
+        if reuse and (saved := recipe.reuse_result(plan)) is not None:
+            return saved
+        dev = pick_device(device)
+        model = recipe.load_trained(plan.checkpoint).to(dev)
+        rows: dict[str, dict[str, Any]] = {}
+        t0 = time.perf_counter()
+        for size in plan.sizes:
+            t = time.perf_counter()
+            row = recipe.eval_size(model, size, plan, dev)
+            rows[recipe.size_key(size)] = {**row, "seconds": time.perf_counter() - t}
+        result = {
+            "run_dir": str(run_dir),
+            **plan.header,
+            "pe": recipe.cfg.pe.model_dump(mode="json") if recipe.cfg.pe is not None else None,
+            "device": str(dev),
+            "seconds": time.perf_counter() - t0,
+            cls.rows_key: rows,
+        }
+        if write:
+            recipe.write_figures(result, model)
+            write_result(run_dir, result)
+        if not quiet:
+            print_table(*recipe.eval_table(result))
+        return result
+
+    constructor_options: ClassVar[tuple[str, ...]] = ()
+    """Options of ``evaluate`` that go to the recipe's constructor, not to :meth:`eval_plan`."""
+
+    @classmethod
+    def run_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: options[k] for k in cls.constructor_options if options.get(k) is not None}
+
+    # --- several evaluated runs ------------------------------------------------------------------------
+    @classmethod
+    def summarize(cls, results: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+        """One row per run: the metric at each size and their mean, with training and evaluation seconds."""
+        key = cls.metric[0]
+        rows: dict[str, dict[str, Any]] = {}
+        for name, res in results.items():
+            values = {k: v[key] for k, v in res[cls.rows_key].items()}
+            rows[name] = {
+                key: values,
+                "avg": sum(values.values()) / len(values),
+                **{k: res[k] for k in ("train_seconds", "eval_seconds") if k in res},
+            }
+        return rows
+
+    @classmethod
+    def print_summary(cls, rows: Mapping[str, Mapping[str, Any]], title: str) -> str:
+        """Print the comparison table and return it as Markdown."""
+        key = cls.metric[0]
+        sizes = list(dict.fromkeys(s for r in rows.values() for s in r[key]))
+        if all(s.isdigit() for s in sizes):
+            sizes.sort(key=int)
+        timed = any("train_seconds" in r for r in rows.values())
+        columns = ["method", *sizes, "avg", *(["train s", "eval s"] if timed else [])]
+        cells = []
+        for name, r in rows.items():
+            row = [name, *(fmt(r[key].get(s)) for s in sizes), fmt(r["avg"])]
+            if timed:
+                row += [f"{r.get('train_seconds', float('nan')):.0f}", f"{r.get('eval_seconds', float('nan')):.0f}"]
+            cells.append(row)
+        return print_table(title, columns, cells)
+
+    @classmethod
+    def plot_runs(cls, results: Mapping[str, Mapping[str, Any]], path: Path, *, title: str) -> Path:
+        """The metric against evaluation size, one line per run."""
+        from seqpe_nd.tasks.engine.plots import plot_metric
+
+        key, label = cls.metric
+        curves = {name: {k: v[key] for k, v in res[cls.rows_key].items()} for name, res in results.items()}
+        return plot_metric(curves, path, title=title, xlabel="evaluation size", ylabel=label)
+
+    @classmethod
+    def write_comparison(
+        cls, results: Mapping[str, Mapping[str, Any]], out: Path | None, *, title: str
+    ) -> dict[str, dict[str, Any]]:
+        """Print one table of several evaluated runs; with ``out``, write compare.json, .md and .png there."""
+        import json
+
+        rows = cls.summarize(results)
+        md = cls.print_summary(rows, title)
+        if out is not None:
+            out = Path(out)
+            out.mkdir(parents=True, exist_ok=True)
+            payload = {"title": title, "rows": rows, "runs": results}
+            ckpt.atomic_write_text(out / "compare.json", json.dumps(payload, indent=1) + "\n")
+            ckpt.atomic_write_text(out / "compare.md", f"## {title}\n\n{md}")
+            cls.plot_runs(results, out / "compare.png", title=title)
+        return rows
+
+
+def check_sizes(sizes: Sequence[Any], ok: Any, allowed: str, what: str = "evaluation size") -> None:
+    """One ValueError listing every size that ``ok(size)`` rejects, and what is allowed."""
+    bad = [list(s) if isinstance(s, tuple) else s for s in sizes if not ok(s)]
+    if bad:
+        raise ValueError(f"{what}(s) {bad} not allowed: {allowed}")

@@ -1,0 +1,238 @@
+"""Run configs: one YAML file per run, validated once at load into a typed model.
+
+A run config has a top-level ``task:`` naming the recipe; its other sections are the recipe's
+config model (:class:`RunConfig` and a subclass per recipe). :func:`load_config` reads the YAML,
+applies ``--set dotted.key=value`` overrides and validates the whole file against the union of
+every recipe's config, discriminated on ``task``, so a recipe only ever receives its typed model.
+
+A ``space:`` field holds a position space: inline, or a YAML path looked up relative to the
+config file, then the working directory, then the configs shipped with the package (so
+``configs/positions/text-512.yaml`` works from any directory and from a non-editable install).
+"""
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, TypeVar, Union
+
+import yaml
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+
+from seqpe_nd.encodings import PEConfig
+from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace
+from seqpe_nd.positions.spaces import read_yaml_mapping
+from seqpe_nd.tasks.engine.trainer import TrainConfig
+
+SHIPPED_ROOT = Path(__file__).resolve().parents[2]
+"""The folder holding the shipped ``configs/``: the checkout, or ``site-packages/seqpe_nd`` when installed."""
+
+
+# --- YAML ----------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``5e-5`` as a float (PyYAML's YAML 1.1 rules need ``5.0e-5``)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _ch in "-+0123456789.":
+    _Loader.yaml_implicit_resolvers[_ch] = [
+        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_ch, []) if tag != "tag:yaml.org,2002:float"
+    ]
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\d[\d_]*[eE][-+]?\d+$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value with YAML semantics: ``10`` int, ``1e-4`` float, ``true`` bool, ``[1, 2]`` list."""
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of one YAML file, as written (``extends:`` not followed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.load(path.read_text(), Loader=_Loader)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a run config must be a mapping with a top-level 'task:' key")
+    return data
+
+
+def load_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a run-config YAML file, with ``extends: other.yaml`` (relative to the file) merged under it.
+
+    A file that only states what differs from another (``extends: default.yaml`` and a ``pe:``) is how
+    one method's config derives from a shared one; see :func:`merge_sections` for the rule.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    if "extends" in data:
+        base = find_config_file(str(data.pop("extends")), path.resolve().parent, what=f"{path}: extends")
+        if base.resolve() in (*_chain, path.resolve()):
+            raise ValueError(f"{path}: extends: configs form a cycle through {base}")
+        data = merge_sections(load_yaml(base, (*_chain, path.resolve())), data)
+    return data
+
+
+def merge_sections(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section; a section naming another ``method`` replaces the base's."""
+    out = dict(base)
+    for key, value in over.items():
+        below = out.get(key)
+        if isinstance(below, dict) and isinstance(value, dict) and value.get("method", below.get("method")) == below.get("method"):
+            out[key] = merge_sections(below, value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(config: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` in place. Missing keys are created (the schema judges them later)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"override {item!r} has an empty key part")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {key}: {'.'.join(parts[: i + 1])} is a value ({child!r}), not a section")
+        node = child
+    node[parts[-1]] = parse_value(text)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the dotted field path."""
+    return format_errors(err.errors(), prefix)
+
+
+def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "") -> str:
+    """:func:`format_validation_error` of pydantic's error dicts."""
+    lines = []
+    for e in errors:
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
+        shown = "input" in e and e["type"] != "missing" and e["loc"] and not isinstance(e["input"], dict)
+        lines.append(f"{path or '<root>'}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
+    return "; ".join(lines)
+
+
+# --- the space field ------------------------------------------------------------------------------
+
+def find_config_file(name: str | Path, config_dir: Path | None = None, *, what: str = "file") -> Path:
+    """A file a config names: absolute, or relative to ``config_dir``, the working directory, the shipped configs."""
+    p = Path(name)
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [*([config_dir / p] if config_dir is not None else []), Path.cwd() / p, SHIPPED_ROOT / p]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c.parent) for c in candidates)
+    raise FileNotFoundError(f"{what} {str(name)!r} not found (looked in {looked})")
+
+
+def _space_source(value: Any, info: Any) -> Any:  # info: pydantic ValidationInfo (a Protocol)
+    """A path becomes the space's mapping (read relative to the config file); a mapping defaults to ``kind: grid``."""
+    if isinstance(value, (str, Path)):
+        config_dir = (info.context or {}).get("config_dir")
+        path = find_config_file(value, config_dir, what="space file")
+        value = read_yaml_mapping(path, what="position-space", key="kind")
+    if isinstance(value, dict):
+        return {"kind": "grid", **value}
+    return value
+
+
+Space = Annotated[PositionSpace, BeforeValidator(_space_source)]
+"""A position space in a run config: inline, or a path to a space YAML (see :func:`find_config_file`)."""
+
+
+# --- run configs ------------------------------------------------------------------------------------
+
+C = TypeVar("C", bound="RunConfig")
+
+
+class RunConfig(Frozen):
+    """What every recipe's run config has; a recipe subclasses it with ``task: Literal[...]`` and its sections."""
+
+    task: str
+    space: Space
+    """Position space: an inline mapping or a YAML path (relative to the config file, the working directory or
+    the shipped configs)."""
+    pe: PEConfig
+    """Position encoding; ``method`` picks one (nope, ape_sin, ape_learn, rope, alibi, seqpe, ...)."""
+    random_shift: bool = False
+    """Shift a whole step's positions with the space's ``shift.prob`` (App. A.5)."""
+    train: TrainConfig = TrainConfig()
+
+    @classmethod
+    def parse(cls: "type[C]", data: "dict[str, Any] | C", *, config_dir: Path | None = None) -> "C":
+        """Validate a run config; errors name the dotted field path (one ValueError)."""
+        if isinstance(data, cls):
+            return data
+        try:
+            return cls.model_validate(data, context={"config_dir": config_dir})
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err)) from None
+
+    def grid_space(self, ndim: int) -> GridSpace:
+        """``space`` as the ``ndim``-D grid space this recipe needs (a clear error otherwise)."""
+        space = self.space
+        if not isinstance(space, GridSpace) or space.ndim != ndim:
+            got = f"a {space.ndim}-D grid" if isinstance(space, GridSpace) else f"a {space.kind} space"
+            raise ValueError(f"space: the {self.task} recipe needs a {ndim}-D grid space, got {got}")
+        return space
+
+    def hybrid_space(self) -> HybridSpace:
+        if not isinstance(self.space, HybridSpace):
+            raise ValueError(f"space: the {self.task} recipe needs a hybrid space (kind: hybrid), got kind {self.space.kind!r}")
+        return self.space
+
+
+def _adapter() -> TypeAdapter:  # type: ignore[type-arg]
+    from seqpe_nd.tasks.recipes import RECIPES
+
+    return _adapter_of(tuple(RECIPES))
+
+
+@cache
+def _adapter_of(tasks: tuple[str, ...]) -> TypeAdapter:  # type: ignore[type-arg]
+    from seqpe_nd.tasks.recipes import get_recipe
+
+    configs = tuple(get_recipe(task).config_type for task in tasks)
+    return TypeAdapter(Annotated[Union[configs], Field(discriminator="task")])  # noqa: UP007 (a runtime tuple)
+
+
+def parse_run_config(data: dict[str, Any], *, config_dir: Path | None = None, source: str = "") -> RunConfig:
+    """Validate a run config of any recipe (picked by its ``task``); one ValueError naming every bad field."""
+    from seqpe_nd.tasks.recipes import RECIPES
+
+    where = f"{source}: " if source else ""
+    task = data.get("task")
+    if task is None:
+        raise ValueError(f"{where}missing top-level 'task:' (allowed: {sorted(RECIPES)})")
+    if task not in RECIPES:
+        raise ValueError(f"{where}task: unknown task {task!r}; allowed: {sorted(RECIPES)}")
+    try:
+        return _adapter().validate_python(data, context={"config_dir": config_dir})
+    except ValidationError as err:
+        # The union names the branch first (``lm.model.n_head``); the file only has ``model.n_head``.
+        errors = [dict(e, loc=e["loc"][1:] if e["loc"] and e["loc"][0] == task else e["loc"]) for e in err.errors()]
+        raise ValueError(where + format_errors(errors)) from None
+
+
+def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config, apply ``--set`` overrides and validate it into the recipe's typed model."""
+    path = Path(path)
+    data = load_yaml(path)
+    for item in overrides:
+        apply_override(data, item)
+    return parse_run_config(data, config_dir=path.resolve().parent, source=str(path))
+
