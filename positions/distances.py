@@ -61,8 +61,9 @@ def list_distances() -> list[str]:
 
 
 def _diff(a: Tensor, b: Tensor) -> Tensor:
-    # Float64 keeps squared distances of coordinates up to ~1e7 exact.
-    return a.to(torch.float64) - b.to(torch.float64)
+    # Subtract in int64, then cast: the difference is exact whatever the absolute coordinates
+    # (casting first rounds coordinates past 2**53); float64 keeps squares of differences up to ~9e7 exact.
+    return (a.long() - b.long()).to(torch.float64)
 
 
 def euclidean(a: Int[Tensor, "*#b w"], b: Int[Tensor, "*#b w"]) -> Float[Tensor, "*#b"]:

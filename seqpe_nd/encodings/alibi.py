@@ -28,7 +28,9 @@ class ALiBi(PositionEncoding):
         self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
 
     def distance(self, a: Int[Tensor, "*#b w"], b: Int[Tensor, "*#b w"]) -> Float[Tensor, "*#b"]:
-        return (a.float() - b.float()).abs().sum(-1)
+        # Subtract the integers, then cast the small difference: casting first rounds positions
+        # past 2**24 to float32's grid and loses the difference.
+        return (a.long() - b.long()).abs().sum(-1).float()
 
     def score_mod(self, state: PEState, layer: int) -> ScoreMod:
         """``score - m_h · δ(p_q[b, i], p_k[b, j])``; broadcasts, so it also builds the dense bias."""

@@ -170,3 +170,30 @@ def test_one_dense_bias_per_forward_shared_by_layers() -> None:
     biases = [v for key, v in state._memo.items() if key[0] == "bias"]
     assert len(biases) == 1 and biases[0].shape == (1, 4, 8, 8)  # rows share positions: [1, h, n, m]
     assert biases[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["bias", "flex"])
+@pytest.mark.parametrize(("method", "extent"), [("alibi", [10]), ("alibi_nd", [3, 4])])
+@pytest.mark.parametrize("offset", [2**25 + 3, 2**53 + 3])
+@pytest.mark.usefixtures("flex_traceable")
+def test_alibi_bias_is_exact_beyond_float_precision(method: str, extent: list[int], offset: int, backend: str) -> None:
+    """Distances are taken between integers, then cast: starts past 2**24 (float32) and 2**53
+    (float64), where consecutive integers no longer have distinct float values, change nothing."""
+    torch.manual_seed(0)
+    sp = space(extent, "manhattan")
+    pe = build(method, sp, backend=backend)
+    pos = sp.positions()[None]
+    n = pos.shape[1]
+    q, k, v = (torch.randn(1, 4, n, 8) for _ in range(3))
+    states = [pe.prepare(p) for p in (pos, pos + offset)]
+    idx = (
+        torch.zeros(1, 1, 1, 1, dtype=torch.long),
+        torch.arange(4).view(1, 4, 1, 1),
+        torch.arange(n).view(1, 1, n, 1),
+        torch.arange(n).view(1, 1, 1, n),
+    )
+    biases = [pe.score_mod(s, 0)(torch.zeros(()), *idx) for s in states]
+    torch.testing.assert_close(biases[1], biases[0], rtol=0, atol=0)
+    with torch.no_grad():  # FlexAttention has no CPU backward
+        out = [pe.attend(q, k, v, s, 0, causal=True) for s in states]
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
