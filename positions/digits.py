@@ -7,7 +7,7 @@ digits of the same place value always sit in the same slot (the paper's Fig. 1).
 """
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Int
 from torch import Tensor
 
 
@@ -83,8 +83,3 @@ def perturb_digits(
 
     out = torch.stack([swapped, removed, added, replaced], dim=0)[op, torch.arange(n, device=dev)]
     return from_digits(out, base)
-
-
-def digits_fit(values: Int[Tensor, "*b"], base: int, k: int) -> Bool[Tensor, "*b"]:
-    """Whether each value is in ``[0, base**k)``."""
-    return (values >= 0) & (values < base**k)

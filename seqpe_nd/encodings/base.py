@@ -36,7 +36,6 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``."""
 
 ScoreBackend = Literal["auto", "flex", "bias"]
-SCORE_BACKENDS: tuple[str, ...] = ("auto", "flex", "bias")
 
 
 @dataclass(eq=False)
