@@ -2,12 +2,16 @@
 
 from pathlib import Path
 from typing import Any, get_args
+from unittest import mock
 
 import pydantic
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import nn
 
+from seqpe_nd.encoder import Block
 from seqpe_nd.encodings import METHODS, PEConfig, build_position_encoding, load_pe_config
 from seqpe_nd.positions import get_distance, load_space
 
@@ -97,6 +101,50 @@ def smallest_mixed_magnitude(pe: Any) -> float:
     return pe.freqs[0].norm(dim=0).min().item()  # min over heads and i of |θ_{h,i}| (a vector over axes)
 
 
+def encoder_calls(pe: Any, kind: type[nn.Module]) -> list[tuple[nn.Module, Any]]:
+    """(module, output) of each ``kind`` module that one SeqPE encoder pass runs, in call order.
+
+    The pass encodes 2-D positions (0, 0) and (0, 1), whose digit tokens differ only in the last digit.
+    """
+    calls: list[tuple[nn.Module, Any]] = []
+    hooks = [
+        m.register_forward_hook(lambda m, args, out: calls.append((m, out)))
+        for m in pe.encoder.modules()
+        if isinstance(m, kind)
+    ]
+    pe.encoder.eval()
+    try:
+        with torch.no_grad():
+            pe.encoder.encode_unique(torch.tensor([[0, 0], [0, 1]]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def attention_heads(pe: Any) -> set[int]:
+    """Head counts of the attention calls one encoder pass makes."""
+    with mock.patch.object(F, "scaled_dot_product_attention", wraps=F.scaled_dot_product_attention) as spy:
+        encoder_calls(pe, Block)
+    return {call.args[0].shape[1] for call in spy.call_args_list}
+
+
+def first_slot_ignores_later_digits(pe: Any) -> bool:
+    """Whether the first block's output at slot 0 is the same for two positions that differ only in a later
+    digit (needs 2+ layers: the last block computes only [CLS])."""
+    _, out = encoder_calls(pe, Block)[0]
+    return torch.equal(out[0, 0], out[1, 0])
+
+
+def init_called(pe: Any) -> set[str]:
+    """Which torch initializers the encoder's own weight init calls. Its values cannot tell: at std 0.02 the
+    ±2 cut is at 100σ, and torch's trunc_normal_ then rejection-samples normal_, drawing the same numbers."""
+    names = ("normal_", "trunc_normal_")
+    with mock.patch.multiple(nn.init, **{n: mock.DEFAULT for n in names}) as spies:
+        pe.encoder._init_weights(nn.Linear(8, 8))
+    return {n for n in names if spies[n].called}
+
+
 # (method, field, value, probe(pe) -> what the option controls, expected); 2-D where it matters.
 PROBES: list[tuple[str, str, Any, Any, Any]] = [
     (
@@ -129,18 +177,14 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("seqpe", "integration", "attn_mul", lambda pe: pe.integration, "attn_mul"),
     ("seqpe", "per_layer", True, lambda pe: len(pe.w_pe), 3),
     ("seqpe", "encoder_lr_scale", 0.25, lambda pe: pe.encoder.lr_scale, 0.25),  # the trainer's groups: test_trainer
-    *[
-        ("seqpe", f, v, (lambda f: lambda pe: pe.encoder.config[f])(f), v)
-        for f, v in (
-            ("hidden", 24),
-            ("layers", 3),
-            ("heads", 3),
-            ("mlp_ratio", 2.0),
-            ("dropout", 0.3),
-            ("causal", False),
-            ("init", "trunc_normal"),
-        )
-    ],
+    # Encoder options: what the modules that run do, not the config dict the constructor stored.
+    ("seqpe", "hidden", 24, lambda pe: {out.shape[-1] for _, out in encoder_calls(pe, Block)}, {24}),
+    ("seqpe", "layers", 3, lambda pe: len(encoder_calls(pe, Block)), 3),
+    ("seqpe", "heads", 3, attention_heads, {3}),
+    ("seqpe", "mlp_ratio", 2.0, lambda pe: {out.shape[-1] for _, out in encoder_calls(pe, nn.GELU)}, {32}),
+    ("seqpe", "dropout", 0.3, lambda pe: {m.p for m, _ in encoder_calls(pe, nn.Dropout)}, {0.3}),
+    ("seqpe", "causal", False, first_slot_ignores_later_digits, False),
+    ("seqpe", "init", "trunc_normal", init_called, {"trunc_normal_"}),
     *[
         ("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
         for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True), ("ood_reduction", "batchmean"))
@@ -162,6 +206,8 @@ def test_every_option_reaches_the_code(method: str, field: str, value: Any, prob
     small = {"hidden": 16, "layers": 1} if method == "seqpe" and field not in ("hidden", "layers") else {}
     if method == "seqpe" and field == "heads":
         small = {"hidden": 24}
+    if method == "seqpe" and field == "causal":
+        small = {"hidden": 16, "layers": 2}  # the last layer computes only [CLS], which sees every slot
     default = build({"method": method, **small}, GRID_2D if method != "rope" and method != "alibi" else None)
     pe = build({"method": method, **small, field: value}, GRID_2D if method != "rope" and method != "alibi" else None)
     assert probe(pe) == want
