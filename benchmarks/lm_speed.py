@@ -39,12 +39,12 @@ PRESETS = {
 
 def build(pe: dict, preset: str, device: torch.device) -> torch.nn.Module:
     layers, width, heads, block, vocab, space, _ = PRESETS[preset]
-    cfg = lm.parse_config({
+    cfg = lm.LMConfig.parse({
         "task": "lm", "model": {"n_layer": layers, "n_head": heads, "n_embd": width, "block_size": block},
         "space": space, "pe": pe,
     })
     torch.manual_seed(0)
-    return lm.build_model(cfg, lm.resolve_space(cfg.space), vocab_size=vocab, eos_id=0).to(device)
+    return lm.build_model(cfg, vocab_size=vocab, eos_id=0).to(device)
 
 
 def sync(device: torch.device) -> None:

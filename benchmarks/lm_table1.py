@@ -2,7 +2,7 @@
 
 Every method is trained from the same base config (``configs/lm/smoke/default.yaml``: a 2-layer,
 128-wide GPT-2, 128-token blocks, same steps, data order and seed; only the ``pe`` section and the
-random shift differ, see ``seqpe_nd.tasks.recipes.lm.METHOD_PRESETS``) and evaluated with §4.1's protocol
+random shift differ: the method files in ``configs/lm/smoke``) and evaluated with §4.1's protocol
 at 1×, 2×, 4×, 8× and 16× the training length on the embedded test split. Results go to
 ``benchmarks/results/lm_table1.{json,md,png}``; the runs themselves to ``runs/bench-lm-table1/``
 (rerunning reuses finished runs and resumes interrupted ones).
@@ -46,8 +46,8 @@ def main() -> None:
     from seqpe_nd.tasks.recipes import lm
     from seqpe_nd.tasks.engine.plots import plot_ppl
 
-    base = lm.parse_config(load_config(args.config, args.overrides))
-    rows = lm.summarize(results)
+    base = load_config(args.config, args.overrides)
+    rows = lm.LMRecipe.summarize(results)
     table1 = {m: rows[m] for m in TABLE1}
     table4 = {m: rows[m] for m in TABLE4}
     setup = {
@@ -61,8 +61,8 @@ def main() -> None:
     payload = {"setup": setup, "table1": table1, "table4": table4, "runs": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(RESULTS / "lm_table1.json", json.dumps(payload, indent=1) + "\n")
-    md1 = lm.print_summary(table1, "Table 1 (smoke): test perplexity vs evaluation length")
-    md4 = lm.print_summary(table4, "Table 4 (smoke): SeqPE with α (L_δ) and β (L_OOD) on/off")
+    md1 = lm.LMRecipe.print_summary(table1, "Table 1 (smoke): test perplexity vs evaluation length")
+    md4 = lm.LMRecipe.print_summary(table4, "Table 4 (smoke): SeqPE with α (L_δ) and β (L_OOD) on/off")
     L = base.model.block_size
     text = (
         f"# Table 1 / Table 4 at smoke scale ({base.model.n_layer}-layer, {base.model.n_embd}-wide GPT-2, embedded corpus)\n\n"

@@ -78,7 +78,7 @@ def position_use(run_dir: Path) -> dict[str, float]:
     from seqpe_nd.tasks.recipes import lm
 
     torch.set_num_threads(1)
-    model = lm.load_model(run_dir).eval()
+    model = lm.LMRecipe.from_run(run_dir).load_trained()
     pe, L = model.pe, int(model.config.n_positions)
     e = pe.encoder(torch.arange(L).view(L, 1))  # (L, d)
     unit = F.normalize(e, dim=-1)
