@@ -55,3 +55,70 @@ def test_no_future_annotations_in_checked_modules():
     for folder in ("positions", "seqpe_nd", "tasks"):
         for path in sources(folder):
             assert "from __future__ import annotations" not in path.read_text(), path
+
+
+# --- inside tasks/: folders by role, arrows pointing down -------------------------------------------------
+
+ROLE_IMPORTS: dict[str, set[str]] = {
+    "engine": {"engine"},  # the loop, checkpoints, atomic files, evaluation helpers, plots: nothing recipe-specific
+    "data": {"data", "engine"},
+    "backbones": {"backbones", "engine"},
+    "recipes": {"backbones", "data", "engine", "recipes"},
+    "cli": {"backbones", "data", "engine", "recipes", "cli"},
+}
+RECIPE_SHARED = {"seqpe_nd.tasks.recipes", "seqpe_nd.tasks.recipes.base", "seqpe_nd.tasks.recipes.config"}
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every absolute import of a module, function-level ones included, as ``module`` or ``module.name``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def role(path: Path) -> str:
+    return path.relative_to(ROOT / "tasks").parts[0]
+
+
+@pytest.mark.parametrize("path", [p for p in sources("tasks") if p.parent != ROOT / "tasks"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_tasks_roles_import_only_downward(path: Path) -> None:
+    mine = role(path)
+    for name in all_imports(path):
+        if not name.startswith("seqpe_nd.tasks."):
+            continue
+        target = name.split(".")[2]
+        assert target in ROLE_IMPORTS[mine], f"{path.relative_to(ROOT)} ({mine}/) imports {name} ({target}/)"
+
+
+RECIPE_MODULES = sorted(p for p in (ROOT / "tasks" / "recipes").glob("*.py") if p.stem not in ("__init__", "base", "config"))
+
+
+@pytest.mark.parametrize("path", RECIPE_MODULES, ids=lambda p: p.stem)
+def test_recipes_never_import_each_other(path: Path) -> None:
+    for name in all_imports(path):
+        parts = name.split(".")
+        if name.startswith("seqpe_nd.tasks.recipes") and len(parts) >= 4:
+            module = ".".join(parts[:4])
+            assert module in RECIPE_SHARED or module == f"seqpe_nd.tasks.recipes.{path.stem}", (
+                f"recipe {path.stem} imports {name}: recipes share only base and config"
+            )
+
+
+@pytest.mark.parametrize("folder", ["positions", "seqpe_nd", "tasks", "benchmarks"])
+def test_no_private_names_cross_modules(folder: str) -> None:
+    for path in sources(folder):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seqpe_nd"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.relative_to(ROOT)} imports private {private} from {node.module}"
+
+
+@pytest.mark.parametrize("path", sources("tasks"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_tasks_modules_stay_small(path: Path) -> None:
+    lines = len(path.read_text().splitlines())
+    assert lines <= 450, f"{path.relative_to(ROOT)} has {lines} lines; split it by what its parts do"

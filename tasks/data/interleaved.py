@@ -38,7 +38,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from seqpe_nd.positions import Frozen
-from seqpe_nd.tasks.data.vision import Scene, Shape, render
+from seqpe_nd.tasks.data.scenes import Scene, Shape, render
 
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.95, 0.15, 0.1),

@@ -437,3 +437,10 @@ def sample_blocks(num_blocks: int, first: int, count: int, seed: int) -> np.ndar
         epoch, pos = divmod(first + j, num_blocks)
         out[j] = epoch_order(num_blocks, seed, epoch)[pos]
     return out
+
+
+def load_tokenizer(data: TextDataConfig) -> TextTokenizer:
+    """The LM run's tokenizer: the project BPE of its corpus (cached), or a Hugging Face one by name."""
+    if data.tokenizer == "bpe":
+        return prepare_text(data).tokenizer
+    return load_pretrained_tokenizer(data.tokenizer)

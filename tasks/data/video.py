@@ -27,7 +27,7 @@ from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from seqpe_nd.positions import Frozen
-from seqpe_nd.tasks.data.vision import Scene, Shape, render
+from seqpe_nd.tasks.data.scenes import Scene, Shape, render
 
 CLASSES: tuple[str, ...] = (
     "red first, on the left",

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -318,3 +319,31 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
+
+
+def embedding_rows(path: Path, names: tuple[str, ...] = ("transformer.wte.weight", "lm_head.weight")) -> int:
+    """Rows of the checkpoint's token embedding (stored once under either name of the tied weight)."""
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        name = next(k for k in names if k in f.keys())
+        return int(f.get_slice(name).get_shape()[0])
+
+
+class KeepBest:
+    """Keeps, in ``directory``, the checkpoint with the lowest ``metric`` offered so far (weights only).
+
+    A resumed run continues the record of the checkpoint already there.
+    """
+
+    def __init__(self, directory: Path, metric: str) -> None:
+        self.directory, self.metric = Path(directory), metric
+        found = latest_checkpoint(self.directory)
+        self.best: float | None = None if found is None else float(json.loads((found / _COMPLETE).read_text())[metric])
+
+    def offer(self, step: int, model: nn.Module, value: float, config: Mapping[str, Any]) -> bool:
+        """Save ``model`` if ``value`` beats the record; True when it did."""
+        if self.best is not None and not value < self.best:
+            return False
+        self.best = value
+        save_checkpoint(self.directory, step, model=model, optimizer={}, rng={}, state={self.metric: value},
+                        config=dict(config), keep_last=1)
+        return True

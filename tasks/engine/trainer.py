@@ -13,11 +13,9 @@ handed to :meth:`TrainTask.loss`; both are checkpointed for every rank.
 
 import json
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -30,6 +28,7 @@ from tqdm.auto import tqdm
 
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.distributed import all_mean, gather_rng, maybe_no_sync, restore_rng, setup_distributed
 
 # Config sections that must match exactly when resuming: a different model cannot continue.
 STRICT_SECTIONS: tuple[str, ...] = ("task", "model", "space", "pe")
@@ -198,75 +197,6 @@ def run_dir_has_content(run_dir: Path) -> bool:
     return run_dir.exists() and any(run_dir.iterdir())
 
 
-# --- distributed plumbing --------------------------------------------------------------------------
-
-def _setup_distributed(device_choice: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world, device, we_initialised_the_group) from torchrun's environment.
-
-    A process group that already exists (a launcher or test made it) is used and left alone.
-    """
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("train.device is 'cuda' but no CUDA device is available (allowed: auto, cpu, cuda)")
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device("cuda", local_rank if env_world > 1 else torch.cuda.current_device())
-        torch.cuda.set_device(device)  # before the process group, so NCCL binds this rank's GPU
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), device, False
-    if env_world > 1:
-        if use_cuda:
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
-        return dist.get_rank(), dist.get_world_size(), device, True
-    return 0, 1, device, False
-
-
-def _all_mean(values: dict[str, float | Tensor], world: int, device: torch.device) -> dict[str, float]:
-    """Average scalars over ranks in one collective (one device sync)."""
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    t = torch.stack([torch.as_tensor(v, dtype=dtype, device=device).reshape(()) for v in values.values()])
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return dict(zip(values, t.tolist()))
-
-
-def _gather_rng(generator: torch.Generator, rank: int, world: int, device: torch.device) -> dict[str, Any]:
-    """Every rank's RNG states as ``{"rank0": {...}, ...}`` (collective: all ranks call it)."""
-    mine = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if device.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(device)
-    if world == 1:
-        return {"rank0": mine}
-    out: dict[str, Any] = {f"rank{r}": {} for r in range(world)}
-    for key, state in mine.items():
-        buf = state.to(device)
-        parts = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(parts, buf)
-        for r, part in enumerate(parts):
-            out[f"rank{r}"][key] = part.cpu()
-    return out
-
-
-def _restore_rng(rng: dict[str, Any], generator: torch.Generator, rank: int, device: torch.device) -> None:
-    mine = rng[f"rank{rank}"]
-    torch.set_rng_state(mine["cpu"])
-    generator.set_state(mine["generator"])
-    if device.type == "cuda" and "cuda" in mine:
-        torch.cuda.set_rng_state(mine["cuda"], device)
-
-
-@contextmanager
-def _maybe_no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
-    with model.no_sync() if skip and isinstance(model, nn.parallel.DistributedDataParallel) else nullcontext():
-        yield
-
-
 def _check_every_param_learns(model: nn.Module, world: int) -> None:
     """DDP needs a gradient for every trainable parameter each step; say which have none, early."""
     idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -335,7 +265,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
     store cannot host a second default group after the first is destroyed).
     """
     run_dir = Path(run_dir)
-    rank, world, device, owned_group = _setup_distributed(cfg.device)
+    rank, world, device, owned_group = setup_distributed(cfg.device)
     master = rank == 0
     try:
         # Every rank checks before rank 0 writes anything, so all agree on what they saw.
@@ -383,7 +313,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 )
             ckpt.load_weights(raw, found)
             optimizer.load_state_dict(state.optimizer)
-            _restore_rng(state.rng, generator, rank, device)
+            restore_rng(state.rng, generator, rank, device)
             start = state.step
             if master:
                 changed = f" (changed: {'; '.join(other)})" if other else ""
@@ -410,7 +340,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             return {f"val/{k}": v for k, v in metrics.items()}
 
         def save(step: int) -> None:
-            rng = _gather_rng(generator, rank, world, device)  # collective
+            rng = gather_rng(generator, rank, world, device)  # collective
             if master:
                 ckpt.save_checkpoint(
                     run_dir, step, model=raw, optimizer=optimizer.state_dict(), rng=rng, config=config,
@@ -436,7 +366,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             for micro in range(cfg.grad_accum):
                 batch = move_to(task.train_batch(step, micro, rank, world), device)
                 window_tokens += task.batch_tokens(batch) * world
-                with _maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
+                with maybe_no_sync(model, micro < cfg.grad_accum - 1), autocast:
                     loss, metrics = task.loss(model, batch, generator=generator)
                 (loss / cfg.grad_accum).backward()
                 for k, v in {"loss": loss, **metrics}.items():
@@ -453,7 +383,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             if done % cfg.log_every == 0 or done == cfg.steps:
                 if grad_norm is not None:
                     logs["grad_norm"] = grad_norm  # identical on every rank after DDP's all-reduce
-                means = _all_mean(logs, world, device)  # the one device sync of a logging step
+                means = all_mean(logs, world, device)  # the one device sync of a logging step
                 tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 record = {"step": done, "split": "train", "lr": lr, "tokens_per_s": tps, **means}
                 if master:

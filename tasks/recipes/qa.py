@@ -30,36 +30,35 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from jaxtyping import Float, Int
 from pydantic import PositiveInt, model_validator
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, load_pe_config
 from seqpe_nd.positions import Frozen, GridSpace, load_space
 from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, GPT2WithPE, build_gpt2
 from seqpe_nd.tasks.data.qa import (
-    IGNORE_INDEX,
     PromptBuilder,
     PromptTooLong,
     QADataConfig,
     QAExample,
     QASource,
-    build_source,
     collate_prompts,
     collate_train,
+    contains_match,
+    decode_answer,
     make_example,
+    strict_match,
 )
+from seqpe_nd.tasks.data.qa_sources import build_source
 from seqpe_nd.tasks.data.text import (
     TextDataConfig,
     TextTokenizer,
     first_sample,
-    load_pretrained_tokenizer,
-    prepare_text,
+    load_tokenizer,
     sample_blocks,
 )
 from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.decoding import answer_loss, greedy_generate
 from seqpe_nd.tasks.engine.evaluation import read_run_config
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
@@ -179,111 +178,6 @@ def resolve_config(cfg: QAConfig) -> QAConfig:
     })
 
 
-def load_tokenizer(data: TextDataConfig) -> TextTokenizer:
-    """The LM run's tokenizer: the project BPE of its corpus (cached), or a Hugging Face one by name."""
-    if data.tokenizer == "bpe":
-        return prepare_text(data).tokenizer
-    return load_pretrained_tokenizer(data.tokenizer)
-
-
-def _checkpoint_vocab(path: Path) -> int:
-    """Rows of the checkpoint's token embedding (stored once under either name of the tied weight)."""
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        name = next(k for k in ("transformer.wte.weight", "lm_head.weight") if k in f.keys())
-        return int(f.get_slice(name).get_shape()[0])
-
-
-# --- metrics ----------------------------------------------------------------------------------------
-
-def contains_match(prediction: str, answers: Sequence[str]) -> bool:
-    """The paper's EM: some lower-cased gold answer is contained in the lower-cased generation."""
-    pred = prediction.lower()
-    return any(a.lower() in pred for a in answers if a)
-
-
-def strict_match(prediction: str, answers: Sequence[str]) -> bool:
-    """Strict EM: the whitespace-stripped generation equals some gold answer exactly (case included)."""
-    pred = prediction.strip()
-    return any(pred == a.strip() for a in answers)
-
-
-# --- model pieces -----------------------------------------------------------------------------------
-
-def answer_loss(
-    model: nn.Module,
-    input_ids: Int[Tensor, "b n"],
-    labels: Int[Tensor, "b n"],
-    position_ids: Int[Tensor, "b n"] | Int[Tensor, "b n w"] | None = None,
-    **forward: Any,
-) -> tuple[Float[Tensor, ""], int, Any]:
-    """Summed cross entropy of the labelled (answer + EOS) tokens, their count, and the model output.
-
-    Only the window of positions that predict a labelled token goes through the vocabulary
-    projection (``logits_to_keep``), which on long prompts is most of the cost.
-    """
-    b, n = input_ids.shape
-    if position_ids is None:
-        position_ids = torch.arange(n, device=input_ids.device).expand(b, n)
-    scored = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()[:, 0]  # positions whose next token is labelled
-    if len(scored) == 0:
-        raise ValueError("the batch has no labelled token (every label is IGNORE_INDEX)")
-    lo, hi = int(scored[0]), int(scored[-1]) + 1
-    keep = torch.arange(lo, hi, device=input_ids.device)
-    out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep, **forward)
-    target = labels[:, lo + 1 : hi + 1]  # (b, hi - lo)
-    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((target != IGNORE_INDEX).sum()), out
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: nn.Module,
-    input_ids: Int[Tensor, "b n"],
-    attention_mask: Int[Tensor, "b n"],
-    position_ids: Int[Tensor, "b n"],
-    *,
-    max_new_tokens: int,
-    eos_id: int,
-    use_cache: bool = True,
-) -> Int[Tensor, "b t"]:
-    """Greedy continuation of left-padded prompts; rows that emitted EOS keep emitting it.
-
-    With ``use_cache`` the prompt is encoded once and each step feeds one token with its explicit
-    position; without it every step re-encodes the whole sequence (the reference the cache must match).
-    """
-    b = input_ids.shape[0]
-    ids, mask, pos = input_ids, attention_mask, position_ids
-    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-    out: list[Tensor] = []
-    cache = None
-    step_ids, step_pos = ids, pos
-    for _ in range(max_new_tokens):
-        if use_cache:
-            res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, cache=cache, use_cache=True,
-                        logits_to_keep=1)
-            cache = res.cache
-        else:
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1)
-        nxt = res.logits[:, -1].argmax(-1)  # (b,)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        out.append(nxt)
-        done = done | (nxt == eos_id)
-        if bool(done.all()):
-            break
-        step_ids, step_pos = nxt[:, None], pos[:, -1:] + 1
-        ids, pos = torch.cat([ids, step_ids], 1), torch.cat([pos, step_pos], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    return torch.stack(out, 1)
-
-
-def decode_answer(tokenizer: TextTokenizer, ids: Sequence[int]) -> str:
-    """The generated text before the first end-of-text token."""
-    ids = list(ids)
-    if tokenizer.eos_id in ids:
-        ids = ids[: ids.index(tokenizer.eos_id)]
-    return tokenizer.decode(ids)
-
-
 @torch.no_grad()
 def score_examples(
     model: nn.Module,
@@ -347,7 +241,7 @@ class QARecipe(Recipe[QAConfig]):
         self.builder = PromptBuilder(self.tokenizer)
         self._val: list[QAExample] | None = None
         self._step = 0  # optimizer steps done, seen through train_batch; names the best checkpoint
-        self._best: float | None = None
+        self._best: ckpt.KeepBest | None = None
 
     # -- data -------------------------------------------------------------------------------
     def example(self, split: str, index: int, budget: int) -> QAExample:
@@ -445,19 +339,10 @@ class QARecipe(Recipe[QAConfig]):
             return
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        best_dir = self.run_dir / BEST
         if self._best is None:
-            found = ckpt.latest_checkpoint(best_dir)  # a resumed run continues its record
-            if found is not None:
-                self._best = float(json.loads((found / "state.json").read_text())["val_answer_ppl"])
-        if self._best is not None and not ppl < self._best:
-            return
-        self._best = ppl
-        ckpt.save_checkpoint(
-            best_dir, self._step, model=model, optimizer={}, rng={},
-            state={"val_answer_ppl": ppl}, config={**self.config_dict(), "train": self.cfg.train.model_dump(mode="json")},
-            keep_last=1,
-        )
+            self._best = ckpt.KeepBest(self.run_dir / BEST, "val_answer_ppl")
+        config = {**self.config_dict(), "train": self.cfg.train.model_dump(mode="json")}
+        self._best.offer(self._step, model, ppl, config)
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["lengths"].sum())
@@ -467,7 +352,7 @@ class QARecipe(Recipe[QAConfig]):
         """Resolves and checks the LM run before anything trains."""
         recipe = cls(resolve_config(cfg), run_dir)
         init = Path(recipe.cfg.init_checkpoint or "")
-        vocab = _checkpoint_vocab(init)
+        vocab = ckpt.embedding_rows(init)
         if vocab != recipe.tokenizer.vocab_size:
             assert recipe.cfg.lm_data is not None
             raise ValueError(
@@ -502,7 +387,7 @@ class QARecipe(Recipe[QAConfig]):
         found = found or ckpt.latest_checkpoint(self.run_dir)
         if found is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.run_dir} (or {self.run_dir / BEST})")
-        vocab = _checkpoint_vocab(found)
+        vocab = ckpt.embedding_rows(found)
         if vocab != self.tokenizer.vocab_size:
             raise ValueError(f"lm_data.tokenizer: checkpoint {found} has {vocab} token embeddings, "
                              f"the tokenizer has {self.tokenizer.vocab_size}")

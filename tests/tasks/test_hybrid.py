@@ -14,7 +14,7 @@ from seqpe_nd.tasks.recipes import hybrid
 from seqpe_nd.tasks.data.interleaved import SENTENCE_LEN, VOCAB, HybridDataConfig, example_batch, make_example, segments
 from seqpe_nd.tasks.recipes import get_recipe, load_config
 from seqpe_nd.tasks.engine.trainer import train
-from seqpe_nd.tasks.data.vision import render
+from seqpe_nd.tasks.data.scenes import render
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "hybrid"
 SMOKE = sorted((CONFIGS / "smoke").glob("*.yaml"))

@@ -15,7 +15,8 @@ from seqpe_nd.tasks.recipes import lm
 from seqpe_nd.tasks.recipes import qa
 from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.data.qa import IGNORE_INDEX, QAExample, collate_prompts, collate_train
+from seqpe_nd.tasks.data.qa import IGNORE_INDEX, QAExample, collate_prompts, collate_train, contains_match, decode_answer, strict_match
+from seqpe_nd.tasks.engine.decoding import answer_loss, greedy_generate
 from seqpe_nd.tasks.data.text import train_bpe
 from seqpe_nd.tasks.engine.trainer import TrainConfig, train
 from tests.tasks.test_qa_data import DOCS
@@ -49,14 +50,14 @@ CONTEXT = 256  # the template alone is ~100 tokens with this small BPE
     ],
 )
 def test_em_on_hand_written_cases(generation: str, answers: list[str], em: bool, strict: bool) -> None:
-    assert qa.contains_match(generation, answers) is em
-    assert qa.strict_match(generation, answers) is strict
+    assert contains_match(generation, answers) is em
+    assert strict_match(generation, answers) is strict
 
 
 def test_decode_answer_stops_at_eos() -> None:
     tok = train_bpe(["The code of Marlow is 4821."] * 10, 300)
     ids = tok.encode(" 4821") + [tok.eos_id] + tok.encode(" junk")
-    assert qa.decode_answer(tok, ids) == " 4821"
+    assert decode_answer(tok, ids) == " 4821"
 
 
 # --- model pieces on tiny random models ---------------------------------------------------------------
@@ -82,21 +83,21 @@ def test_cached_greedy_generation_equals_uncached_and_unpadded(pe: dict) -> None
     g = torch.Generator().manual_seed(1)
     prompts = [_example(torch.randint(1, 97, (n,), generator=g).tolist()) for n in (90, 40, 71)]  # past the APE table
     batch = collate_prompts(prompts, pad_id=0)
-    cached = qa.greedy_generate(model, **batch, max_new_tokens=5, eos_id=-1, use_cache=True)
-    full = qa.greedy_generate(model, **batch, max_new_tokens=5, eos_id=-1, use_cache=False)
+    cached = greedy_generate(model, **batch, max_new_tokens=5, eos_id=-1, use_cache=True)
+    full = greedy_generate(model, **batch, max_new_tokens=5, eos_id=-1, use_cache=False)
     assert cached.shape == (3, 5)
     assert torch.equal(cached, full)
     for r, p in enumerate(prompts):  # left padding with explicit positions == the prompt alone
         alone = collate_prompts([p], pad_id=0)
-        assert torch.equal(qa.greedy_generate(model, **alone, max_new_tokens=5, eos_id=-1), cached[r : r + 1])
+        assert torch.equal(greedy_generate(model, **alone, max_new_tokens=5, eos_id=-1), cached[r : r + 1])
 
 
 def test_generation_stops_after_eos_in_every_row() -> None:
     model = _tiny_model({"method": "rope"})
     batch = collate_prompts([_example(list(range(1, 30))), _example(list(range(5, 20)))], pad_id=0)
-    first = qa.greedy_generate(model, **batch, max_new_tokens=6, eos_id=-1)
+    first = greedy_generate(model, **batch, max_new_tokens=6, eos_id=-1)
     eos = int(first[0, 1])  # make row 0's second token the end-of-text token
-    out = qa.greedy_generate(model, **batch, max_new_tokens=6, eos_id=eos)
+    out = greedy_generate(model, **batch, max_new_tokens=6, eos_id=eos)
     assert out[0, 1] == eos and bool((out[0, 1:] == eos).all())
 
 
@@ -104,7 +105,7 @@ def test_answer_loss_equals_full_cross_entropy_on_answer_tokens_only() -> None:
     model = _tiny_model({"method": "alibi"})
     examples = [_example(list(range(3, 40)), [7, 8, 0]), _example(list(range(10, 22)), [9, 0]), _example(list(range(5, 60)), [11, 12, 13, 0])]
     batch = collate_train(examples, pad_id=0)
-    loss, count, _ = qa.answer_loss(model, batch["input_ids"], batch["labels"])
+    loss, count, _ = answer_loss(model, batch["input_ids"], batch["labels"])
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits
     want = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

@@ -14,13 +14,12 @@ from seqpe_nd.tasks.data.qa import (
     PromptTooLong,
     QADataConfig,
     QAItem,
-    build_source,
     collate_prompts,
     collate_train,
     make_example,
-    plant,
     render_prompt,
 )
+from seqpe_nd.tasks.data.qa_sources import build_source, plant
 from seqpe_nd.tasks.data.text import TextTokenizer, train_bpe
 
 DOCS = [topics[k] for k in sorted(topics)]  # part of the embedded text, available instantly

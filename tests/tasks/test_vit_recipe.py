@@ -15,15 +15,13 @@ from seqpe_nd.tasks.engine.trainer import TrainConfig, train
 from seqpe_nd.tasks.data.vision import (
     AugmentSettings,
     ImageSource,
-    ProceduralSettings,
     TrainBatches,
     VisionDataConfig,
     eval_images,
     eval_resize,
     eval_transform,
-    make_scene,
-    render,
 )
+from seqpe_nd.tasks.data.scenes import ProceduralSettings, make_scene, render
 from seqpe_nd.tasks.recipes.vit import ViTConfig, ViTRecipe, default_resolutions
 
 parse_config = ViTConfig.parse
