@@ -85,3 +85,30 @@ def test_paper_configs_build_gpt2_small(path: Path) -> None:
         model = lm.build_model(cfg, vocab_size=50257, eos_id=50256)
     backbone = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("pe."))
     assert 123e6 < backbone < 125e6  # GPT-2 small without its 512 x 768 wpe table (the PE replaces it)
+
+
+def test_space_paths_resolve_against_the_config_file_then_the_shipped_configs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From any working directory: a space next to the config, then the configs shipped with the package."""
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "my-space.yaml").write_text("L: 128\nL_max: 5000\n")
+    run = {"task": "lm", "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 128}, "pe": {"method": "rope"}}
+    (tmp_path / "exp" / "mine.yaml").write_text(yaml.safe_dump({**run, "space": "my-space.yaml"}))
+    (tmp_path / "exp" / "shipped.yaml").write_text(yaml.safe_dump({**run, "space": "configs/lm/smoke/text-128.yaml"}))
+    monkeypatch.chdir(tmp_path)  # neither beside the config nor in a checkout
+    assert load_config(tmp_path / "exp" / "mine.yaml").space.L_max == (5000,)
+    assert load_config(tmp_path / "exp" / "shipped.yaml").space == load_space(CONFIGS / "lm" / "smoke" / "text-128.yaml")
+    (tmp_path / "exp" / "missing.yaml").write_text(yaml.safe_dump({**run, "space": "nowhere.yaml"}))
+    with pytest.raises(FileNotFoundError, match="space file 'nowhere.yaml' not found"):
+        load_config(tmp_path / "exp" / "missing.yaml")
+
+
+def test_the_configs_ship_with_the_package() -> None:
+    """A non-editable install carries configs/ as package data, where the space lookup finds it."""
+    import tomllib
+
+    from seqpe_nd.tasks.recipes.config import SHIPPED_ROOT
+
+    tools = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tools["package-dir"]["seqpe_nd.configs"] == "configs" and "seqpe_nd.configs" in tools["packages"]
+    assert tools["package-data"]["seqpe_nd.configs"] == ["**/*.yaml"]
+    assert (SHIPPED_ROOT / "configs" / "positions" / "text-512.yaml").is_file()

@@ -205,3 +205,12 @@ def test_tiny_run_beats_chance_and_evaluates_more_and_larger_images(tmp_path: Pa
     assert set(out["sizes"]) == {"2x24", "4x24", "2x48"}
     assert out["sizes"]["4x24"]["chance"] == 25.0 and out["sizes"]["2x48"]["tokens"] == SENTENCE_LEN + 3 * (1 + 36)
     assert (tmp_path / EVAL_JSON).is_file()
+
+
+def test_resume_refuses_another_positions_view(tmp_path: Path) -> None:
+    """The view is part of the model: a run trained on hybrid positions cannot carry on with flat ones."""
+    hybrid_view = hybrid.HybridConfig.parse(tiny_config("hybrid", {"method": "nope"}, steps=1, batch_size=4))
+    train(hybrid.HybridRecipe.build_task(hybrid_view, tmp_path), hybrid_view.train, tmp_path)
+    flat = hybrid.HybridConfig.parse(tiny_config("flat", {"method": "nope"}, steps=2, batch_size=4))
+    with pytest.raises(ValueError, match=r"positions: checkpoint has 'hybrid', config has 'flat'"):
+        train(hybrid.HybridRecipe.build_task(flat, tmp_path), flat.train, tmp_path, resume=True)

@@ -169,6 +169,17 @@ def load_model(run_dir: Path, config: dict) -> nn.Module:
     return lm.LMRecipe(lm.LMConfig.parse(config), run_dir).load_trained()
 
 
+def test_eval_options_of_another_recipe_are_refused_before_loading(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(p.name for p in trained_run.iterdir())
+    assert main(["eval", str(trained_run), "--resolutions", "64"]) == 2  # was a TypeError traceback
+    assert "has no option(s) ['resolutions']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has no option"):
+        lm.LMRecipe.evaluate(trained_run, max_images=3)
+    with pytest.raises(ValueError, match="length"):
+        lm.LMRecipe.evaluate(trained_run, lengths=[16, 1])  # every length is checked before any is evaluated
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
 def test_evaluate_writes_json_and_plot(trained_run: Path) -> None:
     res = lm.LMRecipe.evaluate(trained_run, lengths=[16, 64], quiet=True)
     saved = json.loads((trained_run / "eval.json").read_text())

@@ -185,6 +185,8 @@ def test_paper_config_is_the_deit_recipe() -> None:
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="model.img_szie"):
         parse_config({"task": "vit", "model": {"img_szie": 32}})
+    with pytest.raises(ValueError, match="name = 'vit_small_patch16_224' fixes the architecture, so depth, embed_dim"):
+        parse_config({"task": "vit", "model": {"name": "vit_small_patch16_224", "embed_dim": 192, "depth": 4}})
     bad = tiny_config({"method": "rope_axial"})
     bad["model"]["img_size"] = 24
     with pytest.raises(ValueError, match=r"space.L = \[4, 4\] must be the training patch grid \[6, 6\]"):
