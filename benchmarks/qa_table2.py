@@ -28,10 +28,12 @@ from typing import Any
 import torch
 
 from seqpe_nd.tasks.engine import checkpoint as ckpt
-from seqpe_nd.tasks.recipes import lm
-from seqpe_nd.tasks.recipes import qa
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
+from seqpe_nd.tasks.engine.plots import plot_qa
+from seqpe_nd.tasks.engine.trainer import train
 from seqpe_nd.tasks.recipes import load_config
-from seqpe_nd.tasks.engine.trainer import TrainConfig, train
+from seqpe_nd.tasks.recipes.lm import LMRecipe
+from seqpe_nd.tasks.recipes.qa import BEST, QARecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,8 +62,8 @@ def train_own_lm(method: str, run_dir: Path, steps: int | None) -> Path:
     if not finished(run_dir):
         overrides = [] if steps is None else [f"train.steps={steps}", "train.save_every=0"]
         config = load_config(ROOT / f"configs/lm/smoke/{method}.yaml", overrides)
-        print(f"[qa_table2] training our own LM run {run_dir} ({config['train']['steps']} steps)", flush=True)
-        train(lm.build_task(config, run_dir), TrainConfig(**config["train"]), run_dir, resume=run_dir.exists())
+        print(f"[qa_table2] training our own LM run {run_dir} ({config.train.steps} steps)", flush=True)
+        train(LMRecipe.build_task(config, run_dir), config.train, run_dir, resume=run_dir.exists())
     return run_dir
 
 
@@ -90,7 +92,7 @@ def run_method(method: str, init: Path, runs: Path, overrides: list[str]) -> dic
     if finished(run_dir) and bench_file.is_file():
         bench = json.loads(bench_file.read_text())
     else:
-        task = qa.build_task(config, run_dir)
+        task = QARecipe.build_task(config, run_dir)
         model = task.build_model().eval()
         with torch.no_grad():
             init_ppl = task.validate(model)["answer_ppl"]  # before fine-tuning (the LM alone)
@@ -99,15 +101,15 @@ def run_method(method: str, init: Path, runs: Path, overrides: list[str]) -> dic
         result = train(task, task.cfg.train, run_dir, resume=run_dir.exists())
         bench = {"train_seconds": time.perf_counter() - t, "val_answer_ppl_init": init_ppl,
                  "val_answer_ppl_last": result.get("val/answer_ppl"), "init_from": str(init), "lm_source": describe(init)}
-        best = ckpt.latest_checkpoint(run_dir / qa.BEST)
+        best = ckpt.latest_checkpoint(run_dir / BEST)
         if best is not None:
             state = json.loads((best / "state.json").read_text())
             bench.update({"val_answer_ppl_best": state["val_answer_ppl"], "best_step": state["step"]})
         ckpt.atomic_write_text(bench_file, json.dumps(bench, indent=1) + "\n")
-    if "eval_seconds" in bench and (run_dir / qa.EVAL_JSON).is_file():  # a rerun: this run was evaluated already
-        return {**json.loads((run_dir / qa.EVAL_JSON).read_text()), **bench}
+    if "eval_seconds" in bench and (run_dir / EVAL_JSON).is_file():  # a rerun: this run was evaluated already
+        return {**json.loads((run_dir / EVAL_JSON).read_text()), **bench}
     t = time.perf_counter()
-    res = qa.evaluate(run_dir, quiet=False)
+    res = QARecipe.evaluate(run_dir, quiet=False)
     bench["eval_seconds"] = time.perf_counter() - t
     ckpt.atomic_write_text(bench_file, json.dumps(bench, indent=1) + "\n")
     return {**res, **bench}
@@ -137,7 +139,7 @@ def markdown(rows: dict[str, dict[str, Any]], lengths: list[int]) -> tuple[str, 
 
 
 def plot(rows: dict[str, dict[str, Any]], context_length: int) -> None:
-    qa.plot_qa({LABELS.get(m, m): r["lengths"] for m, r in rows.items()}, RESULTS / "qa_table2.png",
+    plot_qa({LABELS.get(m, m): r["lengths"] for m, r in rows.items()}, RESULTS / "qa_table2.png",
                title=f"Table 2 at smoke scale: QA vs context length (fine-tuned at {context_length})",
                train_length=context_length)
 
@@ -189,7 +191,7 @@ def main() -> None:
     first = next(iter(rows.values()))
     lengths = sorted(int(k) for k in first["lengths"])
     L = first["context_length"]
-    base = qa.parse_config(load_config(ROOT / f"configs/qa/smoke/{args.methods[0]}.yaml", args.overrides))
+    base = load_config(ROOT / f"configs/qa/smoke/{args.methods[0]}.yaml", args.overrides)
     setup = {
         "configs": [f"configs/qa/smoke/{m}.yaml" for m in args.methods], "overrides": args.overrides,
         "steps": base.train.steps, "batch_size": base.train.batch_size, "context_length": L, "lengths": lengths,

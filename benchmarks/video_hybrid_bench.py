@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
-from seqpe_nd.tasks.recipes import get_recipe, load_config, train_config
 from seqpe_nd.tasks.engine.trainer import train_or_reuse
+from seqpe_nd.tasks.recipes import get_recipe, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -47,12 +47,14 @@ AXES = {"video": ("frames", "pixels"), "hybrid": ("images", "pixels")}
 def run_one(recipe: str, name: str, runs: str, overrides: list[str]) -> dict[str, Any]:
     """Train and evaluate one smoke config (in a worker process with one thread)."""
     torch.set_num_threads(1)
-    module = get_recipe(recipe)
+    cls = get_recipe(recipe)
     config = load_config(REPO / "configs" / recipe / "smoke" / f"{name}.yaml", overrides)
     run_dir = Path(runs) / recipe / name
-    train_s = train_or_reuse(lambda: module.build_task(config, run_dir), train_config(config), run_dir, config=config)
+    train_s = train_or_reuse(
+        lambda: cls.build_task(config, run_dir), config.train, run_dir, config=config.model_dump(mode="json")
+    )
     t1 = time.perf_counter()
-    result = module.evaluate(run_dir, quiet=True)
+    result = cls.evaluate(run_dir, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [x for x in lines if x["split"] == "train"][-1]
     return {
@@ -97,9 +99,8 @@ def markdown(recipe: str, rows: dict[str, dict[str, Any]], names: list[str]) -> 
 
 def plot(recipe: str, rows: dict[str, dict[str, Any]], names: list[str], path: Path) -> None:
     """Accuracy against the grown axis: left panel more frames/images, right panel larger frames/images."""
-    import matplotlib
+    from seqpe_nd.tasks.engine.plots import save_figure  # first: it selects the Agg backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a, b = AXES[recipe]
@@ -123,10 +124,7 @@ def plot(recipe: str, rows: dict[str, dict[str, Any]], names: list[str], path: P
     axes[1].legend(fontsize=7)
     fig.suptitle(f"{recipe}: accuracy beyond the training size (dotted line)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main() -> None:

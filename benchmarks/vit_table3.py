@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.plots import plot_accuracy
+from seqpe_nd.tasks.engine.trainer import train_or_reuse
 from seqpe_nd.tasks.recipes import load_config
-from seqpe_nd.tasks.engine.trainer import TrainConfig, train_or_reuse
-from seqpe_nd.tasks.recipes.vit import SIMILARITY_PNG, build_task, evaluate, plot_accuracy
+from seqpe_nd.tasks.recipes.vit import SIMILARITY_PNG, ViTRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -56,9 +57,11 @@ def run_one(name: str, runs: str, max_images: int | None, overrides: list[str]) 
     torch.set_num_threads(1)
     config = load_config(REPO / "configs" / "vit" / "smoke" / f"{name}.yaml", overrides)
     run_dir = Path(runs) / name
-    train_s = train_or_reuse(lambda: build_task(config, run_dir), TrainConfig(**config["train"]), run_dir, config=config)
+    train_s = train_or_reuse(
+        lambda: ViTRecipe.build_task(config, run_dir), config.train, run_dir, config=config.model_dump(mode="json")
+    )
     t1 = time.perf_counter()
-    result = evaluate(run_dir, max_images=max_images, quiet=True)
+    result = ViTRecipe.evaluate(run_dir, max_images=max_images, quiet=True)
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = [x for x in lines if x["split"] == "train"][-1]
     return {
@@ -75,7 +78,7 @@ def speed(name: str, *, steps: int = 10, batch: int = 48) -> dict[str, float]:
     """Training and inference images/s of one method on fixed batches (after one warm-up step)."""
     torch.manual_seed(0)
     config = load_config(REPO / "configs" / "vit" / "smoke" / f"{name}.yaml")
-    task = build_task(config, Path("unused"))
+    task = ViTRecipe.build_task(config, Path("unused"))
     model = task.build_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
@@ -173,7 +176,7 @@ def main() -> None:
     total = time.perf_counter() - t0
 
     ordered = [n for n in ORDER if n in rows]
-    steps = load_config(REPO / "configs" / "vit" / "smoke" / f"{ordered[0]}.yaml", args.overrides)["train"]["steps"]
+    steps = load_config(REPO / "configs" / "vit" / "smoke" / f"{ordered[0]}.yaml", args.overrides).train.steps
     md = [
         "## ViT smoke-scale Table 3 / Table 5 analogues",
         "",
