@@ -16,12 +16,14 @@ THIRD_PARTY_ABOVE_CORE = {"transformers", "timm", "datasets", "tokenizers", "tor
 
 
 def imports(path: Path) -> set[str]:
+    """Every absolute import of a module, function-level ones included, as ``module`` and ``module.name``."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
@@ -69,18 +71,6 @@ ROLE_IMPORTS: dict[str, set[str]] = {
 RECIPE_SHARED = {"seqpe_nd.tasks.recipes", "seqpe_nd.tasks.recipes.base", "seqpe_nd.tasks.recipes.config"}
 
 
-def all_imports(path: Path) -> set[str]:
-    """Every absolute import of a module, function-level ones included, as ``module`` or ``module.name``."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
-    return names
-
-
 def role(path: Path) -> str:
     return path.relative_to(ROOT / "tasks").parts[0]
 
@@ -88,7 +78,7 @@ def role(path: Path) -> str:
 @pytest.mark.parametrize("path", [p for p in sources("tasks") if p.parent != ROOT / "tasks"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_tasks_roles_import_only_downward(path: Path) -> None:
     mine = role(path)
-    for name in all_imports(path):
+    for name in imports(path):
         if not name.startswith("seqpe_nd.tasks."):
             continue
         target = name.split(".")[2]
@@ -100,7 +90,7 @@ RECIPE_MODULES = sorted(p for p in (ROOT / "tasks" / "recipes").glob("*.py") if 
 
 @pytest.mark.parametrize("path", RECIPE_MODULES, ids=lambda p: p.stem)
 def test_recipes_never_import_each_other(path: Path) -> None:
-    for name in all_imports(path):
+    for name in imports(path):
         parts = name.split(".")
         if name.startswith("seqpe_nd.tasks.recipes") and len(parts) >= 4:
             module = ".".join(parts[:4])

@@ -123,6 +123,13 @@ def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "") -> str:
     return "; ".join(lines)
 
 
+def check_multiples(**pairs: tuple[int, str, int]) -> None:
+    """``name=(value, other_name, other_value)``: each value must be a multiple of the other (one error naming both)."""
+    for name, (value, other, divisor) in pairs.items():
+        if value % divisor:
+            raise ValueError(f"{name} = {value} must be a multiple of {other} = {divisor}")
+
+
 # --- the space field ------------------------------------------------------------------------------
 
 def find_config_file(name: str | Path, config_dir: Path | None = None, *, what: str = "file") -> Path:

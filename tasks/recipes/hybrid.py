@@ -2,11 +2,11 @@
 
 Beyond the paper: one sequence interleaves text tokens and image patches
 (:mod:`seqpe_nd.tasks.data.interleaved`), and every method sees the same sequence through the same
-PositionEncoding interface. The backbone is a small stack of timm ``Block``s whose attention is
-the ViT adapter's :class:`~seqpe_nd.tasks.recipes.vit.PEAttention` (timm's ``Attention`` with
-``pe.attend`` in place of SDPA), over ``[text token embeddings | timm PatchEmbed patches]``
-placed in layout order. Each image's answer score is the mean of its patches' final features
-through one linear layer, so any number of images can be scored.
+PositionEncoding interface. The backbone is
+:class:`~seqpe_nd.tasks.backbones.interleaved.InterleavedTransformer`: timm ``Block``s whose
+attention is the ViT adapter's ``PEAttention``, over text token embeddings and timm
+``PatchEmbed`` patches placed in layout order; each image is scored at its ``[image]`` word (or
+from the mean of its patches), so any number of images can be scored.
 
 Positions come from the hybrid space's layout (``HybridSpace.layout``): a text token at
 timeline step ``t`` is ``(text, t, 0, 0)``, a patch of the image anchored at ``t`` is
@@ -37,7 +37,7 @@ from seqpe_nd.tasks.backbones.interleaved import HybridOutput, InterleavedTransf
 from seqpe_nd.tasks.data.interleaved import SENTENCE_LEN, VOCAB, HybridDataConfig, check_batch, example_batch, segments
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
 
 
 class HybridModelSettings(Frozen):
@@ -64,10 +64,9 @@ class HybridModelSettings(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "HybridModelSettings":
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim = {self.embed_dim} must be divisible by num_heads = {self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size = {self.img_size} must be a multiple of patch_size = {self.patch_size}")
+        check_multiples(
+            embed_dim=(self.embed_dim, "num_heads", self.num_heads), img_size=(self.img_size, "patch_size", self.patch_size)
+        )
         return self
 
     @property

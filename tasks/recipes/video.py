@@ -27,7 +27,7 @@ from seqpe_nd.tasks.data.video import CLASSES, VideoDataConfig, clip_batch
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
 
 
 class VideoModelSettings(Frozen):
@@ -54,12 +54,11 @@ class VideoModelSettings(Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "VideoModelSettings":
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim = {self.embed_dim} must be divisible by num_heads = {self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size = {self.img_size} must be a multiple of patch_size = {self.patch_size}")
-        if self.frames % self.tubelet:
-            raise ValueError(f"frames = {self.frames} must be a multiple of tubelet = {self.tubelet}")
+        check_multiples(
+            embed_dim=(self.embed_dim, "num_heads", self.num_heads),
+            img_size=(self.img_size, "patch_size", self.patch_size),
+            frames=(self.frames, "tubelet", self.tubelet),
+        )
         return self
 
     @property

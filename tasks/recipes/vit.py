@@ -24,7 +24,7 @@ from seqpe_nd.tasks.data.vision import ImageSource, Prefetcher, TrainBatches, Vi
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
 
 SIMILARITY_PNG = "pe_similarity.png"
 
@@ -57,10 +57,9 @@ class ViTSettings(Frozen):
                 f"name = {self.name!r} fixes the architecture, so {', '.join(shape)} would be ignored; "
                 "remove them, or remove name to build that shape"
             )
-        if self.name is None and self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim = {self.embed_dim} must be divisible by num_heads = {self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size = {self.img_size} must be a multiple of patch_size = {self.patch_size}")
+        check_multiples(img_size=(self.img_size, "patch_size", self.patch_size))
+        if self.name is None:
+            check_multiples(embed_dim=(self.embed_dim, "num_heads", self.num_heads))
         return self
 
 
