@@ -12,8 +12,6 @@ Fig. 3 similarity maps of the learned-PE runs, all atomically.
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -21,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_bytes, atomic_write_text
 from seqpe_nd.tasks.engine.plots import plot_accuracy
 from seqpe_nd.tasks.engine.trainer import train_or_reuse
 from seqpe_nd.tasks.recipes import load_config
@@ -211,9 +209,7 @@ def main() -> None:
     for n in ordered:
         sim = Path(rows[n]["run_dir"]) / SIMILARITY_PNG
         if sim.is_file():
-            tmp = out / f".tmp-vit_similarity_{n}.png"
-            shutil.copyfile(sim, tmp)
-            os.replace(tmp, out / f"vit_similarity_{n}.png")
+            atomic_write_bytes(out / f"vit_similarity_{n}.png", sim.read_bytes())
     print("\n".join(md))
 
 

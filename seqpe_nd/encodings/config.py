@@ -4,6 +4,7 @@ A RoPE option cannot reach ALiBi: each config forbids unknown fields, so a typo 
 another method is an error naming the field, and an unknown ``method`` lists the valid ones.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -193,13 +194,13 @@ METHODS: tuple[str, ...] = (
 )
 
 
-def load_pe_config(source: str | Path | dict[str, Any] | BaseModel) -> Any:
+def load_pe_config(source: str | Path | Mapping[str, Any] | BaseModel) -> PEConfig:
     """A validated config from a YAML file, a dict or a config model."""
     if isinstance(source, BaseModel):
         return _ADAPTER.validate_python(source.model_dump())
     if isinstance(source, (str, Path)):
         source = read_yaml_mapping(source, what="position-encoding config", key="method")
-    return _ADAPTER.validate_python(source)
+    return _ADAPTER.validate_python(dict(source))
 
 
 _NO_HYBRID_RULE = (
@@ -209,7 +210,7 @@ _NO_HYBRID_RULE = (
 
 
 def build_position_encoding(
-    config: Any,
+    config: PEConfig | Mapping[str, Any] | str | Path,
     *,
     space: GridSpace | HybridSpace,
     num_heads: int,

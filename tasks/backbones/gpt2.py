@@ -36,7 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from seqpe_nd.encodings import APESinConfig, PEConfig, build_position_encoding
-from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.encodings.base import PEState, PositionEncoding
 from seqpe_nd.positions import Frozen, GridSpace
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
@@ -50,7 +50,7 @@ class PEForward:
     """What one model forward hands to every layer's attention: the PE and its prepared state."""
 
     pe: PositionEncoding
-    state: Any
+    state: PEState
 
 
 def _attention(
