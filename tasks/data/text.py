@@ -419,11 +419,6 @@ def epoch_order(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_blocks)
 
 
-def first_sample(step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int) -> int:
-    """Global number of the first sample of micro-batch ``micro`` of ``step`` on ``rank``."""
-    return ((step * grad_accum + micro) * world + rank) * batch_size
-
-
 def sample_blocks(num_blocks: int, first: int, count: int, seed: int) -> np.ndarray:
     """Block indices of global samples ``first .. first + count - 1``, epoch after epoch.
 

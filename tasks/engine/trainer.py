@@ -130,6 +130,15 @@ class TrainConfig(Frozen):
         return self
 
 
+def first_sample(step: int, micro: int, rank: int, world: int, batch_size: int, grad_accum: int) -> int:
+    """Global number of the first sample of micro-batch ``micro`` of ``step`` on ``rank``.
+
+    Samples of a step are numbered ``((step * grad_accum + micro) * world + rank) * batch_size + j``, so a
+    recipe's batches are a pure function of the step (exact resume) and no two ranks or micro-batches share one.
+    """
+    return ((step * grad_accum + micro) * world + rank) * batch_size
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the decay schedule."""
     if step < cfg.warmup_steps:

@@ -36,7 +36,7 @@ from seqpe_nd.tasks.engine.evaluation import (
     reject_unknown_options,
     write_result,
 )
-from seqpe_nd.tasks.engine.trainer import unwrap
+from seqpe_nd.tasks.engine.trainer import first_sample, unwrap
 from seqpe_nd.tasks.recipes.config import RunConfig
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
@@ -106,6 +106,11 @@ class Recipe(Generic[ConfigT]):
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> Any:
         raise NotImplementedError
+
+    def first_sample(self, step: int, micro: int, rank: int, world: int) -> int:
+        """Global number of this micro-batch's first sample (see :func:`~seqpe_nd.tasks.engine.trainer.first_sample`)."""
+        t = self.cfg.train
+        return first_sample(step, micro, rank, world, t.batch_size, t.grad_accum)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         raise NotImplementedError

@@ -199,7 +199,7 @@ class HybridRecipe(Recipe[HybridConfig]):
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t, m = self.cfg.train, self.cfg.model
-        first = ((step * t.grad_accum + micro) * world + rank) * t.batch_size
+        first = self.first_sample(step, micro, rank, world)
         return example_batch(
             self.cfg.data, t.seed, "train", range(first, first + t.batch_size), m.num_images, m.img_size
         )

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from seqpe_nd.encodings import PEConfig, SeqPEConfig
 from seqpe_nd.positions import Frozen, GridSpace
 from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, GPT2WithPE, build_gpt2
-from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, first_sample, prepare_text, sample_blocks
+from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, prepare_text, sample_blocks
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
@@ -142,7 +142,7 @@ class LMRecipe(Recipe[LMConfig]):
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t = self.cfg.train
-        first = first_sample(step, micro, rank, world, t.batch_size, t.grad_accum)
+        first = self.first_sample(step, micro, rank, world)
         idx = sample_blocks(self.num_train_blocks, first, t.batch_size, t.seed)
         return {"input_ids": self.corpus.blocks("train", idx, self.cfg.model.block_size)}
 

@@ -53,7 +53,6 @@ from seqpe_nd.tasks.data.qa_sources import build_source
 from seqpe_nd.tasks.data.text import (
     TextDataConfig,
     TextTokenizer,
-    first_sample,
     load_tokenizer,
     sample_blocks,
 )
@@ -287,7 +286,7 @@ class QARecipe(Recipe[QAConfig]):
         t = self.cfg.train
         self._step = step + 1
         n_items = self.source.num_items("train")
-        first = first_sample(step, micro, rank, world, t.batch_size, t.grad_accum)
+        first = self.first_sample(step, micro, rank, world)
         examples = []
         for j, idx in enumerate(sample_blocks(n_items, first, t.batch_size, t.seed)):
             for k in range(_NEXT_TRIES):  # deterministic fallback keeps the batch a pure function of the step

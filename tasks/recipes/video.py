@@ -165,7 +165,7 @@ class VideoRecipe(Recipe[VideoConfig]):
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t, m = self.cfg.train, self.cfg.model
-        first = ((step * t.grad_accum + micro) * world + rank) * t.batch_size
+        first = self.first_sample(step, micro, rank, world)
         x, y = clip_batch(self.cfg.data, t.seed, "train", range(first, first + t.batch_size), m.frames, m.img_size)
         return {"clips": x, "targets": y}
 

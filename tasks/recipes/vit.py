@@ -184,7 +184,7 @@ class ViTRecipe(Recipe[ViTConfig]):
         if self._batches is None:
             data = TrainBatches(self.cfg.data, self.cfg.model.img_size, t.seed)
             self._batches = Prefetcher(data, self.cfg.data.workers, stride=t.batch_size * world)
-        first = ((step * t.grad_accum + micro) * world + rank) * t.batch_size
+        first = self.first_sample(step, micro, rank, world)
         return self._batches(first, t.batch_size)
 
     def shift_extent(self, model: nn.Module, batch: dict[str, Tensor]) -> list[int]:

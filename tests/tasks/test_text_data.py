@@ -8,6 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from seqpe_nd.tasks.data import text as td
+from seqpe_nd.tasks.engine.trainer import first_sample
 from seqpe_nd.tasks.data.text import TextDataConfig, prepare_text
 
 WORDS = (
@@ -151,7 +152,7 @@ def test_sampling_is_stateless_and_covers_each_epoch() -> None:
     pieces = np.concatenate([td.sample_blocks(n, first, 4, seed=5) for first in range(0, 3 * n, 4)])[: 3 * n]
     assert np.array_equal(pieces, stream)
     # a step's micro-batches on each rank tile the global sample stream without overlap
-    starts = [td.first_sample(1, m, r, world=2, batch_size=4, grad_accum=2) for m in range(2) for r in range(2)]
+    starts = [first_sample(1, m, r, world=2, batch_size=4, grad_accum=2) for m in range(2) for r in range(2)]
     assert sorted(starts) == [16, 20, 24, 28]
     with pytest.raises(ValueError, match="no full block"):
         td.sample_blocks(0, 0, 1, seed=0)
