@@ -19,19 +19,19 @@ never ask which kind they hold:
 import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
-import yaml
 from jaxtyping import Bool, Float, Int
-from pydantic import Field, PositiveInt, TypeAdapter, field_validator, model_validator
+from pydantic import Field, PositiveInt, TypeAdapter, ValidationError, field_validator, model_validator
 from torch import Tensor
 
 from seqpe_nd.positions import samplers
 from seqpe_nd.positions.digits import from_digits, num_digits, to_digits
 from seqpe_nd.positions.distances import get_distance
+from seqpe_nd.positions.errors import format_validation_error, read_yaml_file
 from seqpe_nd.positions.settings import ContrastiveSettings, Frozen, OODSettings, ShiftSettings
 
 NONE_ID = -1
@@ -638,8 +638,13 @@ def parse_segments(segments: str | Sequence[tuple[str, int | Sequence[int]]]) ->
             if not match:
                 raise ValueError(f"segment {part!r} is not NAME:EXTENT, e.g. 'text:37' or 'image:14x14'")
             out.append(Segment(match[1], tuple(int(e) for e in match[2].split("x"))))
-        return out
-    return [Segment(name, (ext,) if isinstance(ext, int) else tuple(ext)) for name, ext in segments]
+    else:
+        out = [Segment(name, (ext,) if isinstance(ext, int) else tuple(ext)) for name, ext in segments]
+    for seg in out:
+        if not seg.extent or any(not isinstance(e, int) or e < 1 for e in seg.extent):
+            shown = "x".join(map(str, seg.extent))
+            raise ValueError(f"segment {seg.modality}:{shown} has an empty extent; every extent must be >= 1")
+    return out
 
 
 PositionSpace = Annotated[GridSpace | HybridSpace, Field(discriminator="kind")]
@@ -651,19 +656,21 @@ _ADAPTER: TypeAdapter[GridSpace | HybridSpace] = TypeAdapter(PositionSpace)
 def read_yaml_mapping(source: str | Path, *, what: str, key: str) -> dict[str, Any]:
     """The mapping in a YAML file describing ``what``; errors name the file and the ``key`` it needs."""
     path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml_file(path, what=what)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping with a {key!r} field, got {type(data).__name__}")
     return data
 
 
-def load_space(source: str | Path | dict[str, Any]) -> GridSpace | HybridSpace:
+def load_space(source: str | Path | Mapping[str, Any]) -> GridSpace | HybridSpace:
     """A position space from a YAML file or a dict; a missing ``kind`` means ``grid``."""
     if isinstance(source, (str, Path)):
         data = read_yaml_mapping(source, what="position-space", key="kind")
-    else:
-        data = dict(source)
-    data.setdefault("kind", "grid")
-    return _ADAPTER.validate_python(data)
+        data.setdefault("kind", "grid")
+        try:
+            return _ADAPTER.validate_python(data)
+        except ValidationError as err:  # a file: name it, with the fields allowed
+            raise ValueError(f"{source}: {format_validation_error(err, model=PositionSpace)}") from None
+    if not isinstance(source, Mapping):
+        raise ValueError(f"a position space is a YAML path or a mapping, got {type(source).__name__}")
+    return _ADAPTER.validate_python({"kind": "grid", **source})

@@ -231,6 +231,10 @@ class PositionEncoding(nn.Module):
         if pos_k is None:
             pos_k = pos_q
         for name, pos in (("pos_q", pos_q), ("pos_k", pos_k)):
+            if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
+                raise ValueError(f"{name} must hold integer positions, got dtype {pos.dtype}")
+            if pos.ndim != 3:
+                raise ValueError(f"{name} must have shape (batch, tokens, {self.width}), got {tuple(pos.shape)}")
             if pos.shape[-1] != self.width:
                 raise ValueError(
                     f"{name} has {pos.shape[-1]} coordinates per position, but this {self.method} encoding's "
@@ -238,6 +242,9 @@ class PositionEncoding(nn.Module):
                 )
         if pos_q.shape[0] != pos_k.shape[0]:
             raise ValueError(f"pos_q and pos_k disagree on batch size: {pos_q.shape[0]} vs {pos_k.shape[0]}")
+        for name, pos in (("pos_q", pos_q), ("pos_k", pos_k)):
+            if pos.numel() and bool((pos < 0).any()):  # -1 would alias the last row of a table, or mirror a rotation
+                raise ValueError(f"{name} has a negative coordinate ({int(pos.min())}); positions must be >= 0")
         shared = bool((pos_q == pos_q[:1]).all()) and bool((pos_k == pos_k[:1]).all())
         return PEState(pos_q=pos_q, pos_k=pos_k, shared_rows=shared)
 

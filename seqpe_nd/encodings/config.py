@@ -8,14 +8,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, PositiveInt, TypeAdapter, field_validator
+from pydantic import BaseModel, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
 
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE, default_interpolation
 from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
-from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, get_distance
+from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, get_distance, load_space
+from seqpe_nd.positions.errors import format_validation_error
 from seqpe_nd.positions.spaces import read_yaml_mapping
 
 
@@ -199,7 +200,11 @@ def load_pe_config(source: str | Path | Mapping[str, Any] | BaseModel) -> PEConf
     if isinstance(source, BaseModel):
         return _ADAPTER.validate_python(source.model_dump())
     if isinstance(source, (str, Path)):
-        source = read_yaml_mapping(source, what="position-encoding config", key="method")
+        data = read_yaml_mapping(source, what="position-encoding config", key="method")
+        try:
+            return _ADAPTER.validate_python(data)
+        except ValidationError as err:  # a file: name it, with the fields allowed
+            raise ValueError(f"{source}: {format_validation_error(err, model=PEConfig)}") from None
     return _ADAPTER.validate_python(dict(source))
 
 
@@ -212,7 +217,7 @@ _NO_HYBRID_RULE = (
 def build_position_encoding(
     config: PEConfig | Mapping[str, Any] | str | Path,
     *,
-    space: GridSpace | HybridSpace,
+    space: GridSpace | HybridSpace | Mapping[str, Any] | str | Path,
     num_heads: int,
     head_dim: int,
     num_layers: int,
@@ -226,6 +231,10 @@ def build_position_encoding(
         d_model: width of the input embeddings (``embed``'s output, SeqPE's encoder output).
     """
     cfg = load_pe_config(config)
+    if isinstance(space, (str, Path, Mapping)):
+        space = load_space(space)  # a YAML path or a mapping, as everywhere else
+    if not isinstance(space, (GridSpace, HybridSpace)):
+        raise ValueError(f"space must be a position space, a YAML path or a mapping, got {type(space).__name__}")
     for name, value in (
         ("num_heads", num_heads),
         ("head_dim", head_dim),

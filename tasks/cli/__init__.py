@@ -28,11 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user's mistake (bad YAML, field, value or file, an incompatible run) is one
+    paragraph on stderr and exit status 2; a bug in this code still shows its traceback."""
+    from pydantic import ValidationError
+
+    from seqpe_nd.positions.errors import format_validation_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+    except ValidationError as err:  # a model validated outside a config loader: still one line per field
+        print(f"seqpe-nd {args.command}: error: {format_validation_error(err)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:  # user errors: one paragraph, no traceback
         print(f"seqpe-nd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"seqpe-nd {args.command}: interrupted (checkpoints already written are complete)", file=sys.stderr)
+        return 130
 

@@ -42,7 +42,11 @@ def _fmt_tokens(space: GridSpace | HybridSpace, tokens: torch.Tensor) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    if args.num < 1:
+        raise ValueError(f"--num {args.num} is not allowed; it must be a positive integer")
     space = load_space(args.config)
+    if args.segments is not None and not isinstance(space, HybridSpace):
+        raise ValueError(f"--segments is for hybrid spaces; {args.config} is a {space.ndim}-D grid space")
     console = Console()
     pos = example_positions(space, args.num, args.segments)
     tokens = space.tokenize(pos)

@@ -18,13 +18,14 @@ with ``os.replace``). A crash at any moment leaves the previous checkpoint and p
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
@@ -131,9 +132,53 @@ def _save_tree(directory: Path, stem: str, obj: Any) -> None:
 
 
 def _load_tree(directory: Path, stem: str) -> Any:
-    tensors = load_file(str(directory / f"{stem}.safetensors"))
-    tree = json.loads((directory / f"{stem}.json").read_text())
+    tensors = read_tensors(directory / f"{stem}.safetensors")
+    tree = read_json(directory / f"{stem}.json")
     return unflatten_state(tree, tensors)
+
+
+# --- reading: a file that exists but cannot be read is named --------------------------------------
+
+class CorruptFile(ValueError):
+    """A file that exists but cannot be read (torn by a crash or a full disk, or not what it claims to be)."""
+
+
+def read_json(path: Path) -> Any:
+    """The JSON content of ``path``; a torn or non-JSON file raises :class:`CorruptFile` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CorruptFile(f"{path} is torn or not JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except UnicodeDecodeError:
+        raise CorruptFile(f"{path} is not a text file; expected JSON") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a torn one raises :class:`CorruptFile` naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise CorruptFile(f"{path} cannot be read as safetensors ({err}); the file is torn or not a checkpoint") from None
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`CorruptFile` (or FileNotFoundError) naming the first file of a checkpoint that cannot be read."""
+    path = Path(path)
+    for name in (_COMPLETE, "config.json", "optimizer.json", "rng.json"):
+        read_json(path / name)
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} does not exist")
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                f.keys()
+        except SafetensorError as err:
+            raise CorruptFile(f"{path / name} cannot be read as safetensors ({err}); the file is torn") from None
 
 
 # --- save ----------------------------------------------------------------------------------------
@@ -297,10 +342,10 @@ def load_checkpoint(
     naming the field before anything is loaded into a model.
     """
     path = resolve_checkpoint(path)
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")
     if expected_config is not None:
         check_config(expected_config, config, strict_sections)
-    state = json.loads((path / _COMPLETE).read_text())
+    state = read_json(path / _COMPLETE)
     return Checkpoint(
         path=path,
         step=int(state["step"]),
@@ -314,7 +359,12 @@ def load_checkpoint(
 def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
     """Load ``model.safetensors`` of a checkpoint (or of a run's latest checkpoint) into ``model``."""
     path = resolve_checkpoint(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path / 'model.safetensors'} does not exist")
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except SafetensorError as err:
+        raise CorruptFile(f"{path / 'model.safetensors'} cannot be read ({err}); the file is torn") from None
     if strict and (missing or unexpected):
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
@@ -323,9 +373,14 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
 
 def embedding_rows(path: Path, names: tuple[str, ...] = ("transformer.wte.weight", "lm_head.weight")) -> int:
     """Rows of the checkpoint's token embedding (stored once under either name of the tied weight)."""
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        name = next(k for k in names if k in f.keys())
-        return int(f.get_slice(name).get_shape()[0])
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            name = next((k for k in names if k in f.keys()), None)
+            if name is None:
+                raise ValueError(f"{path / 'model.safetensors'} has no token embedding (looked for {', '.join(names)})")
+            return int(f.get_slice(name).get_shape()[0])
+    except SafetensorError as err:
+        raise CorruptFile(f"{path / 'model.safetensors'} cannot be read ({err}); the file is torn") from None
 
 
 class KeepBest:
@@ -337,7 +392,7 @@ class KeepBest:
     def __init__(self, directory: Path, metric: str) -> None:
         self.directory, self.metric = Path(directory), metric
         found = latest_checkpoint(self.directory)
-        self.best: float | None = None if found is None else float(json.loads((found / _COMPLETE).read_text())[metric])
+        self.best: float | None = None if found is None else float(read_json(found / _COMPLETE)[metric])
 
     def offer(self, step: int, model: nn.Module, value: float, config: Mapping[str, Any]) -> bool:
         """Save ``model`` if ``value`` beats the record; True when it did."""
@@ -347,3 +402,24 @@ class KeepBest:
         save_checkpoint(self.directory, step, model=model, optimizer={}, rng={}, state={self.metric: value},
                         config=dict(config), keep_last=1)
         return True
+
+
+def newest_readable(run_dir: Path, load: Callable[[Path], Any]) -> tuple[Path, Any] | None:
+    """The newest checkpoint of ``run_dir`` that ``load`` can read, newest first; each unreadable one is named.
+
+    A checkpoint torn after it was marked complete (a disk error, a copy cut short) is skipped with
+    a warning, so a run resumes from the one before it; none is deleted.
+    """
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    candidates = [latest] + [c for c in reversed(list_checkpoints(run_dir)) if c != latest]
+    problems = []
+    for found in candidates:
+        try:
+            verify_checkpoint(found)
+            return found, load(found)
+        except (CorruptFile, FileNotFoundError) as err:
+            problems.append(str(err))
+            warnings.warn(f"checkpoint {found} cannot be read: {err}; trying the one before it", stacklevel=2)
+    raise CorruptFile(f"no checkpoint of {run_dir} can be read: " + "; ".join(problems))

@@ -41,7 +41,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {RUN_CONFIG}; is it a training run directory?")
-    return json.loads(path.read_text())
+    return ckpt.read_json(path)
 
 
 def load_weights_checked(
@@ -52,7 +52,8 @@ def load_weights_checked(
     A checkpoint whose ``sections`` differ from ``expected`` (the config ``model`` was built from)
     raises a ValueError naming each differing field before any weight is read.
     """
-    saved = json.loads((Path(found) / RUN_CONFIG).read_text())
+    ckpt.verify_checkpoint(found)  # a torn file is named before anything is built or loaded
+    saved = ckpt.read_json(Path(found) / RUN_CONFIG)
     ckpt.check_config(expected, {k: v for k, v in saved.items() if k != "train"}, tuple(sections))
     ckpt.load_weights(model, found)
     return model.eval()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.metrics_log import append_jsonl, truncate_metrics
 from seqpe_nd.tasks.engine.distributed import all_mean, gather_rng, maybe_no_sync, restore_rng, setup_distributed
 
 # Config sections that must match exactly when resuming: a different model cannot continue.
@@ -220,19 +221,6 @@ def _check_every_param_learns(model: nn.Module, world: int) -> None:
     warnings.warn(msg + " (multi-process DDP runs refuse this)", stacklevel=3)
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop lines logged after the checkpoint: those steps are about to run again."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    ckpt.atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 # --- the loop ----------------------------------------------------------------------------------------
 
 TIMING = "train_seconds.json"
@@ -251,8 +239,8 @@ def train_or_reuse(
     run_dir = Path(run_dir)
     timing = run_dir / TIMING
     latest = ckpt.latest_checkpoint(run_dir)
-    finished = latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps
-    saved = json.loads(timing.read_text()) if finished and timing.is_file() else None
+    finished = latest is not None and ckpt.read_json(latest / "state.json")["step"] >= cfg.steps
+    saved = ckpt.read_json(timing) if finished and timing.is_file() else None
     if saved is not None and saved.get("config", config) == config:  # no "config": recorded before it was kept
         return float(saved["seconds"])
     t0 = time.perf_counter()
@@ -310,10 +298,13 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         # --- config and resume ---
         config = {**task.config_dict(), "train": cfg.model_dump(mode="json")}
         start = 0
-        found = ckpt.latest_checkpoint(run_dir) if resume else None
-        if found is not None:
-            sections = getattr(task, "strict_sections", STRICT_SECTIONS)  # a recipe may add its own (hybrid: positions)
-            state = ckpt.load_checkpoint(found, expected_config=config, strict_sections=tuple(sections))
+        sections = getattr(task, "strict_sections", STRICT_SECTIONS)  # a recipe may add its own (hybrid: positions)
+        readable = ckpt.newest_readable(
+            run_dir, lambda p: ckpt.load_checkpoint(p, expected_config=config, strict_sections=tuple(sections))
+        ) if resume else None
+        found = None
+        if readable is not None:
+            found, state = readable
             other = ckpt.diff_configs(config, state.config)
             if state.state["world"] != world:
                 raise ValueError(
@@ -329,7 +320,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 tqdm.write(f"resuming {run_dir} from step {start}{changed}")
         if master:
             run_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(run_dir / METRICS, start)
+            truncate_metrics(run_dir / METRICS, start)
             ckpt.atomic_write_text(run_dir / "config.json", json.dumps(config, indent=1) + "\n")
             run_info = {
                 "seed": cfg.seed, "world": world, "device": str(device), "bf16": bf16, "compile": cfg.compile,
@@ -344,7 +335,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 metrics = task.validate(raw)
             raw.train()
             if master:
-                _append_jsonl(run_dir / METRICS, {"step": step, "split": "val", **metrics})
+                append_jsonl(run_dir / METRICS, {"step": step, "split": "val", **metrics})
                 tqdm.write(f"step {step}: " + ", ".join(f"val/{k}={v:.4g}" for k, v in metrics.items()))
             return {f"val/{k}": v for k, v in metrics.items()}
 
@@ -396,7 +387,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 record = {"step": done, "split": "train", "lr": lr, "tokens_per_s": tps, **means}
                 if master:
-                    _append_jsonl(run_dir / METRICS, record)
+                    append_jsonl(run_dir / METRICS, record)
                     pe = {k: f"{float(means[k]):.3f}" for k in ("loss_delta", "loss_ood", "pe_cos") if k in means}
                     bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", **pe)
                 result.update({f"train/{k}": float(v) for k, v in record.items() if k not in ("step", "split")})

@@ -11,7 +11,7 @@ config file, then the working directory, then the configs shipped with the packa
 """
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union
@@ -20,8 +20,8 @@ import yaml
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from seqpe_nd.encodings import PEConfig
-from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace
-from seqpe_nd.positions.spaces import read_yaml_mapping
+from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace, load_space
+from seqpe_nd.positions.errors import did_you_mean, format_errors, format_validation_error, read_yaml_file
 from seqpe_nd.tasks.engine.trainer import TrainConfig
 
 SHIPPED_ROOT = Path(__file__).resolve().parents[2]
@@ -55,9 +55,7 @@ def parse_value(text: str) -> Any:
 def read_yaml(path: Path) -> dict[str, Any]:
     """The mapping of one YAML file, as written (``extends:`` not followed)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.load(path.read_text(), Loader=_Loader)
+    data = read_yaml_file(path, what="config", loader=_Loader)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a run config must be a mapping with a top-level 'task:' key")
     return data
@@ -108,21 +106,6 @@ def apply_override(config: dict[str, Any], item: str) -> None:
     node[parts[-1]] = parse_value(text)
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """One line per problem, each naming the dotted field path."""
-    return format_errors(err.errors(), prefix)
-
-
-def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "") -> str:
-    """:func:`format_validation_error` of pydantic's error dicts."""
-    lines = []
-    for e in errors:
-        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(e["loc"]))
-        shown = "input" in e and e["type"] != "missing" and e["loc"] and not isinstance(e["input"], dict)
-        lines.append(f"{path or '<root>'}: {e['msg']}" + (f" (got {e['input']!r})" if shown else ""))
-    return "; ".join(lines)
-
-
 def check_multiples(**pairs: tuple[int, str, int]) -> None:
     """``name=(value, other_name, other_value)``: each value must be a multiple of the other (one error naming both)."""
     for name, (value, other, divisor) in pairs.items():
@@ -150,8 +133,7 @@ def _space_source(value: Any, info: Any) -> Any:  # info: pydantic ValidationInf
     """A path becomes the space's mapping (read relative to the config file); a mapping defaults to ``kind: grid``."""
     if isinstance(value, (str, Path)):
         config_dir = (info.context or {}).get("config_dir")
-        path = find_config_file(value, config_dir, what="space file")
-        value = read_yaml_mapping(path, what="position-space", key="kind")
+        return load_space(find_config_file(value, config_dir, what="space file"))  # errors name the file
     if isinstance(value, dict):
         return {"kind": "grid", **value}
     return value
@@ -187,7 +169,7 @@ class RunConfig(Frozen):
         try:
             return cls.model_validate(data, context={"config_dir": config_dir})
         except ValidationError as err:
-            raise ValueError(format_validation_error(err)) from None
+            raise ValueError(format_validation_error(err, model=cls)) from None
 
     def grid_space(self, ndim: int) -> GridSpace:
         """``space`` as the ``ndim``-D grid space this recipe needs (a clear error otherwise)."""
@@ -219,20 +201,20 @@ def _adapter_of(tasks: tuple[str, ...]) -> TypeAdapter:  # type: ignore[type-arg
 
 def parse_run_config(data: dict[str, Any], *, config_dir: Path | None = None, source: str = "") -> RunConfig:
     """Validate a run config of any recipe (picked by its ``task``); one ValueError naming every bad field."""
-    from seqpe_nd.tasks.recipes import RECIPES
+    from seqpe_nd.tasks.recipes import RECIPES, get_recipe
 
     where = f"{source}: " if source else ""
     task = data.get("task")
     if task is None:
         raise ValueError(f"{where}missing top-level 'task:' (allowed: {sorted(RECIPES)})")
     if task not in RECIPES:
-        raise ValueError(f"{where}task: unknown task {task!r}; allowed: {sorted(RECIPES)}")
+        raise ValueError(f"{where}task: unknown task {task!r}{did_you_mean(str(task), RECIPES)}; allowed: {sorted(RECIPES)}")
     try:
         return _adapter().validate_python(data, context={"config_dir": config_dir})
     except ValidationError as err:
         # The union names the branch first (``lm.model.n_head``); the file only has ``model.n_head``.
         errors = [dict(e, loc=e["loc"][1:] if e["loc"] and e["loc"][0] == task else e["loc"]) for e in err.errors()]
-        raise ValueError(where + format_errors(errors)) from None
+        raise ValueError(where + format_errors(errors, model=get_recipe(task).config_type)) from None
 
 
 def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:

@@ -10,7 +10,6 @@ perplexity is ``exp(Σ loss / Σ tokens)`` over the chunks' next-token predictio
 Legend: b batch, n tokens.
 """
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -196,7 +195,10 @@ class LMRecipe(Recipe[LMConfig]):
         path = self.run_dir / EVAL_JSON
         if not path.is_file():
             return None
-        saved = json.loads(path.read_text())
+        try:
+            saved = ckpt.read_json(path)
+        except ckpt.CorruptFile:
+            return None  # a torn result is evaluated again (and rewritten atomically)
         h = plan.header
         same = (saved.get("checkpoint"), saved.get("split"), saved.get("max_tokens"), list(saved.get("lengths", {})))
         return saved if same == (h["checkpoint"], h["split"], h["max_tokens"], [str(x) for x in plan.sizes]) else None

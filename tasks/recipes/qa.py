@@ -21,7 +21,6 @@ and strict EM (the stripped generation equals a gold answer). It prints a table 
 Legend: b batch, n tokens, t generated tokens, v vocabulary.
 """
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,7 +141,7 @@ def read_lm_run(init: Path) -> tuple[Path, dict[str, Any]]:
     found = ckpt.latest_checkpoint(init)
     if found is None:
         raise FileNotFoundError(f"init_from: no complete checkpoint in {init}")
-    raw = json.loads((found / "config.json").read_text())
+    raw = ckpt.read_json(found / "config.json")
     sections = {
         "model": GPT2Settings.model_validate(raw["model"]),
         "space": load_space(raw["space"]),

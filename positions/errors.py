@@ -1,0 +1,104 @@
+"""User-facing errors, written once for every room: YAML files that name themselves when they are
+broken, and pydantic validation errors as one line per problem with the dotted field path, the
+bad value, what is allowed and, for a near miss, a "did you mean".
+"""
+
+import difflib
+import types
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+
+def read_yaml_file(source: str | Path, *, what: str = "YAML", loader: type[Any] = yaml.SafeLoader) -> Any:
+    """The content of a YAML file; a missing file, a folder, a binary file or bad YAML is one clear error naming it."""
+    path = Path(source)
+    if path.is_dir():
+        raise ValueError(f"{what} file {str(path)!r} is a directory; give the path of a .yaml file inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a text file (byte {err.start} is not UTF-8); a {what} file is YAML text") from None
+    try:
+        return yaml.load(text, Loader=loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def did_you_mean(name: str, allowed: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for a near miss among ``allowed``, else an empty string."""
+    close = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through Annotated, unions, Optional, lists and dicts)."""
+    origin = get_origin(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if origin is Annotated:
+        return _models(get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, tuple, dict, Sequence, Mapping):
+        return [m for a in get_args(annotation) for m in _models(a)]
+    return []
+
+
+def _tag(model: type[BaseModel]) -> set[str]:
+    """The values a discriminated-union member is picked by (its Literal fields' defaults), as pydantic's loc names them."""
+    tags = set()
+    for f in model.model_fields.values():
+        if get_origin(f.annotation) is Literal:
+            tags.update(str(a) for a in get_args(f.annotation))
+    return tags
+
+
+def fields_at(root: Any, loc: Sequence[Any]) -> list[str] | None:
+    """The field names allowed at ``loc`` (a pydantic error location) under ``root``, when they can be told."""
+    candidates = _models(root)
+    for part in loc:
+        if not candidates:
+            return None
+        if isinstance(part, int):
+            continue
+        tagged = [m for m in candidates if str(part) in _tag(m) and part not in m.model_fields]
+        if tagged and len(candidates) > 1:
+            candidates = tagged
+            continue
+        nxt = [m for c in candidates if part in c.model_fields for m in _models(c.model_fields[part].annotation)]
+        if not nxt:
+            return None if not any(part in c.model_fields for c in candidates) else []
+        candidates = nxt
+    if len(candidates) != 1:
+        return None
+    return sorted(candidates[0].model_fields)
+
+
+def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "", model: Any = None) -> str:
+    """One line per problem: the dotted field path, what is wrong, the bad value, and what is allowed."""
+    lines = []
+    for e in errors:
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+        if e["type"] == "extra_forbidden" and loc:
+            allowed = fields_at(model, loc[:-1]) if model is not None else None
+            hint = did_you_mean(str(loc[-1]), allowed or [])
+            known = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{path}: unknown field {str(loc[-1])!r}{hint}{known}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages, without pydantic's label
+        shown = "input" in e and e["type"] not in ("missing", "value_error") and loc and not isinstance(e["input"], dict)
+        lines.append(f"{path or '<root>'}: {msg}" + (f" (got {e['input']!r})" if shown else ""))
+    return "; ".join(lines)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", model: Any = None) -> str:
+    """:func:`format_errors` of a pydantic ValidationError."""
+    return format_errors(err.errors(), prefix, model)
