@@ -90,7 +90,7 @@ def compare(
     jobs: int = 1,
 ) -> dict[str, Any]:
     """Train (or reuse) and evaluate one run per method; write and return the comparison."""
-    from seqpe_nd.tasks.recipes.lm import LMRecipe  # heavy (transformers): imported when a comparison runs
+    from seqpe_nd.tasks.recipes.lm import LMRecipe, eval_settings  # heavy (transformers): when a comparison runs
 
     if jobs < 1:
         raise ValueError(f"--jobs {jobs} is not allowed; it must be a positive integer")
@@ -105,6 +105,10 @@ def compare(
         name: parse_run_config(method_config(base, name, config_dir), config_dir=config_dir, source=f"{config_path} + {name}")
         for name in methods
     }
+    for config in configs.values():  # and the evaluation options, which otherwise fail only after training
+        eval_settings(config, lengths=list(lengths) if lengths else None, max_tokens=max_tokens)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the runs and the comparison")
     out.mkdir(parents=True, exist_ok=True)
     if jobs == 1:
         seconds = {name: _train_seconds(config, out / name, None) for name, config in configs.items()}

@@ -204,6 +204,10 @@ def param_groups(model: nn.Module, task: TrainTask, weight_decay: float) -> list
 
 
 def run_dir_has_content(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything (a file in its place is an error: runs are folders)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file; give a folder (new or a run to --resume)")
     return run_dir.exists() and any(run_dir.iterdir())
 
 

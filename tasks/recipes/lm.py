@@ -117,6 +117,22 @@ def perplexity(
     return {"chunks": len(starts), "tokens": scored, "loss": total / scored, "ppl": math.exp(total / scored)}
 
 
+def eval_settings(
+    cfg: LMConfig, *, lengths: list[int] | None = None, split: str | None = None, max_tokens: int | None = None
+) -> tuple[list[int], str, int | None]:
+    """(lengths, split, max_tokens) of an evaluation: the options, else the config's ``eval``; each one checked."""
+    L, e = cfg.model.block_size, cfg.eval
+    sizes = list(lengths or e.lengths or [L * f for f in (1, 2, 4, 8, 16)])
+    check_sizes(sizes, lambda n: n >= 2, "lengths are whole numbers of tokens >= 2", "length")
+    split = split or e.split
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split {split!r} unknown; allowed: train, validation, test")
+    max_tokens = max_tokens if max_tokens is not None else e.max_tokens
+    if max_tokens is not None and max_tokens < max(sizes):
+        raise ValueError(f"max_tokens = {max_tokens} is fewer than one chunk of {max(sizes)}; allowed: >= the longest length")
+    return sizes, split, max_tokens
+
+
 # --- the recipe -------------------------------------------------------------------------------------
 
 class LMRecipe(Recipe[LMConfig]):
@@ -176,15 +192,8 @@ class LMRecipe(Recipe[LMConfig]):
     def eval_plan(
         self, *, lengths: list[int] | None = None, split: str | None = None, max_tokens: int | None = None
     ) -> EvalPlan:
-        L, e = self.cfg.model.block_size, self.cfg.eval
-        sizes = list(lengths or e.lengths or [L * f for f in (1, 2, 4, 8, 16)])
-        check_sizes(sizes, lambda n: n >= 2, "lengths are whole numbers of tokens >= 2", "length")
-        split = split or e.split
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"split {split!r} unknown; allowed: train, validation, test")
-        max_tokens = max_tokens if max_tokens is not None else e.max_tokens
-        if max_tokens is not None and max_tokens < max(sizes):
-            raise ValueError(f"max_tokens = {max_tokens} is fewer than one chunk of {max(sizes)}; allowed: >= the longest length")
+        sizes, split, max_tokens = eval_settings(self.cfg, lengths=lengths, split=split, max_tokens=max_tokens)
+        L = self.cfg.model.block_size
         assert self.run_dir is not None
         found = ckpt.resolve_checkpoint(self.run_dir)
         header = {"checkpoint": found.name, "split": split, "block_size": L, "max_tokens": max_tokens}

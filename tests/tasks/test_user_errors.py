@@ -112,6 +112,9 @@ CLI: list[tuple[str, list[str], str]] = [
     ("space-show-directory", ["space", "show", "{root}/bad"], "is a directory"),
     ("compare-unknown-method", ["compare", "{root}/lm.yaml", "--methods", "rope-1e5", "--out", "{root}/cmp"], "unknown method 'rope-1e5'"),
     ("compare-jobs-0", ["compare", "{root}/lm.yaml", "--methods", "rope", "--jobs", "0", "--out", "{root}/cmp"], "--jobs 0"),
+    ("compare-bad-length-before-training", ["compare", "{root}/lm.yaml", "--methods", "rope", "--lengths", "0", "--out", "{root}/cmp"], "length(s) [0] not allowed"),
+    ("compare-out-is-a-file", ["compare", "{root}/lm.yaml", "--methods", "rope", "--out", "{root}/lm.yaml"], "--out"),
+    ("run-dir-is-a-file", ["train", "{root}/lm.yaml", "--run-dir", "{root}/lm.yaml"], "is a file"),
     ("compare-not-lm", ["compare", "{root}/vit.yaml", "--methods", "rope", "--out", "{root}/cmp"], "needs an LM config"),
     ("plot-num-too-small", ["plot", "similarity", "--space", "configs/positions/text-512.yaml", "--num", "1", "--out", "{root}/plots"], "--num = 1"),
     ("plot-extent-not-hxw", ["plot", "similarity", "--space", "configs/positions/image-14x14.yaml", "--extent", "3y3", "--out", "{root}/plots"], "not HxW"),
@@ -129,6 +132,7 @@ def test_cli_mistakes_are_one_line(world: dict[str, Path], argv: list[str], need
     assert err.count("\n") == 1, err  # one paragraph
     assert needle in err, err
     assert snapshot(world["root"]) == before
+    assert not (world["root"] / "cmp").exists()  # compare refused before it trained (or made) anything
 
 
 def unchecked(fn: Callable[..., Any]) -> Callable[..., Any]:
