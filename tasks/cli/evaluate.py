@@ -28,9 +28,31 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "--max-images", type=int, default=None,
         help="ViT: evaluate only the first this many validation images per resolution",
     )
+    p.add_argument(
+        "--sizes", nargs="+", type=pair, default=None, metavar="AxP",
+        help="video: FRAMESxPIXELS, hybrid: IMAGESxPIXELS pairs, e.g. 8x32 4x64 (default: the run's eval.sizes)",
+    )
+    p.add_argument("--max-clips", type=int, default=None, help="video: evaluate only the first this many clips")
+    p.add_argument("--max-examples", type=int, default=None, help="hybrid: evaluate only the first this many examples")
+    p.add_argument("--num-examples", type=int, default=None, help="QA: questions per length (default: eval.num_examples)")
+    p.add_argument("--checkpoint", default=None, choices=["best", "latest"], help="QA: which weights (default: eval.checkpoint)")
+    p.add_argument("--batch-size", type=int, default=None, help="ViT, video, hybrid: inputs per evaluation forward")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: CUDA when available)")
     p.add_argument("--out", type=Path, default=None, help="with several runs: write the comparison here (DIR/compare.json, compare.png)")
     p.set_defaults(func=run_eval)
+
+
+def pair(text: str) -> tuple[int, int]:
+    """``8x32`` -> (8, 32)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not AxP, e.g. 8x32")
+    return int(parts[0]), int(parts[1])
+
+
+OPTIONS = ("lengths", "split", "max_tokens", "resolutions", "max_images", "sizes", "max_clips", "max_examples",
+           "num_examples", "checkpoint", "batch_size")
+"""CLI flags handed to the recipe's evaluate(); each recipe refuses the ones it has no use for."""
 
 
 def task_of(run_dir: Path) -> str:
@@ -41,9 +63,7 @@ def task_of(run_dir: Path) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    options: dict[str, Any] = {"lengths": args.lengths, "split": args.split, "max_tokens": args.max_tokens}
-    options |= {"resolutions": args.resolutions, "max_images": args.max_images}  # ViT
-    options = {k: v for k, v in options.items() if v is not None}
+    options: dict[str, Any] = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
     tasks = {task_of(r) for r in args.run_dirs}
     if len(tasks) > 1:
         raise ValueError(f"runs of different tasks {sorted(tasks)} cannot be compared; evaluate them one task at a time")

@@ -99,6 +99,7 @@ CLI: list[tuple[str, list[str], str]] = [
     ("eval-max-tokens-0", ["eval", "{root}/lm-run", "--max-tokens", "0"], "max_tokens = 0"),
     ("eval-resolution-off-patch", ["eval", "{root}/vit-run", "--resolutions", "26"], "resolution(s) [26] not allowed: multiples of the patch size 4"),
     ("eval-option-of-lm-on-vit", ["eval", "{root}/vit-run", "--lengths", "64"], "has no option(s) ['lengths']"),
+    ("eval-option-of-video-on-lm", ["eval", "{root}/lm-run", "--sizes", "8x32"], "has no option(s) ['sizes']"),
     ("eval-not-a-run", ["eval", "{root}/bad"], "has no config.json"),
     ("eval-torn-config", ["eval", "{root}/torn-config"], "config.json is torn or not JSON"),
     ("eval-torn-weights", ["eval", "{root}/torn-weights"], "model.safetensors cannot be read"),
