@@ -180,6 +180,8 @@ class GPT2WithPE(GPT2LMHeadModel):
         device: torch.device,
     ) -> Int[Tensor, "b n w"]:
         if position_ids is not None:
+            if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+                raise ValueError(f"position_ids must hold integer positions, got dtype {position_ids.dtype}")
             pos = position_ids if position_ids.ndim == 3 else position_ids.unsqueeze(-1)
             if pos.ndim != 3 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
                 raise ValueError(
@@ -221,6 +223,10 @@ class GPT2WithPE(GPT2LMHeadModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
+            vocab = self.transformer.wte.num_embeddings
+            if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < vocab):
+                bad = int(input_ids.min()) if int(input_ids.min()) < 0 else int(input_ids.max())
+                raise ValueError(f"input_ids holds token {bad}, outside the vocabulary 0..{vocab - 1}")
             inputs_embeds = self.transformer.wte(input_ids)
         batch, length = inputs_embeds.shape[:2]
 

@@ -206,12 +206,16 @@ class ViTWithPE(nn.Module):
         return tuple(p) if isinstance(p, (tuple, list)) else (p, p)
 
     def grid_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
-        """Patch grid of an input of shape ``(b, c, *spatial)`` (floor division, as the conv)."""
+        """Patch grid of an input of shape ``(b, c, *spatial)``; every size a whole number of patches."""
         spatial = tuple(input_shape[2:])
-        if len(spatial) != len(self.patch_size):
-            raise ValueError(
-                f"input has {len(spatial)} spatial dims {spatial}, the patch embedding {len(self.patch_size)}"
-            )
+        want = "(b, c, frames, height, width)" if len(self.patch_size) == 3 else "(b, c, height, width)"
+        if len(input_shape) != 2 + len(self.patch_size):
+            raise ValueError(f"input of shape {tuple(input_shape)} is not {want}")
+        chans = self.vit.patch_embed.proj.in_channels
+        if input_shape[1] != chans:
+            raise ValueError(f"input has {input_shape[1]} channels, the patch embedding {chans}: shape {want}")
+        if any(s % p for s, p in zip(spatial, self.patch_size)):
+            raise ValueError(f"input size {list(spatial)} is not a whole number of patches {list(self.patch_size)}")
         return tuple(s // p for s, p in zip(spatial, self.patch_size))
 
     def grid_positions(self, grid: Sequence[int], device: torch.device) -> Int[Tensor, "n w"]:
@@ -253,6 +257,7 @@ class ViTWithPE(nn.Module):
             pos_offset: added to every patch position (the random start shift of App. A.5).
             pe_generator, pe_shifted: passed to ``pe.prepare`` (SeqPE's regularizer samplers).
         """
+        self.grid_shape(x.shape)  # a wrong shape is one clear error here, not deep inside timm
         self._hub.current = ForwardContext(pos_offset=pos_offset, generator=pe_generator, shifted=pe_shifted)
         try:
             logits = self.vit(x)

@@ -147,6 +147,21 @@ def _prepare(pe: Any, pos: torch.Tensor) -> Any:
     return unchecked(type(pe).prepare)(pe, pos)
 
 
+def _gpt2() -> Any:
+    from seqpe_nd.tasks.recipes.lm import build_model
+
+    cfg = LMConfig.parse({"task": "lm", "model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16},
+                          "space": {"L": 16, "L_max": 200}, "pe": {"method": "rope"}})
+    model = build_model(cfg, vocab_size=50, eos_id=0).eval()
+    return lambda **kw: unchecked(type(model).forward)(model, **kw)  # what a user's code runs (no test type checker)
+
+
+def _vit() -> Any:
+    from seqpe_nd.tasks.recipes.vit import build_model
+
+    return build_model(ViTConfig.parse(vit_config({"method": "rope_axial"}))).eval()
+
+
 def _pe(method: str, **kw: Any) -> Any:
     space = load_space({"L": [4, 4], "L_max": [40, 40]} if method in ("ape_learn", "rope_axial") else {"L": 16, "L_max": 200})
     return build_position_encoding({"method": method, **kw}, space=space, **SIZES)
@@ -167,6 +182,12 @@ API: list[tuple[str, Callable[[dict[str, Path]], Any], type[BaseException], str]
     ("rope-axial-2d-unbatched", lambda w: _prepare(_pe("rope_axial"), torch.zeros(3, 2, dtype=torch.long)), ValueError, "shape (batch, tokens, 2)"),
     ("pe-space-of-wrong-type", lambda w: unchecked(build_position_encoding)({"method": "rope"}, space=3.5, **SIZES), ValueError, "got float"),
     ("hybrid-empty-segment", lambda w: load_space(w["bad"] / "hybrid.yaml").layout("text:2, image:0x3"), ValueError, "image:0x3 has an empty extent"),
+    ("gpt2-float-positions", lambda w: _gpt2()(input_ids=torch.zeros(1, 5, dtype=torch.long), position_ids=torch.arange(5.0)[None]), ValueError, "integer positions, got dtype torch.float32"),
+    ("gpt2-token-outside-vocab", lambda w: _gpt2()(input_ids=torch.full((1, 5), 999), position_ids=torch.arange(5)[None]), ValueError, "token 999, outside the vocabulary 0..49"),
+    ("gpt2-positions-do-not-match", lambda w: _gpt2()(input_ids=torch.zeros(1, 5, dtype=torch.long), position_ids=torch.arange(4)[None]), ValueError, "position_ids of shape (1, 4)"),
+    ("vit-one-channel", lambda w: _vit()(torch.zeros(1, 1, 16, 16)), ValueError, "input has 1 channels, the patch embedding 3"),
+    ("vit-unbatched", lambda w: _vit()(torch.zeros(3, 16, 16)), ValueError, "is not (b, c, height, width)"),
+    ("vit-size-off-patch", lambda w: _vit()(torch.zeros(1, 3, 18, 18)), ValueError, "[18, 18] is not a whole number of patches [4, 4]"),
     ("run-config-typo", lambda w: LMConfig.parse({"task": "lm", "modle": {}}), ValueError, "unknown field 'modle' (did you mean 'model'?)"),
     ("load-config-syntax", lambda w: load_config(w["bad"] / "syntax.yaml"), ValueError, "syntax.yaml: not valid YAML"),
     ("evaluate-unknown-option", lambda w: LMRecipe.evaluate(w["lm"], resolutions=[64]), ValueError, "['resolutions']"),
