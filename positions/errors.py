@@ -4,6 +4,7 @@ bad value, what is allowed and, for a near miss, a "did you mean".
 """
 
 import difflib
+import re
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -92,6 +93,18 @@ def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "", model: 
             hint = did_you_mean(str(loc[-1]), allowed or [])
             known = f"; allowed: {', '.join(allowed)}" if allowed else ""
             lines.append(f"{path}: unknown field {str(loc[-1])!r}{hint}{known}")
+            continue
+        ctx = e.get("ctx") or {}
+        if e["type"] == "union_tag_invalid":  # e.g. pe.method: rop
+            allowed = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+            key = str(ctx.get("discriminator", "")).strip("'")
+            where = ".".join(p for p in (path, key) if p)
+            tag = str(ctx.get("tag"))
+            lines.append(f"{where}: unknown {key} {tag!r}{did_you_mean(tag, allowed)}; allowed: {', '.join(allowed)}")
+            continue
+        if e["type"] == "literal_error" and isinstance(e.get("input"), str):
+            allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+            lines.append(f"{path}: {e['input']!r} is not allowed{did_you_mean(e['input'], allowed)}; allowed: {', '.join(allowed)}")
             continue
         msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages, without pydantic's label
         shown = "input" in e and e["type"] not in ("missing", "value_error") and loc and not isinstance(e["input"], dict)
