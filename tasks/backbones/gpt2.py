@@ -36,21 +36,63 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from seqpe_nd.encodings import APESinConfig, PEConfig, build_position_encoding
-from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding
 from seqpe_nd.positions import Frozen, GridSpace
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
 """Name under which the attention and mask functions are registered with transformers."""
 
 _KEY_POSITIONS = "_seqpe_nd_key_positions"  # attribute on a Cache: positions of its keys, (b, m, w)
+_TRANSFORMED_KEYS = "_seqpe_nd_transformed_keys"  # attribute on a Cache: a TransformedKeys
+
+
+class TransformedKeys(KVCache):
+    """Each layer's keys after the PE's ``transform_qk``, kept beside a Hugging Face cache.
+
+    The HF cache stores raw keys and values; without this every decoding step would transform
+    every cached key again, so the PE work per generated token would grow with the context. A
+    step transforms only its new keys and appends them here; values stay in the HF cache. When the
+    two disagree in length (the HF cache was cropped or reordered), the layer starts afresh from
+    the HF cache's raw keys, so decoding always equals the full forward.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values_in_use: Tensor | None = None  # this layer's full values, from the HF cache
+        self.last_raw: dict[int, Tensor] = {}  # each layer's newest raw key when it was last transformed
+
+    def continues(self, layer: int, raw_keys: Tensor, n: int) -> bool:
+        """Whether the kept keys are the first ``m - n`` of ``raw_keys`` (``n`` of them new).
+
+        The length must match, and (checked on the first layer only: one sync a step) the newest
+        kept raw key must be where it was: a cropped or reordered HF cache fails this, and that
+        layer is transformed afresh.
+        """
+        kept = self.keys.get(layer)
+        if kept is None or kept.shape[-2] + n != raw_keys.shape[-2]:
+            return False
+        if layer == min(self.keys):
+            end = raw_keys.shape[-2] - n
+            if not torch.equal(self.last_raw[layer], raw_keys[:, :, end - 1 : end]):
+                self.keys.clear()  # every layer was cropped or reordered alike: all start afresh
+                return False
+        return True
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        old = self.keys.get(layer)
+        self.keys[layer] = k if old is None else torch.cat([old, k], dim=-2)
+        assert self.values_in_use is not None
+        return self.keys[layer], self.values_in_use
 
 
 @dataclass(frozen=True)
 class PEForward:
-    """What one model forward hands to every layer's attention: the PE and its prepared state."""
+    """What one model forward hands to every layer's attention: the PE, its prepared state, and the
+    store of transformed keys when a cache is in use."""
 
     pe: PositionEncoding
     state: PEState
+    keys: TransformedKeys | None = None
 
 
 def _attention(
@@ -71,8 +113,23 @@ def _attention(
             f"attention implementation {ATTN_IMPLEMENTATION!r} needs the PE state of the forward; "
             "call GPT2WithPE.forward (or generate), not the inner transformer directly"
         )
+    store, layer, n, m = seqpe_nd.keys, module.layer_idx, query.shape[-2], key.shape[-2]
+    if store is not None:  # transform only this step's keys; the earlier ones are kept transformed
+        if not store.continues(layer, key, n):  # fresh, or the HF cache was cropped or reordered
+            store.keys.pop(layer, None)
+        new = slice(m - n, m) if layer in store.keys else slice(0, m)
+        store.values_in_use = value
+        try:
+            out = seqpe_nd.pe.attend(
+                query, key[:, :, new], value[:, :, new], seqpe_nd.state, layer, causal=True,
+                key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling, cache=store,
+            )
+        finally:
+            store.values_in_use = None
+        store.last_raw[layer] = key[:, :, -1:]
+        return out.transpose(1, 2), None
     out = seqpe_nd.pe.attend(
-        query, key, value, seqpe_nd.state, module.layer_idx,
+        query, key, value, seqpe_nd.state, layer,
         causal=True, key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling,
     )  # (b, h, n, e); queries are the last n of the m keys
     return out.transpose(1, 2), None  # (b, n, h, e)
@@ -199,6 +256,17 @@ class GPT2WithPE(GPT2LMHeadModel):
             return (real.cumsum(-1) - 1).clamp(min=0)[:, -length:].unsqueeze(-1)
         return steps.view(1, length, 1).expand(batch, -1, -1)
 
+    @staticmethod
+    def _transformed_keys(cache: Cache | None, past: Tensor | None) -> TransformedKeys | None:
+        """The cache's store of transformed keys (new with a fresh cache); None without a cache."""
+        if cache is None:
+            return None
+        store = getattr(cache, _TRANSFORMED_KEYS, None)
+        if store is None or past is None:
+            store = TransformedKeys()
+            setattr(cache, _TRANSFORMED_KEYS, store)
+        return store
+
     # -- forward --------------------------------------------------------------------------
     def forward(  # type: ignore[override]
         self,
@@ -252,7 +320,7 @@ class GPT2WithPE(GPT2LMHeadModel):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            seqpe_nd=PEForward(self.pe, state),
+            seqpe_nd=PEForward(self.pe, state, self._transformed_keys(cache, past)),
             **kwargs,
         )
         if cache is not None:

@@ -151,3 +151,36 @@ def test_training_forward_returns_the_pe_aux_loss() -> None:
     assert out.pe_aux_loss is not None and out.pe_aux_loss.ndim == 0
     (out.logits.float().logsumexp(-1).mean() + out.pe_aux_loss).backward()
     assert model.pe.encoder.tok.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_decoding_step_transforms_only_its_new_keys(name: str) -> None:
+    """The PE work of a step does not grow with the context: cached keys stay transformed."""
+    model = make_model(VARIANTS[name])
+    seen: list[int] = []
+    transform = model.pe.transform_qk
+    model.pe.transform_qk = lambda q, k, state, layer: seen.append(k.shape[-2]) or transform(q, k, state, layer)
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        out = model(ids[:, :8], use_cache=True)
+        assert seen == [8] * LAYERS  # the prompt, once per layer
+        seen.clear()
+        for i in range(8, 12):
+            out = model(ids[:, i : i + 1], cache=out.cache, use_cache=True)
+        assert seen == [1] * (LAYERS * 4)  # one new key per layer and step, however long the context
+
+
+@pytest.mark.parametrize("name", ["rope", "seqpe", "alibi", "ape_learn"])
+def test_a_cropped_or_reordered_cache_still_equals_the_full_forward(name: str) -> None:
+    model = make_model(PE_CONFIGS[name])
+    ids = tokens(2, 12)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :9], use_cache=True)
+        out.cache.crop(-3)  # assisted decoding drops the rejected draft tokens
+        again = model(ids[:, 6:9], cache=out.cache, use_cache=True).logits
+        torch.testing.assert_close(again, full[:, 6:9], rtol=1e-4, atol=1e-4)
+        swap = torch.tensor([1, 0])
+        out.cache.reorder_cache(swap)  # beam search reorders the rows
+        step = model(ids[swap, 9:10], cache=out.cache, use_cache=True).logits
+    torch.testing.assert_close(step, full[swap, 9:10], rtol=1e-4, atol=1e-4)
