@@ -167,12 +167,27 @@ def sdpa(
     """``F.scaled_dot_product_attention``, with ``v`` zero-padded to q's width when q/k were widened
     (SeqPE attn_bias by concatenation): fused kernels want one head dim for q, k and v, and the
     padded half of the output is exactly zero (measured on CPU: 3.4× faster at L = 2048 than the
-    math fallback the mismatch triggers)."""
+    math fallback the mismatch triggers). A few queries over many keys (a decoding step) skip the
+    padding, which would copy every cached value: there the math path is the cheaper one."""
     ev = v.shape[-1]
     if ev >= q.shape[-1]:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if 8 * q.shape[-2] <= k.shape[-2] and not kwargs.get("dropout_p") and not kwargs.get("is_causal"):
+        return _few_queries(q, k, v, attn_mask=kwargs.get("attn_mask"), scale=kwargs.get("scale"))
     v = F.pad(v, (0, q.shape[-1] - ev))
     return F.scaled_dot_product_attention(q, k, v, **kwargs)[..., :ev]
+
+
+def _few_queries(
+    q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h m e"], v: Float[Tensor, "b h m ev"], *,
+    attn_mask: Tensor | None, scale: float | None,
+) -> Float[Tensor, "b h n ev"]:
+    """Attention written out for a few queries over many keys (a decoding step): the (n, m) scores are
+    small, and neither keys nor values are copied (SDPA's math path scales a copy of k)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
 _compiled_flex: Callable[..., Tensor] | None = None
@@ -262,6 +277,11 @@ class PositionEncoding(nn.Module):
     def score_mod(self, state: PEState, layer: int) -> ScoreMod | None:
         """A FlexAttention ``score_mod`` adding a genuine score bias (ALiBi); None for the rest."""
         return None
+
+    @property
+    def transforms_keys(self) -> bool:
+        """Whether ``transform_qk`` changes keys, so that a decoding cache should keep them transformed."""
+        return type(self).transform_qk is not PositionEncoding.transform_qk
 
     # -- attention ------------------------------------------------------------------------
     def attend(

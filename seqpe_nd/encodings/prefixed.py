@@ -67,6 +67,10 @@ class PrefixedEncoding(PositionEncoding):
             num_prefix=self.num_prefix,
         )
 
+    @property
+    def transforms_keys(self) -> bool:
+        return self.inner.transforms_keys
+
     def embed(self, state: PEState) -> Float[Tensor, "b t d"] | None:
         """``inner.embed`` of the patch tokens, zero for the prefix (which has its own learned embedding)."""
         e = self.inner.embed(_inner(state))

@@ -107,6 +107,9 @@ class SeqPEEncoding(PositionEncoding):
         """Encode query and key positions in one call; in training, with the regularizers' sets."""
         pos_q = state.pos_q
         same = state.pos_k is pos_q
+        if not self.training and not same:  # decoding: keys are encoded lazily, only those a layer needs
+            state.tensors["e_q"] = self.encoder(pos_q)
+            return
         main = pos_q if same else torch.cat([pos_q, state.pos_k], dim=1)
         if self.training and self.regularizer is not None:
             step = self.regularizer.step(self.encoder, main, generator or torch.default_generator, shifted=shifted)
@@ -146,10 +149,27 @@ class SeqPEEncoding(PositionEncoding):
         def project() -> Tensor:
             he = self.num_heads * self.head_dim
             weight = self.w_pe[lk].weight[:he] if side == "q" else self.w_pe[lk].weight[he:]
-            e = F.linear(state.tensors[f"e_{side}"][:, -rows:], weight)  # (b, r, h*e)
+            e = F.linear(self._embeddings(state, side, rows), weight)  # (b, r, h*e)
             return e.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (b, h, r, e)
 
         return state.memo(("w_pe", side, lk, rows), project)
+
+    def _embeddings(self, state: PEState, side: Literal["q", "k"], rows: int) -> Float[Tensor, "b r d"]:
+        """The encoder's embeddings of the last ``rows`` query or key positions (keys encoded on first use:
+        a decoding step with kept keys encodes only its new ones)."""
+        if side == "k" and "e_k" not in state.tensors:
+            def encode() -> Tensor:
+                keys, n = state.pos_k[:, -rows:], state.pos_q.shape[1]
+                if rows <= n and torch.equal(keys, state.pos_q[:, -rows:]):  # causal decoding: the new keys are the queries
+                    return state.tensors["e_q"][:, -rows:]
+                return self.encoder(keys)
+
+            return state.memo(("e_k", rows), encode)
+        return state.tensors[f"e_{side}"][:, -rows:]
+
+    @property
+    def transforms_keys(self) -> bool:
+        return self.integration != "input_add"
 
     def transform_qk(
         self, q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h mk e"], state: PEState, layer: int

@@ -60,6 +60,7 @@ class TransformedKeys(KVCache):
         super().__init__()
         self.values_in_use: Tensor | None = None  # this layer's full values, from the HF cache
         self.last_raw: dict[int, Tensor] = {}  # each layer's newest raw key when it was last transformed
+        self.buffers: dict[int, Tensor] = {}  # room to append without copying every key each step
 
     def continues(self, layer: int, raw_keys: Tensor, n: int) -> bool:
         """Whether the kept keys are the first ``m - n`` of ``raw_keys`` (``n`` of them new).
@@ -75,12 +76,24 @@ class TransformedKeys(KVCache):
             end = raw_keys.shape[-2] - n
             if not torch.equal(self.last_raw[layer], raw_keys[:, :, end - 1 : end]):
                 self.keys.clear()  # every layer was cropped or reordered alike: all start afresh
+                self.buffers.clear()
                 return False
         return True
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        old = self.keys.get(layer)
-        self.keys[layer] = k if old is None else torch.cat([old, k], dim=-2)
+        """Append ``k`` in a buffer that doubles when full (amortised O(1) a step, not a copy of every key)."""
+        buf, old = self.buffers.get(layer), self.keys.get(layer)
+        if old is None:  # the prompt: kept as it is (contiguous, as the fused prefill kernels want it)
+            self.keys[layer] = k
+            assert self.values_in_use is not None
+            return k, self.values_in_use
+        m = old.shape[-2]
+        if buf is None or buf.shape[-2] < m + k.shape[-2] or buf.shape[:2] != k.shape[:2]:
+            grown = k.new_empty(*k.shape[:2], max(2 * (m + k.shape[-2]), 64), k.shape[-1])
+            grown[:, :, :m] = old
+            buf = self.buffers[layer] = grown
+        buf[:, :, m : m + k.shape[-2]] = k
+        self.keys[layer] = buf[:, :, : m + k.shape[-2]]
         assert self.values_in_use is not None
         return self.keys[layer], self.values_in_use
 
@@ -117,6 +130,7 @@ def _attention(
     if store is not None:  # transform only this step's keys; the earlier ones are kept transformed
         if not store.continues(layer, key, n):  # fresh, or the HF cache was cropped or reordered
             store.keys.pop(layer, None)
+            store.buffers.pop(layer, None)
         new = slice(m - n, m) if layer in store.keys else slice(0, m)
         store.values_in_use = value
         try:
@@ -256,10 +270,10 @@ class GPT2WithPE(GPT2LMHeadModel):
             return (real.cumsum(-1) - 1).clamp(min=0)[:, -length:].unsqueeze(-1)
         return steps.view(1, length, 1).expand(batch, -1, -1)
 
-    @staticmethod
-    def _transformed_keys(cache: Cache | None, past: Tensor | None) -> TransformedKeys | None:
-        """The cache's store of transformed keys (new with a fresh cache); None without a cache."""
-        if cache is None:
+    def _transformed_keys(self, cache: Cache | None, past: Tensor | None) -> TransformedKeys | None:
+        """The cache's store of transformed keys (new with a fresh cache); None without a cache, or when the
+        PE leaves keys as they are (then the HF cache's own keys serve)."""
+        if cache is None or not self.pe.transforms_keys:
             return None
         store = getattr(cache, _TRANSFORMED_KEYS, None)
         if store is None or past is None:
