@@ -116,8 +116,9 @@ class SeqPEEncoding(PositionEncoding):
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(main)  # (b, n [+ m], d)
-        if self.training:
-            state.logs["pe_cos"] = self._collapse_signal(main, emb)
+        if self.training:  # every row at the same positions (one shift a step): one row says it all
+            rows = slice(0, 1) if state.shared_rows else slice(None)
+            state.logs["pe_cos"] = self._collapse_signal(main[rows], emb[rows])
         n = pos_q.shape[1]
         state.tensors["e_q"] = emb[:, :n]
         state.tensors["e_k"] = emb if same else emb[:, n:]

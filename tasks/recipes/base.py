@@ -142,7 +142,8 @@ class Recipe(Generic[ConfigT]):
             shift = self.shift_space.sample_shift(generator, self.shift_extent(model, batch))
             z = shift.z if shift.applied else None
         out = self.step(model, batch, shift=z, generator=generator)
-        metrics: dict[str, float | Tensor] = {self.main_loss: float(out.main.detach()), "shifted": float(z is not None)}
+        # 0-dim tensors, not floats: no device sync per micro-batch (the loop reads them when it logs)
+        metrics: dict[str, float | Tensor] = {self.main_loss: out.main.detach(), "shifted": float(z is not None)}
         metrics.update(out.metrics)
         metrics.update(pe_metrics(out.aux_loss, out.pe_logs))
         total = out.main if out.aux_loss is None else out.main + out.aux_loss

@@ -130,7 +130,8 @@ def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -
     assert (pos == pos[:1]).all() and int(pos[0, 0, 0]) > 0  # one shift for the whole step, not at 0
     assert torch.equal(pos[0, :, 0], pos[0, 0, 0] + torch.arange(16))
     assert "pe_aux_loss" in metrics
-    assert loss.item() == pytest.approx(metrics["lm_loss"] + float(metrics["pe_aux_loss"]), rel=1e-5)
+    assert loss.item() == pytest.approx(float(metrics["lm_loss"]) + float(metrics["pe_aux_loss"]), rel=1e-5)
+    assert isinstance(metrics["lm_loss"], torch.Tensor)  # no host sync per micro-batch
     # the PE's own logs reach the metrics as 0-dim tensors (read by the trainer only when it logs)
     for name in ("loss_delta", "loss_ood", "loss_reg", "pe_cos"):
         assert isinstance(metrics[name], torch.Tensor) and metrics[name].shape == (), name
