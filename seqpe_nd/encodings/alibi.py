@@ -9,6 +9,7 @@ The bias is a FlexAttention ``score_mod`` built from RELATIVE distances of expli
 
 from typing import Any
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -41,6 +42,15 @@ class ALiBi(PositionEncoding):
 
         return alibi
 
+    def dense_bias(
+        self, state: PEState, rows: int, queries: slice = slice(None), keys: int | None = None
+    ) -> Float[Tensor, "r h n m"] | None:
+        """``-m_h · |i - j|`` in three passes (the distance in int64, one cast, one product with the slopes),
+        rather than broadcasting ``score_mod``'s gathers over every (row, head, query, key)."""
+        pq, pk = state.pos_q[:rows, queries, 0], state.pos_k[:rows, :keys, 0]
+        dist = (pq[:, :, None] - pk[:, None, :]).abs_().to(torch.float32)  # (r, n, m): exact, then cast
+        return dist[:, None] * (-self.slopes).view(1, -1, 1, 1)
+
 
 class ALiBiND(ALiBi):
     """N-D ALiBi: ``-m_h · δ(p_i, p_j)`` with the space's distance (or a named one); works on
@@ -57,3 +67,8 @@ class ALiBiND(ALiBi):
 
     def distance(self, a: Int[Tensor, "*#b w"], b: Int[Tensor, "*#b w"]) -> Float[Tensor, "*#b"]:
         return self.delta(a, b)
+
+    def dense_bias(
+        self, state: PEState, rows: int, queries: slice = slice(None), keys: int | None = None
+    ) -> Float[Tensor, "r h n m"] | None:
+        return None  # the space's own distance: broadcast through score_mod

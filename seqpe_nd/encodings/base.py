@@ -149,13 +149,18 @@ def visibility_mask(
     return mask
 
 
+CAUSAL_BLOCK = 512
+"""Queries per block of a long causal attention with a dense score bias (see ``PositionEncoding._causal_blocks``)."""
+
+
 def materialize_score_mod(
-    score_mod: ScoreMod, batch: int, heads: int, n: int, m: int, device: torch.device
+    score_mod: ScoreMod, batch: int, heads: int, n: int, m: int, device: torch.device, q0: int = 0
 ) -> Float[Tensor, "_ h n m"]:
-    """The dense float32 bias ``score_mod(0, b, h, i, j)`` for every (b, h, i, j), by broadcasting."""
+    """The dense float32 bias ``score_mod(0, b, h, i, j)`` for every (b, h, i, j), by broadcasting
+    (queries ``q0 … q0 + n - 1``, keys ``0 … m - 1``)."""
     b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, heads, 1, 1)
-    qi = torch.arange(n, device=device).view(1, 1, n, 1)
+    qi = torch.arange(q0, q0 + n, device=device).view(1, 1, n, 1)
     ki = torch.arange(m, device=device).view(1, 1, 1, m)
     zero = torch.zeros((), dtype=torch.float32, device=device)
     return score_mod(zero, b, h, qi, ki).float().expand(batch, heads, n, m)
@@ -338,6 +343,8 @@ class PositionEncoding(nn.Module):
             return sdpa(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and n == m, scale=scale
             )
+        if causal and mask is None and n == m and n >= 2 * CAUSAL_BLOCK:
+            return self._causal_blocks(mod, state, q, k, v, layer=layer, dropout_p=dropout_p, scale=scale)
         # One dense float32 bias per forward, masked once; relative distances keep it exact
         # before the single cast to q's dtype (the released code cast absolute indices to bf16).
         key = ("bias", layer if self.bias_per_layer else None, causal, q.dtype)
@@ -365,10 +372,45 @@ class PositionEncoding(nn.Module):
     def _dense_bias(self, mod: ScoreMod, state: PEState, mask: Tensor | None, causal: bool, q: Tensor) -> Tensor:
         n, m = state.pos_q.shape[1], state.pos_k.shape[1]
         rows = 1 if state.shared_rows else state.pos_q.shape[0]
-        bias = materialize_score_mod(mod, rows, self.num_heads, n, m, q.device)
+        bias = self.dense_bias(state, rows)
+        if bias is None:
+            bias = materialize_score_mod(mod, rows, self.num_heads, n, m, q.device)
         if mask is None and causal:  # no padding and n == m, but is_causal cannot combine with a bias
             mask = torch.ones(1, 1, n, m, dtype=torch.bool, device=q.device).tril()
-        return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        return bias if mask is None else bias.masked_fill_(~mask, float("-inf"))
+
+    def dense_bias(
+        self, state: PEState, rows: int, queries: slice = slice(None), keys: int | None = None
+    ) -> Float[Tensor, "r h n m"] | None:
+        """The score bias of every (row, head, query, key) written directly, where a method knows a cheaper
+        way than broadcasting its ``score_mod`` (the ``queries`` and the first ``keys`` keys); None (the
+        default) broadcasts the ``score_mod``."""
+        return None
+
+    def _causal_blocks(
+        self, mod: ScoreMod, state: PEState, q: Tensor, k: Tensor, v: Tensor, *, layer: int, dropout_p: float,
+        scale: float,
+    ) -> Tensor:
+        """A long causal self-attention with a score bias, a block of queries at a time: each block sees only
+        the keys up to its last query (half the work of the full square) and its bias is built for that
+        block alone (memory of one block, not of every query against every key)."""
+        n, rows = q.shape[-2], 1 if state.shared_rows else state.pos_q.shape[0]
+
+        def block_bias(a: int, z: int) -> Tensor:
+            bias = self.dense_bias(state, rows, slice(a, z), z)
+            if bias is None:
+                bias = materialize_score_mod(mod, rows, self.num_heads, z - a, z, q.device, q0=a)
+            seen = torch.ones(z - a, z, dtype=torch.bool, device=q.device).tril(a)
+            return bias.masked_fill_(~seen, float("-inf")).to(q.dtype)
+
+        outs = []
+        for a in range(0, n, CAUSAL_BLOCK):
+            z = min(n, a + CAUSAL_BLOCK)
+            # built once per forward and shared by the layers, as the square bias is (half its memory)
+            bias = state.memo(("bias-block", None if not self.bias_per_layer else layer, a, q.dtype),
+                              lambda a=a, z=z: block_bias(a, z))
+            outs.append(sdpa(q[:, :, a:z], k[:, :, :z], v[:, :, :z], attn_mask=bias, dropout_p=dropout_p, scale=scale))
+        return torch.cat(outs, dim=2)
 
     def extra_repr(self) -> str:
         return f"method={self.method}, heads={self.num_heads}, head_dim={self.head_dim}, layers={self.num_layers}"

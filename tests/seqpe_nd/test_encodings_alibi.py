@@ -197,3 +197,28 @@ def test_alibi_bias_is_exact_beyond_float_precision(method: str, extent: list[in
     with torch.no_grad():  # FlexAttention has no CPU backward
         out = [pe.attend(q, k, v, s, 0, causal=True) for s in states]
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("method", "extent"), [("alibi", [2000]), ("alibi_nd", [40, 40])])
+def test_long_causal_attention_in_blocks_equals_the_whole_square(method: str, extent: list[int]) -> None:
+    """Past 2 × CAUSAL_BLOCK tokens the bias path runs a block of queries at a time over the keys it may
+    see; it must equal the one-square computation (the dense bias over every query and key, masked)."""
+    from seqpe_nd.encodings.base import CAUSAL_BLOCK, materialize_score_mod, sdpa
+
+    torch.manual_seed(0)
+    pe = build(method, space(extent), backend="bias")
+    n = 2 * CAUSAL_BLOCK + 77
+    sp = space(extent)
+    pos = sp.positions(sp.L).reshape(-1, len(extent))[:n][None].repeat(2, 1, 1)
+    pos[1] += 3  # rows differ
+    q, k, v = (torch.randn(2, pe.num_heads, n, 8) for _ in range(3))
+    with torch.no_grad():
+        state = pe.prepare(pos)
+        got = pe.attend(q, k, v, state, 0, causal=True)
+        bias = materialize_score_mod(pe.score_mod(state, 0), 2, pe.num_heads, n, n, q.device)
+        bias = bias.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        want = sdpa(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not any(key[0] == "bias" for key in state._memo)  # no square bias was built
+    blocks = [b for key, b in state._memo.items() if key[0] == "bias-block"]
+    assert [b.shape[-2:] for b in blocks] == [(512, 512), (512, 1024), (77, n)]  # each block sees keys up to its end
