@@ -36,6 +36,7 @@ Space = GridSpace | HybridSpace
 Init = Literal["normal", "trunc_normal"]
 
 _TABLE_CHUNK = 8192  # positions per encoder call when filling the inference table
+_GROW = 256  # a 1-D table past its box grows to the next multiple of this many positions
 
 
 class Block(nn.Module):
@@ -303,6 +304,10 @@ class SeqPE(nn.Module):
                 return F.embedding(idx, table.emb)  # the fast path: an APE-style gather
             if isinstance(self.space, GridSpace):
                 box = need if table is None or table.box is None else [max(n, b) for n, b in zip(need, table.box)]
+                if len(box) == 1 and table is not None:  # 1-D growth (decoding: one new position a step):
+                    # a block at a time, so steps are gathers rather than a rebuild of the table each
+                    limit = self.space.base ** self.space.digits
+                    box = [min(limit, max(box[0], -(-box[0] // _GROW) * _GROW))]
                 cached = 0 if table is None else len(table.emb)
                 # A far request would fill a huge box (one corner of a 64x100x100 video is 640k
                 # rows): stay dense only while the box is a few times what is actually asked for.

@@ -243,9 +243,11 @@ def test_grid_table_grows_densely_from_the_origin(monkeypatch):
     with torch.no_grad():
         enc(torch.arange(100)[:, None])
         enc(torch.arange(300)[None, :, None].expand(2, -1, -1))  # (2, 300, 1)
-        assert seen == [100, 200] and enc._table.box == (300,)
+        assert seen == [100, 412] and enc._table.box == (512,)  # 1-D grows a block of 256 at a time
+        enc(torch.tensor([[511]]))  # inside the block: a gather, nothing encoded (a decoding step)
+        assert seen == [100, 412]
         enc(torch.tensor([[19_999]]))  # far away: switch to sorted keys, encode only that one
-        assert seen == [100, 200, 1] and enc._table.box is None
+        assert seen == [100, 412, 1] and enc._table.box is None
         torch.testing.assert_close(enc(torch.tensor([[5], [19_999]])), enc.encode_unique(torch.tensor([[5], [19_999]])), atol=ATOL, rtol=RTOL)
 
 
