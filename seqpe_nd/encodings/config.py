@@ -62,12 +62,33 @@ class APELearnConfig(Frozen):
         return (value,) if isinstance(value, int) else value
 
 
+class RoPEScaling(Frozen):
+    """Context extension of a trained RoPE, applied in evaluation only (training sees plain RoPE)."""
+
+    type: Literal["linear", "ntk", "dynamic", "yarn"]
+    """``linear``: position interpolation (Chen et al.); ``ntk``: NTK-aware base scaling; ``dynamic``: NTK
+    with the factor of each forward's length (transformers' ``dynamic``); ``yarn``: YaRN's ramp between
+    interpolated and original frequencies, with its attention temperature (Peng et al.)."""
+    factor: float | None = Field(None, ge=1.0)
+    """Context extension factor; None: the evaluated length over ``original_length`` (at least 1), per forward."""
+    original_length: PositiveInt | None = None
+    """The training length; None: the space's L."""
+    beta_fast: float = Field(32.0, gt=0)
+    """YaRN: rotations above which a frequency is kept (extrapolated)."""
+    beta_slow: float = Field(1.0, gt=0)
+    """YaRN: rotations below which a frequency is interpolated."""
+    attention_factor: float | None = Field(None, gt=0)
+    """YaRN: scale of cos/sin (the attention temperature); None: ``0.1 ln(factor) + 1``."""
+
+
 class RoPEConfig(Frozen):
     """RoPE on 1-D positions (use rope_axial or rope_mixed for N-D)."""
 
     method: Literal["rope"] = "rope"
     base: float = Field(10_000.0, gt=1.0)
     """Frequency base θ; larger rotates slower."""
+    scaling: RoPEScaling | None = None
+    """Context extension at evaluation: position interpolation, NTK, dynamic NTK or YaRN; None: plain RoPE."""
 
 
 class RoPEAxialConfig(Frozen):
@@ -278,7 +299,10 @@ def build_position_encoding(
             d_model=d_model, size=size, interpolation=interpolation, resize=cfg.resize, init_std=cfg.init_std, **sizes
         )
     if method == "rope":
-        return RoPE(base=cfg.base, width=1, **sizes)
+        original = None
+        if cfg.scaling is not None:
+            original = cfg.scaling.original_length or (space.L[0] if isinstance(space, GridSpace) else None)
+        return RoPE(base=cfg.base, width=1, scaling=cfg.scaling, original_length=original, **sizes)
     if method == "rope_axial":
         return RoPEAxial(base=cfg.base, width=space.width, **sizes)
     if method == "rope_mixed":

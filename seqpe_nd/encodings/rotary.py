@@ -7,6 +7,9 @@ All three only rotate q and k (``R_Θ,i q_i · R_Θ,j k_j = q_i · R_Θ,j-i k_j`
 attention stays plain SDPA with its fused kernels.
 """
 
+import math
+from typing import Any
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -71,10 +74,68 @@ class RoPEAxial(_Rotary):
 
 
 class RoPE(RoPEAxial):
-    """RoPE (Su et al.) for 1-D positions, any base, in the Hugging Face / GPT-NeoX half layout."""
+    """RoPE (Su et al.) for 1-D positions, any base, in the Hugging Face / GPT-NeoX half layout.
+
+    With ``scaling``, a trained RoPE is extended at evaluation (never in training): position
+    interpolation (``linear``), NTK-aware base scaling (``ntk``), dynamic NTK (``dynamic``) or YaRN
+    (``yarn``: a ramp between interpolated and original frequencies, and its attention temperature on
+    cos/sin), each as transformers computes it; the factor is the config's, or the evaluated length
+    over the training length.
+    """
 
     method = "rope"
     interleaved = False
+
+    def __init__(
+        self, *, base: float, num_heads: int, head_dim: int, num_layers: int, width: int,
+        scaling: Any = None, original_length: int | None = None,
+    ) -> None:
+        super().__init__(base=base, num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
+        if scaling is not None and original_length is None:
+            raise ValueError("rope scaling needs original_length (the training length) or a grid space to take it from")
+        self.scaling, self.original_length = scaling, original_length
+
+    def scaled(self, length: int) -> tuple[Float[Tensor, " f"], float]:
+        """(inverse frequencies, cos/sin scale) for positions below ``length``: plain RoPE in training."""
+        s, dim = self.scaling, self.head_dim
+        if s is None or self.training:
+            return self.inv_freq, 1.0
+        assert self.original_length is not None
+        L0 = self.original_length
+        factor = s.factor if s.factor is not None else max(1.0, length / L0)
+        device = self.inv_freq.device
+        if s.type == "linear":
+            return self.inv_freq / factor, 1.0
+        if s.type == "ntk":
+            return rope_inv_freq(dim // 2, self.base * factor ** (dim / (dim - 2))).to(device), 1.0
+        if s.type == "dynamic":  # the factor of each forward's own length (transformers' "dynamic")
+            f = s.factor if s.factor is not None else 1.0
+            seq = max(length, L0)
+            return rope_inv_freq(dim // 2, self.base * ((f * seq / L0) - (f - 1)) ** (dim / (dim - 2))).to(device), 1.0
+        # YaRN
+        def correction(rotations: float) -> float:
+            return (dim * math.log(L0 / (rotations * 2 * math.pi))) / (2 * math.log(self.base))
+
+        low, high = max(math.floor(correction(s.beta_fast)), 0), min(math.ceil(correction(s.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        keep = (1 - ramp).to(device)  # 1: extrapolate (the original frequency), 0: interpolate
+        inv = self.inv_freq / factor * (1 - keep) + self.inv_freq * keep
+        temperature = s.attention_factor if s.attention_factor is not None else (
+            0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+        )
+        return inv, temperature
+
+    def _cos_sin(self, state: PEState, pos: Tensor, side: str, layer: int) -> tuple[Tensor, Tensor]:
+        if self.scaling is None:
+            return super()._cos_sin(state, pos, side, layer)
+
+        def compute() -> tuple[Tensor, Tensor]:
+            length = int(torch.maximum(state.pos_q.max(), state.pos_k.max())) + 1 if not self.training else 0
+            inv, temperature = state.memo(("rope-scaling", length), lambda: self.scaled(length))
+            cos, sin = rotary_cos_sin(axial_angles(pos, inv)[:, None], interleaved=self.interleaved)
+            return cos * temperature, sin * temperature
+
+        return state.memo(("rotary", side, pos.shape[1], None), compute)
 
 
 class RoPEMixed(_Rotary):

@@ -166,6 +166,13 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("ape_learn", "resize", "exact", lambda pe: pe.target_size(torch.tensor([[[1, 1]]])).tolist(), [[2, 2]]),
     ("ape_learn", "init_std", 0.0, lambda pe: pe.table.abs().sum().item(), 0.0),
     ("rope", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 8))),
+    (
+        "rope",
+        "scaling",
+        {"type": "linear", "factor": 4.0},
+        lambda pe: pe.eval().scaled(64)[0][1].item(),  # evaluation: position interpolation by 4
+        pytest.approx(10_000.0 ** (-1 / 8) / 4),
+    ),
     ("rope_axial", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 4))),
     ("rope_mixed", "base", 50.0, smallest_mixed_magnitude, pytest.approx(50.0 ** (-12 / 16), rel=1e-5)),
     ("rope_mixed", "per_layer", False, lambda pe: pe.freqs.shape[0], 1),
