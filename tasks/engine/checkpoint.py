@@ -297,11 +297,15 @@ class Checkpoint:
 def diff_configs(expected: Mapping[str, Any], found: Mapping[str, Any], prefix: str = "") -> list[str]:
     """Dotted paths of the fields that differ, e.g. ``"pe.base: checkpoint has 10000.0, config has 1000000.0"``.
 
-    ``expected`` is the config of the model being built, ``found`` the checkpoint's.
+    ``expected`` is the config of the model being built, ``found`` the checkpoint's. An optional field
+    that is unset (None) on one side and absent on the other is no difference: a run saved before the
+    field existed still loads.
     """
     out: list[str] = []
     for key in sorted(set(expected) | set(found), key=str):
         path = f"{prefix}{key}"
+        if expected.get(key) is None and found.get(key) is None:
+            continue
         if key not in found:
             out.append(f"{path}: checkpoint has no such field, config has {expected[key]!r}")
         elif key not in expected:

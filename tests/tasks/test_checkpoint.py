@@ -184,3 +184,11 @@ def test_load_weights_names_mismatched_keys(tmp_path: Path) -> None:
         ckpt.load_weights(nn.Sequential(), tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_a_field_added_later_and_unset_is_no_difference() -> None:
+    """A run saved before an optional field existed (e.g. rope's ``scaling``) still loads while the field is unset."""
+    assert ckpt.diff_configs({"pe": {"base": 1.0, "scaling": None}}, {"pe": {"base": 1.0}}) == []
+    assert ckpt.diff_configs({"pe": {"base": 1.0, "scaling": {"type": "linear"}}}, {"pe": {"base": 1.0}}) == [
+        "pe.scaling: checkpoint has no such field, config has {'type': 'linear'}"
+    ]
