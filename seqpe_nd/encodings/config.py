@@ -71,8 +71,8 @@ class RoPEScaling(Frozen):
     interpolated and original frequencies, with its attention temperature (Peng et al.)."""
     factor: float | None = Field(None, ge=1.0)
     """Context extension factor; None: the evaluated length over ``original_length`` (at least 1), per forward."""
-    original_length: PositiveInt | None = None
-    """The training length; None: the space's L."""
+    original_length: PositiveInt | tuple[PositiveInt, ...] | None = None
+    """The training extent (per axis for rope_axial); None: the space's L."""
     beta_fast: float = Field(32.0, gt=0)
     """YaRN: rotations above which a frequency is kept (extrapolated)."""
     beta_slow: float = Field(1.0, gt=0)
@@ -97,6 +97,8 @@ class RoPEAxialConfig(Frozen):
     method: Literal["rope_axial"] = "rope_axial"
     base: float = Field(100.0, gt=1.0)
     """Frequency base; Heo et al. use 100 for ViTs (10000 makes it RoPE in 1-D)."""
+    scaling: RoPEScaling | None = None
+    """Context extension at evaluation, one factor per axis (evaluated extent / training extent unless given)."""
 
 
 class RoPEMixedConfig(Frozen):
@@ -235,6 +237,15 @@ _NO_HYBRID_RULE = (
 )
 
 
+def _original(cfg: Any, space: GridSpace | HybridSpace) -> tuple[int, ...] | int | None:
+    """The training extent a RoPE scaling extends: stated, else the grid space's L."""
+    if cfg.scaling is None:
+        return None
+    if cfg.scaling.original_length is not None:
+        return cfg.scaling.original_length
+    return tuple(space.L) if isinstance(space, GridSpace) else None
+
+
 def build_position_encoding(
     config: PEConfig | Mapping[str, Any] | str | Path,
     *,
@@ -299,12 +310,11 @@ def build_position_encoding(
             d_model=d_model, size=size, interpolation=interpolation, resize=cfg.resize, init_std=cfg.init_std, **sizes
         )
     if method == "rope":
-        original = None
-        if cfg.scaling is not None:
-            original = cfg.scaling.original_length or (space.L[0] if isinstance(space, GridSpace) else None)
-        return RoPE(base=cfg.base, width=1, scaling=cfg.scaling, original_length=original, **sizes)
+        return RoPE(base=cfg.base, width=1, scaling=cfg.scaling, original_length=_original(cfg, space), **sizes)
     if method == "rope_axial":
-        return RoPEAxial(base=cfg.base, width=space.width, **sizes)
+        return RoPEAxial(
+            base=cfg.base, width=space.width, scaling=cfg.scaling, original_length=_original(cfg, space), **sizes
+        )
     if method == "rope_mixed":
         return RoPEMixed(base=cfg.base, per_layer=cfg.per_layer, width=space.width, **sizes)
     if method == "mrope":

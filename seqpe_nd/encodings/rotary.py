@@ -8,6 +8,7 @@ attention stays plain SDPA with its fused kernels.
 """
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,11 +57,22 @@ class _Rotary(PositionEncoding):
 class RoPEAxial(_Rotary):
     """Axial RoPE (Heo et al.'s RoPE2D, any dims): the head dim split evenly across axes, each
     block rotated by its own coordinate with ``θ_i = base^(-i/f)``; interleaved pairs as timm's
-    ``RotaryEmbeddingCat``. In 1-D it is RoPE."""
+    ``RotaryEmbeddingCat``. In 1-D it is RoPE.
+
+    With ``scaling``, a trained RoPE is extended at evaluation (never in training), one factor per
+    axis (the config's, or the evaluated extent of that axis over its training extent, so a
+    non-square change of resolution stretches each axis by its own amount): position interpolation
+    (``linear``), NTK-aware base scaling (``ntk``), dynamic NTK (``dynamic``) or YaRN (``yarn``: a
+    ramp between interpolated and original frequencies, and its attention temperature on cos/sin,
+    taken from the product of the axes' factors). In 1-D each equals transformers' own ``rope_type``.
+    """
 
     method = "rope_axial"
 
-    def __init__(self, *, base: float, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
+    def __init__(
+        self, *, base: float, num_heads: int, head_dim: int, num_layers: int, width: int,
+        scaling: Any = None, original_length: Sequence[int] | int | None = None,
+    ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         if head_dim % (2 * width):
             raise ValueError(
@@ -68,74 +80,88 @@ class RoPEAxial(_Rotary):
             )
         self.base = base
         self.register_buffer("inv_freq", rope_inv_freq(head_dim // (2 * width), base), persistent=False)
+        if scaling is not None and original_length is None:
+            raise ValueError(f"{self.method} scaling needs original_length (the training extent) or a grid space")
+        if isinstance(original_length, int):
+            original_length = (original_length,) * width
+        if original_length is not None and len(original_length) != width:
+            raise ValueError(f"original_length {list(original_length)} needs {width} entries, one per axis")
+        self.scaling = scaling
+        self.original_length = None if original_length is None else tuple(int(x) for x in original_length)
 
     def angles(self, pos: Int[Tensor, "b n w"], layer: int) -> Float[Tensor, "b 1 n f"]:
         return axial_angles(pos, self.inv_freq)[:, None]  # (b, 1, n, e/2): same for every head
 
+    def scaled(self, length: Sequence[int] | int) -> tuple[Float[Tensor, "w f"] | Float[Tensor, " f"], float]:
+        """(inverse frequencies, cos/sin scale) for positions below ``length`` per axis: plain RoPE in training.
 
-class RoPE(RoPEAxial):
-    """RoPE (Su et al.) for 1-D positions, any base, in the Hugging Face / GPT-NeoX half layout.
-
-    With ``scaling``, a trained RoPE is extended at evaluation (never in training): position
-    interpolation (``linear``), NTK-aware base scaling (``ntk``), dynamic NTK (``dynamic``) or YaRN
-    (``yarn``: a ramp between interpolated and original frequencies, and its attention temperature on
-    cos/sin), each as transformers computes it; the factor is the config's, or the evaluated length
-    over the training length.
-    """
-
-    method = "rope"
-    interleaved = False
-
-    def __init__(
-        self, *, base: float, num_heads: int, head_dim: int, num_layers: int, width: int,
-        scaling: Any = None, original_length: int | None = None,
-    ) -> None:
-        super().__init__(base=base, num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
-        if scaling is not None and original_length is None:
-            raise ValueError("rope scaling needs original_length (the training length) or a grid space to take it from")
-        self.scaling, self.original_length = scaling, original_length
-
-    def scaled(self, length: int) -> tuple[Float[Tensor, " f"], float]:
-        """(inverse frequencies, cos/sin scale) for positions below ``length``: plain RoPE in training."""
-        s, dim = self.scaling, self.head_dim
-        if s is None or self.training:
-            return self.inv_freq, 1.0
+        1-D: the frequencies ``(f,)``; N-D: one row per axis ``(w, f)``.
+        """
+        lengths = (length,) * self.width if isinstance(length, int) else tuple(length)
+        if self.scaling is None or self.training:
+            inv = self.inv_freq.expand(self.width, -1)
+            return (inv[0] if self.width == 1 else inv), 1.0
         assert self.original_length is not None
-        L0 = self.original_length
+        rows, factors = [], []
+        for n, L0 in zip(lengths, self.original_length, strict=True):
+            inv, factor = self._scaled_axis(n, L0)
+            rows.append(inv)
+            factors.append(factor)
+        s = self.scaling
+        total = math.prod(factors)
+        temperature = 1.0
+        if s.type == "yarn":
+            temperature = s.attention_factor if s.attention_factor is not None else (
+                0.1 * math.log(total) + 1.0 if total > 1 else 1.0
+            )
+        inv = torch.stack(rows)
+        return (inv[0] if self.width == 1 else inv), temperature
+
+    def _scaled_axis(self, length: int, L0: int) -> tuple[Tensor, float]:
+        """One axis: its inverse frequencies and its factor."""
+        s, dim, device = self.scaling, self.head_dim // self.width, self.inv_freq.device
         factor = s.factor if s.factor is not None else max(1.0, length / L0)
-        device = self.inv_freq.device
         if s.type == "linear":
-            return self.inv_freq / factor, 1.0
+            return self.inv_freq / factor, factor
         if s.type == "ntk":
-            return rope_inv_freq(dim // 2, self.base * factor ** (dim / (dim - 2))).to(device), 1.0
+            return rope_inv_freq(dim // 2, self.base * factor ** (dim / (dim - 2))).to(device), factor
         if s.type == "dynamic":  # the factor of each forward's own length (transformers' "dynamic")
             f = s.factor if s.factor is not None else 1.0
             seq = max(length, L0)
-            return rope_inv_freq(dim // 2, self.base * ((f * seq / L0) - (f - 1)) ** (dim / (dim - 2))).to(device), 1.0
-        # YaRN
-        def correction(rotations: float) -> float:
+            return rope_inv_freq(dim // 2, self.base * ((f * seq / L0) - (f - 1)) ** (dim / (dim - 2))).to(device), factor
+
+        def correction(rotations: float) -> float:  # YaRN: the dimension that makes this many rotations over L0
             return (dim * math.log(L0 / (rotations * 2 * math.pi))) / (2 * math.log(self.base))
 
         low, high = max(math.floor(correction(s.beta_fast)), 0), min(math.ceil(correction(s.beta_slow)), dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
         keep = (1 - ramp).to(device)  # 1: extrapolate (the original frequency), 0: interpolate
-        inv = self.inv_freq / factor * (1 - keep) + self.inv_freq * keep
-        temperature = s.attention_factor if s.attention_factor is not None else (
-            0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
-        )
-        return inv, temperature
+        return self.inv_freq / factor * (1 - keep) + self.inv_freq * keep, factor
 
     def _cos_sin(self, state: PEState, pos: Tensor, side: str, layer: int) -> tuple[Tensor, Tensor]:
         if self.scaling is None:
             return super()._cos_sin(state, pos, side, layer)
 
         def compute() -> tuple[Tensor, Tensor]:
-            length = int(torch.maximum(state.pos_q.max(), state.pos_k.max())) + 1 if not self.training else 0
-            inv, temperature = state.memo(("rope-scaling", length), lambda: self.scaled(length))
-            cos, sin = rotary_cos_sin(axial_angles(pos, inv)[:, None], interleaved=self.interleaved)
+            lengths = (0,) * self.width
+            if not self.training:  # the evaluated extent of each axis
+                top = torch.maximum(state.pos_q.amax(dim=(0, 1)), state.pos_k.amax(dim=(0, 1)))
+                lengths = tuple(int(x) + 1 for x in top.tolist())
+            inv, temperature = state.memo(("rope-scaling", lengths), lambda: self.scaled(lengths))
+            inv = inv.reshape(self.width, -1)
+            angles = (pos.float()[..., None] * inv.to(pos.device)).flatten(-2)[:, None]  # (b, 1, n, w*f)
+            cos, sin = rotary_cos_sin(angles, interleaved=self.interleaved)
             return cos * temperature, sin * temperature
 
         return state.memo(("rotary", side, pos.shape[1], None), compute)
+
+
+class RoPE(RoPEAxial):
+    """RoPE (Su et al.) for 1-D positions, any base, in the Hugging Face / GPT-NeoX half layout
+    (``scaling``: see :class:`RoPEAxial`)."""
+
+    method = "rope"
+    interleaved = False
 
 
 class RoPEMixed(_Rotary):

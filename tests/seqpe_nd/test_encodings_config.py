@@ -174,6 +174,13 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
         pytest.approx(10_000.0 ** (-1 / 8) / 4),
     ),
     ("rope_axial", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 4))),
+    (
+        "rope_axial",
+        "scaling",
+        {"type": "linear", "factor": 2.0},
+        lambda pe: pe.eval().scaled((8, 8))[0][0, 1].item(),  # evaluation: each axis interpolated by 2
+        pytest.approx(100.0 ** (-1 / 4) / 2),
+    ),
     ("rope_mixed", "base", 50.0, smallest_mixed_magnitude, pytest.approx(50.0 ** (-12 / 16), rel=1e-5)),
     ("rope_mixed", "per_layer", False, lambda pe: pe.freqs.shape[0], 1),
     ("mrope", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 8))),

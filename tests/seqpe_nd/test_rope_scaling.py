@@ -85,4 +85,27 @@ def test_scaling_needs_a_training_length() -> None:
     scaling = load_pe_config({"method": "rope", "scaling": {"type": "yarn"}}).scaling
     with pytest.raises(ValueError, match="needs original_length"):
         RoPE(base=1e4, num_heads=2, head_dim=8, num_layers=1, width=1, scaling=scaling)
-    assert rope({"type": "yarn", "original_length": 64}).original_length == 64  # stated, it wins over the space's L
+    assert rope({"type": "yarn", "original_length": 64}).original_length == (64,)  # stated, it wins over the space's L
+
+
+def test_axial_rope_scales_each_axis_by_its_own_factor() -> None:
+    """N-D: the evaluated extent of each axis over its training extent, so a non-square change works."""
+    space = load_space({"L": [4, 6], "L_max": [40, 40]})
+    pe = build_position_encoding({"method": "rope_axial", "scaling": {"type": "linear"}}, space=space, num_heads=2,
+                                 head_dim=16, num_layers=1, d_model=32).eval()
+    inv, temperature = pe.scaled((8, 6))  # rows twice as many, columns as trained
+    torch.testing.assert_close(inv[0], pe.inv_freq / 2)
+    torch.testing.assert_close(inv[1], pe.inv_freq)
+    assert temperature == 1.0
+    grid = space.positions([8, 6])[None]  # (1, 48, 2)
+    q = torch.randn(1, 2, 48, 16)
+    rotated, _ = pe.transform_qk(q, q, pe.prepare(grid), 0)
+    plain = build_position_encoding({"method": "rope_axial"}, space=space, num_heads=2, head_dim=16, num_layers=1,
+                                    d_model=32).eval()
+    even = grid[0, :, 0] % 2 == 0  # PI: row p rotates as unscaled row p / 2 did
+    half = grid[:, even] // torch.tensor([2, 1])
+    want, _ = plain.transform_qk(q[:, :, even], q[:, :, even], plain.prepare(half), 0)
+    torch.testing.assert_close(rotated[:, :, even], want, rtol=1e-5, atol=1e-5)
+    yarn = build_position_encoding({"method": "rope_axial", "scaling": {"type": "yarn"}}, space=space, num_heads=2,
+                                   head_dim=16, num_layers=1, d_model=32).eval()
+    assert yarn.scaled((8, 12))[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)  # temperature of the area's factor
