@@ -1,0 +1,316 @@
+"""Any position encoding in a Hugging Face causal LM, through transformers' attention-function seam.
+
+Nothing of a modeling file is copied. The stock model runs unchanged except at its position
+seams: its own rotary (Llama, Qwen2, Mistral: ``model.rotary_emb``) or learned lookup (GPT-2:
+``wpe``) gives way to nothing, and the attention function is ours, registered with transformers
+under :data:`ATTN_IMPLEMENTATION` together with a mask function: it hands q, k, v of each layer to
+``pe.attend`` with the explicit query/key positions of this forward and the key padding mask.
+
+:class:`PositionEncodingLM` is the forward every adapted model shares: ``PositionEncoding.prepare``
+once per forward, its state reaching every layer as a keyword argument transformers threads
+through to the attention function, ``pe.embed`` added to the token embeddings, the PE's auxiliary
+loss in the output. Positions are never inferred from an index or a cache length: the positions
+of cached keys are recorded on the cache object itself, so incremental decoding, shifted starts
+and left-padded batches see exactly the positions of the full forward; the keys a PE transforms
+are kept transformed beside the cache, so a decoding step does PE work only for its new tokens.
+
+:func:`attach_position_encoding` puts a PE into a stock Llama-family model; ``GPT2WithPE``
+(:mod:`seqpe_nd.tasks.backbones.gpt2`) is the GPT-2 one.
+
+Tested against transformers 5.24 (pinned ``>=5.24,<5.25`` in pyproject: the attention interface
+and mask interface change between minors).
+
+Legend: b batch, n query tokens, m key tokens, h heads, e head dim, d model dim, w coordinates
+per position (1 for text), v vocabulary.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding
+
+ATTN_IMPLEMENTATION = "seqpe_nd"
+"""Name under which the attention and mask functions are registered with transformers."""
+
+_KEY_POSITIONS = "_seqpe_nd_key_positions"  # attribute on a Cache: positions of its keys, (b, m, w)
+_TRANSFORMED_KEYS = "_seqpe_nd_transformed_keys"  # attribute on a Cache: a TransformedKeys
+
+
+class TransformedKeys(KVCache):
+    """Each layer's keys after the PE's ``transform_qk``, kept beside a Hugging Face cache.
+
+    The HF cache stores raw keys and values; without this every decoding step would transform
+    every cached key again, so the PE work per generated token would grow with the context. A
+    step transforms only its new keys and appends them here; values stay in the HF cache. When the
+    two disagree in length (the HF cache was cropped or reordered), the layer starts afresh from
+    the HF cache's raw keys, so decoding always equals the full forward.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values_in_use: Tensor | None = None  # this layer's full values, from the HF cache
+        self.last_raw: dict[int, Tensor] = {}  # each layer's newest raw key when it was last transformed
+        self.buffers: dict[int, Tensor] = {}  # room to append without copying every key each step
+
+    def continues(self, layer: int, raw_keys: Tensor, n: int) -> bool:
+        """Whether the kept keys are the first ``m - n`` of ``raw_keys`` (``n`` of them new).
+
+        The length must match, and (checked on the first layer only: one sync a step) the newest
+        kept raw key must be where it was: a cropped or reordered HF cache fails this, and that
+        layer is transformed afresh.
+        """
+        kept = self.keys.get(layer)
+        if kept is None or kept.shape[-2] + n != raw_keys.shape[-2]:
+            return False
+        if layer == min(self.keys):
+            end = raw_keys.shape[-2] - n
+            if not torch.equal(self.last_raw[layer], raw_keys[:, :, end - 1 : end]):
+                self.keys.clear()  # every layer was cropped or reordered alike: all start afresh
+                self.buffers.clear()
+                return False
+        return True
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append ``k`` in a buffer that doubles when full (amortised O(1) a step, not a copy of every key)."""
+        buf, old = self.buffers.get(layer), self.keys.get(layer)
+        if old is None:  # the prompt: kept as it is (contiguous, as the fused prefill kernels want it)
+            self.keys[layer] = k
+            assert self.values_in_use is not None
+            return k, self.values_in_use
+        m = old.shape[-2]
+        if buf is None or buf.shape[-2] < m + k.shape[-2] or buf.shape[:2] != k.shape[:2]:
+            grown = k.new_empty(*k.shape[:2], max(2 * (m + k.shape[-2]), 64), k.shape[-1])
+            grown[:, :, :m] = old
+            buf = self.buffers[layer] = grown
+        buf[:, :, m : m + k.shape[-2]] = k
+        self.keys[layer] = buf[:, :, : m + k.shape[-2]]
+        assert self.values_in_use is not None
+        return self.keys[layer], self.values_in_use
+
+
+@dataclass(frozen=True)
+class PEForward:
+    """What one model forward hands to every layer's attention: the PE, its prepared state, and the
+    store of transformed keys when a cache is in use."""
+
+    pe: PositionEncoding
+    state: PEState
+    keys: TransformedKeys | None = None
+
+
+def _attention(
+    module: nn.Module,
+    query: Float[Tensor, "b h n e"],
+    key: Float[Tensor, "b h m e"],
+    value: Float[Tensor, "b h m e"],
+    attention_mask: Bool[Tensor, "b m"] | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    *,
+    seqpe_nd: PEForward | None = None,
+    **_: Any,
+) -> tuple[Float[Tensor, "b n h e"], None]:
+    """The registered attention function: ``pe.attend`` on this layer with explicit positions."""
+    if seqpe_nd is None:
+        raise RuntimeError(
+            f"attention implementation {ATTN_IMPLEMENTATION!r} needs the PE state of the forward; "
+            "call GPT2WithPE.forward (or generate), not the inner transformer directly"
+        )
+    store, layer, n, m = seqpe_nd.keys, module.layer_idx, query.shape[-2], key.shape[-2]
+    if store is not None:  # transform only this step's keys; the earlier ones are kept transformed
+        if not store.continues(layer, key, n):  # fresh, or the HF cache was cropped or reordered
+            store.keys.pop(layer, None)
+            store.buffers.pop(layer, None)
+        new = slice(m - n, m) if layer in store.keys else slice(0, m)
+        store.values_in_use = value
+        try:
+            out = seqpe_nd.pe.attend(
+                query, key[:, :, new], value[:, :, new], seqpe_nd.state, layer, causal=True,
+                key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling, cache=store,
+            )
+        finally:
+            store.values_in_use = None
+        store.last_raw[layer] = key[:, :, -1:]
+        return out.transpose(1, 2), None
+    out = seqpe_nd.pe.attend(
+        query, key, value, seqpe_nd.state, layer,
+        causal=True, key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling,
+    )  # (b, h, n, e); queries are the last n of the m keys
+    return out.transpose(1, 2), None  # (b, n, h, e)
+
+
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: Any = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: Tensor | None = None,
+    **_: Any,
+) -> Bool[Tensor, "b m"] | None:
+    """The registered mask function: a key padding mask (True = attend), or None when nothing is padded.
+
+    Causality is not expressed here: ``pe.attend`` applies it (queries are the last n of m keys).
+    """
+    if attention_mask is None:
+        return None
+    mask = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)[:, kv_offset : kv_offset + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
+
+
+@dataclass
+class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
+    """GPT-2's output plus the PE's auxiliary loss of this forward (SeqPE regularizers in training)."""
+
+    pe_aux_loss: torch.Tensor | None = None
+    pe_logs: dict[str, Any] | None = None
+    """The PE's training logs of this forward (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+
+
+class PositionEncodingLM:
+    """The forward of a causal LM whose positions come from ``self.pe`` (mixed into a transformers model class).
+
+    ``forward`` takes the stock arguments; ``position_ids`` may be ``(b, n)`` or explicit
+    ``(b, n, w)`` coordinates. Without them, positions continue after the cached keys, or count
+    the real tokens of ``attention_mask`` (left padding), or start at 0. ``pe_shifted`` tells the
+    PE that this training step uses shifted positions (the OOD loss is then skipped);
+    ``pe_generator`` drives the PE's regularizer sampling.
+    """
+
+    pe: PositionEncoding
+
+    # -- positions ------------------------------------------------------------------------
+    @staticmethod
+    def _past_positions(cache: Cache | None, batch: int) -> Int[Tensor, "b p w"] | None:
+        """Positions of the keys already in ``cache``, as recorded when they were added."""
+        if cache is None:
+            return None
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(f"a PE model supports DynamicCache only, got {type(cache).__name__}")
+        seen = cache.get_seq_length()
+        if seen == 0:
+            return None
+        past = getattr(cache, _KEY_POSITIONS, None)
+        if past is None or past.shape[1] < seen:
+            have = 0 if past is None else past.shape[1]
+            raise ValueError(
+                f"the cache holds {seen} keys but positions were recorded for {have}; "
+                "fill caches through the PE model's forward so that key positions are tracked"
+            )
+        if past.shape[0] != batch:
+            raise ValueError(f"the cache was filled for batch {past.shape[0]} but the input has batch {batch}")
+        return past[:, :seen]  # a cropped cache (assisted decoding) keeps its first `seen` keys
+
+    @staticmethod
+    def _query_positions(
+        position_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        past: Tensor | None,
+        batch: int,
+        length: int,
+        device: torch.device,
+    ) -> Int[Tensor, "b n w"]:
+        if position_ids is not None:
+            if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+                raise ValueError(f"position_ids must hold integer positions, got dtype {position_ids.dtype}")
+            pos = position_ids if position_ids.ndim == 3 else position_ids.unsqueeze(-1)
+            if pos.ndim != 3 or pos.shape[1] != length or pos.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"position_ids of shape {tuple(position_ids.shape)} do not match the input "
+                    f"(batch {batch}, {length} tokens); expected (b, n) or (b, n, w)"
+                )
+            return pos.long().expand(batch, -1, -1)
+        steps = torch.arange(length, device=device)
+        if past is not None:  # continue each row after its last cached key
+            if past.shape[-1] != 1:
+                raise ValueError("positions with several coordinates must be passed explicitly as position_ids (b, n, w)")
+            return past[:, -1:, :] + 1 + steps.view(1, length, 1)
+        if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens
+            real = attention_mask.long()
+            return (real.cumsum(-1) - 1).clamp(min=0)[:, -length:].unsqueeze(-1)
+        return steps.view(1, length, 1).expand(batch, -1, -1)
+
+    def _transformed_keys(self, cache: Cache | None, past: Tensor | None) -> TransformedKeys | None:
+        """The cache's store of transformed keys (new with a fresh cache); None without a cache, or when the
+        PE leaves keys as they are (then the HF cache's own keys serve)."""
+        if cache is None or not self.pe.transforms_keys:
+            return None
+        store = getattr(cache, _TRANSFORMED_KEYS, None)
+        if store is None or past is None:
+            store = TransformedKeys()
+            setattr(cache, _TRANSFORMED_KEYS, store)
+        return store
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Int[Tensor, "b n"] | None = None,
+        cache: Cache | None = None,
+        attention_mask: Int[Tensor, "b m"] | Bool[Tensor, "b m"] | None = None,
+        position_ids: Int[Tensor, "#b n"] | Int[Tensor, "#b n w"] | None = None,
+        inputs_embeds: Float[Tensor, "b n d"] | None = None,
+        labels: Int[Tensor, "b n"] | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        *,
+        pe_generator: torch.Generator | None = None,
+        pe_shifted: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPE:
+        if "past_key_values" in kwargs:  # the pre-5.40 spelling of `cache`
+            cache = kwargs.pop("past_key_values")
+        if kwargs.get("return_dict") is False:
+            raise ValueError(f"{type(self).__name__} always returns a CausalLMOutputWithPE; return_dict=False is not supported")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            table = self.get_input_embeddings()  # type: ignore[attr-defined]
+            vocab = table.num_embeddings
+            if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < vocab):
+                bad = int(input_ids.min()) if int(input_ids.min()) < 0 else int(input_ids.max())
+                raise ValueError(f"input_ids holds token {bad}, outside the vocabulary 0..{vocab - 1}")
+            inputs_embeds = table(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not (self.transformer.gradient_checkpointing and self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        past = self._past_positions(cache, batch)
+        pos_q = self._query_positions(position_ids, attention_mask, past, batch, length, inputs_embeds.device)
+        pos_k = pos_q if past is None else torch.cat([past, pos_q], dim=1)
+        state = self.pe.prepare(pos_q, None if past is None else pos_k, generator=pe_generator, shifted=pe_shifted)
+        added = self.pe.embed(state)
+        if added is not None:  # APE / SeqPE input_add replace the wpe lookup
+            inputs_embeds = inputs_embeds + added.to(inputs_embeds.dtype)
+
+        out = super().forward(  # type: ignore[misc]
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            attention_mask=attention_mask,
+            position_ids=pos_q[..., 0] if pos_q.shape[-1] == 1 else None,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            seqpe_nd=PEForward(self.pe, state, self._transformed_keys(cache, past)),
+            **kwargs,
+        )
+        if cache is not None:
+            setattr(cache, _KEY_POSITIONS, pos_k.detach())
+        return CausalLMOutputWithPE(
+            **dict(out.items()), pe_aux_loss=getattr(state, "aux_loss", None), pe_logs=getattr(state, "logs", None)
+        )
