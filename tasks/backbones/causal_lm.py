@@ -109,8 +109,8 @@ class PEForward:
 def _attention(
     module: nn.Module,
     query: Float[Tensor, "b h n e"],
-    key: Float[Tensor, "b h m e"],
-    value: Float[Tensor, "b h m e"],
+    key: Float[Tensor, "b hk m e"],
+    value: Float[Tensor, "b hk m e"],
     attention_mask: Bool[Tensor, "b m"] | None,
     scaling: float | None = None,
     dropout: float = 0.0,
@@ -122,8 +122,11 @@ def _attention(
     if seqpe_nd is None:
         raise RuntimeError(
             f"attention implementation {ATTN_IMPLEMENTATION!r} needs the PE state of the forward; "
-            "call GPT2WithPE.forward (or generate), not the inner transformer directly"
+            "call the PE model's forward (or generate), not the inner transformer directly"
         )
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves a group of queries
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     store, layer, n, m = seqpe_nd.keys, module.layer_idx, query.shape[-2], key.shape[-2]
     if store is not None:  # transform only this step's keys; the earlier ones are kept transformed
         if not store.continues(layer, key, n):  # fresh, or the HF cache was cropped or reordered
@@ -286,7 +289,7 @@ class PositionEncodingLM:
         batch, length = inputs_embeds.shape[:2]
 
         if use_cache is None:
-            use_cache = bool(self.config.use_cache) and not (self.transformer.gradient_checkpointing and self.training)
+            use_cache = bool(self.config.use_cache) and not (self.is_activation_checkpointing and self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
@@ -314,3 +317,57 @@ class PositionEncodingLM:
         return CausalLMOutputWithPE(
             **dict(out.items()), pe_aux_loss=getattr(state, "aux_loss", None), pe_logs=getattr(state, "logs", None)
         )
+
+
+# --- Llama-family models ---------------------------------------------------------------------------
+
+class NoRotary(nn.Module):
+    """Stands in for a Llama-family ``rotary_emb``: cos = 1, sin = 0, so the model's own rotation is the identity
+    (exactly: ``q·1 + rotate_half(q)·0 = q``) and positions enter only through the PositionEncoding."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (*position_ids.shape, self.head_dim)
+        return x.new_ones(shape), x.new_zeros(shape)
+
+
+_ADAPTED: dict[type, type] = {}
+
+
+def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> nn.Module:
+    """Put ``pe`` into a stock Hugging Face causal LM of the Llama family, in place; returns the model.
+
+    The model's rotary module gives way to :class:`NoRotary` (its rotation becomes the identity),
+    every layer's attention runs through ``pe.attend`` with explicit positions (grouped-query
+    attention included), ``pe.embed`` is added to the token embeddings, and the output carries the
+    PE's auxiliary loss (``pe_aux_loss``). Tested with ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and
+    ``MistralForCausalLM``; any model whose attention uses transformers' attention interface and
+    applies the ``position_embeddings`` of ``model.model.rotary_emb`` inside its layers works alike.
+    """
+    inner = getattr(model, "model", None)
+    config = getattr(model, "config", None)
+    if inner is None or config is None or not isinstance(getattr(inner, "rotary_emb", None), nn.Module):
+        raise ValueError(
+            f"attach_position_encoding supports Llama-family causal LMs (a .model.rotary_emb seam, e.g. LlamaForCausalLM, "
+            f"Qwen2ForCausalLM, MistralForCausalLM); {type(model).__name__} has none (use GPT2WithPE for GPT-2)"
+        )
+    if isinstance(model, PositionEncodingLM):
+        raise ValueError(f"{type(model).__name__} already has a position encoding attached")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if (pe.num_layers, pe.num_heads, pe.head_dim) != (config.num_hidden_layers, heads, head_dim):
+        raise ValueError(
+            f"PE sized for {pe.num_layers} layers x {pe.num_heads} heads x {pe.head_dim} dims, the model has "
+            f"{config.num_hidden_layers} x {heads} x {head_dim}"
+        )
+    inner.rotary_emb = NoRotary(head_dim)  # the rotary seam
+    config._attn_implementation = ATTN_IMPLEMENTATION  # every layer reads the shared config
+    cls = type(model)
+    if cls not in _ADAPTED:
+        _ADAPTED[cls] = type(f"{cls.__name__}WithPE", (PositionEncodingLM, cls), {"__module__": __name__})
+    model.__class__ = _ADAPTED[cls]
+    model.add_module("pe", pe)
+    return model
