@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, SeqPEConfig
 from seqpe_nd.positions import Frozen, GridSpace
-from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, GPT2WithPE, build_gpt2
+from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, build_gpt2
 from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, prepare_text, sample_blocks
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
@@ -69,7 +69,7 @@ class LMConfig(RunConfig):
         return self
 
 
-def build_model(cfg: LMConfig, *, vocab_size: int, eos_id: int) -> GPT2WithPE:
+def build_model(cfg: LMConfig, *, vocab_size: int, eos_id: int) -> nn.Module:
     """A randomly initialised GPT-2 whose positions come from ``cfg.pe``."""
     return build_gpt2(cfg.model, cfg.pe, cfg.grid_space(1), vocab_size=vocab_size, eos_id=eos_id)
 
@@ -151,7 +151,7 @@ class LMRecipe(Recipe[LMConfig]):
         self.corpus: TextCorpus = prepare_text(cfg.data)
         self.num_train_blocks = self.corpus.num_blocks("train", cfg.model.block_size)
 
-    def build_model(self) -> GPT2WithPE:
+    def build_model(self) -> nn.Module:
         tok = self.corpus.tokenizer
         return build_model(self.cfg, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
 

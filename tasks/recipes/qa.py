@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, load_pe_config
 from seqpe_nd.positions import Frozen, GridSpace, load_space
-from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, GPT2WithPE, build_gpt2
+from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, build_gpt2
 from seqpe_nd.tasks.data.qa import (
     PromptBuilder,
     PromptTooLong,
@@ -262,13 +262,13 @@ class QARecipe(Recipe[QAConfig]):
         return out, skipped
 
     # -- TrainTask --------------------------------------------------------------------------
-    def fresh_model(self) -> GPT2WithPE:
+    def fresh_model(self) -> nn.Module:
         """The LM run's architecture and PE, randomly initialised."""
         assert self.cfg.model is not None and self.cfg.pe is not None
         tok = self.tokenizer
         return build_gpt2(self.cfg.model, self.cfg.pe, self.space, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
 
-    def build_model(self) -> GPT2WithPE:
+    def build_model(self) -> nn.Module:
         """The LM run's architecture and PE, with its checkpoint's weights (fp32, CPU)."""
         assert self.cfg.init_checkpoint is not None
         model = self.fresh_model()

@@ -107,3 +107,22 @@ def test_unsupported_models_and_sizes_are_named() -> None:
     _, model = pair("llama", {"method": "rope"})
     with pytest.raises(ValueError, match="already has a position encoding"):
         attach_position_encoding(model, pe)
+
+
+def test_the_lm_recipe_trains_and_evaluates_a_llama(tmp_path) -> None:
+    """``model: {arch: llama}`` in a run config: the same recipe, data and evaluation on a Llama backbone."""
+    from seqpe_nd.tasks.engine.trainer import train
+    from seqpe_nd.tasks.recipes.lm import LMConfig, LMRecipe
+    from tests.tasks.test_lm import tiny_config
+
+    config = tiny_config(tmp_path, pe={"method": "seqpe", "hidden": 32, "layers": 1}, steps=2, save_every=0)
+    config["model"] |= {"arch": "llama", "kv_heads": 1}
+    cfg = LMConfig.parse(config)
+    task = LMRecipe.build_task(cfg, tmp_path / "run")
+    assert type(task.build_model()).__name__ == "LlamaForCausalLMWithPE"
+    result = train(task, cfg.train, tmp_path / "run")
+    assert result["step"] == 2 and "train/loss_delta" in result
+    out = LMRecipe.evaluate(tmp_path / "run", lengths=[16, 32], quiet=True)
+    assert set(out["lengths"]) == {"16", "32"} and all(r["ppl"] > 1 for r in out["lengths"].values())
+    with pytest.raises(ValueError, match="kv_heads = 3 needs arch: llama and must divide n_head = 2"):
+        LMConfig.parse({**config, "model": {**config["model"], "kv_heads": 3}})
