@@ -109,6 +109,9 @@ class RoPEMixedConfig(Frozen):
     """Base of the initial frequency magnitudes (Heo et al. and timm: 10)."""
     per_layer: bool = True
     """One set of frequencies per layer (Heo et al.), or one shared by all layers."""
+    scaling: RoPEScaling | None = None
+    """Position interpolation at evaluation (type linear only: the learned frequencies have no NTK/YaRN form),
+    one factor per axis."""
 
 
 class MultimodalRoPEConfig(Frozen):
@@ -316,7 +319,10 @@ def build_position_encoding(
             base=cfg.base, width=space.width, scaling=cfg.scaling, original_length=_original(cfg, space), **sizes
         )
     if method == "rope_mixed":
-        return RoPEMixed(base=cfg.base, per_layer=cfg.per_layer, width=space.width, **sizes)
+        return RoPEMixed(
+            base=cfg.base, per_layer=cfg.per_layer, width=space.width, scaling=cfg.scaling,
+            original_length=_original(cfg, space), **sizes,
+        )
     if method == "mrope":
         return MultimodalRoPE(space=space, base=cfg.base, sections=cfg.sections, **sizes)
     if method == "alibi":

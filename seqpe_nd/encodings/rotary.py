@@ -175,10 +175,20 @@ class RoPEMixed(_Rotary):
     method = "rope_mixed"
 
     def __init__(
-        self, *, base: float, per_layer: bool, num_heads: int, head_dim: int, num_layers: int, width: int
+        self, *, base: float, per_layer: bool, num_heads: int, head_dim: int, num_layers: int, width: int,
+        scaling: Any = None, original_length: Sequence[int] | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         self.base, self.per_layer = base, per_layer
+        if scaling is not None and scaling.type != "linear":
+            raise ValueError(
+                f"rope_mixed scaling {scaling.type!r} is not defined on learned mixed frequencies; allowed: linear "
+                "(position interpolation per axis)"
+            )
+        if scaling is not None and original_length is None:
+            raise ValueError("rope_mixed scaling needs original_length (the training extent) or a grid space")
+        self.scaling = scaling
+        self.original_length = None if original_length is None else tuple(int(x) for x in original_length)
         depth = num_layers if per_layer else 1
         self.freqs = nn.Parameter(
             torch.stack([init_mixed_freqs(width, num_heads, head_dim, base) for _ in range(depth)])
@@ -190,4 +200,15 @@ class RoPEMixed(_Rotary):
         return layer if self.per_layer else 0
 
     def angles(self, pos: Int[Tensor, "b n w"], layer: int) -> Float[Tensor, "b h n f"]:
-        return mixed_angles(pos, self.freqs[self._layer_key(layer)])
+        freqs = self.freqs[self._layer_key(layer)]  # (w, h, f)
+        if self.scaling is not None and not self.training:  # position interpolation, each axis by its own factor
+            freqs = freqs / self.axis_factors(pos).to(freqs)[:, None, None]
+        return mixed_angles(pos, freqs)
+
+    def axis_factors(self, pos: Int[Tensor, "b n w"]) -> Float[Tensor, " w"]:
+        """Each axis's factor: the config's, or the evaluated extent over the training extent (at least 1)."""
+        assert self.original_length is not None
+        if self.scaling.factor is not None:
+            return torch.full((self.width,), float(self.scaling.factor))
+        extent = pos.reshape(-1, self.width).amax(0).float().cpu() + 1
+        return (extent / torch.tensor(self.original_length, dtype=torch.float32)).clamp_min(1.0)

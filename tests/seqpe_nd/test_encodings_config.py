@@ -183,6 +183,15 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ),
     ("rope_mixed", "base", 50.0, smallest_mixed_magnitude, pytest.approx(50.0 ** (-12 / 16), rel=1e-5)),
     ("rope_mixed", "per_layer", False, lambda pe: pe.freqs.shape[0], 1),
+    (
+        "rope_mixed",
+        "scaling",
+        {"type": "linear", "factor": 2.0},
+        # evaluation at (2, 2) rotates as training at (1, 1): the difference is 0
+        lambda pe: round(pe.eval().angles(torch.tensor([[[2, 2]]]), 0)[0, 0, 0, 0].item()
+                         - pe.train().angles(torch.tensor([[[1, 1]]]), 0)[0, 0, 0, 0].item(), 6),
+        0.0,
+    ),
     ("mrope", "base", 50.0, lambda pe: pe.inv_freq[1].item(), pytest.approx(50.0 ** (-1 / 8))),
     ("mrope", "sections", (4, 4), lambda pe: pe.sections, (4, 4)),
     ("alibi", "backend", "bias", lambda pe: pe.score_backend, "bias"),

@@ -109,3 +109,18 @@ def test_axial_rope_scales_each_axis_by_its_own_factor() -> None:
     yarn = build_position_encoding({"method": "rope_axial", "scaling": {"type": "yarn"}}, space=space, num_heads=2,
                                    head_dim=16, num_layers=1, d_model=32).eval()
     assert yarn.scaled((8, 12))[1] == pytest.approx(0.1 * math.log(4.0) + 1.0)  # temperature of the area's factor
+
+
+def test_rope_mixed_interpolates_each_axis_and_refuses_the_rest() -> None:
+    space = load_space({"L": [4, 6], "L_max": [40, 40]})
+    kw = dict(space=space, num_heads=2, head_dim=16, num_layers=1, d_model=32)
+    torch.manual_seed(0)
+    plain = build_position_encoding({"method": "rope_mixed"}, **kw).eval()
+    torch.manual_seed(0)
+    pe = build_position_encoding({"method": "rope_mixed", "scaling": {"type": "linear"}}, **kw).eval()
+    grid = space.positions([8, 6])[None]  # rows doubled: factor (2, 1)
+    even = grid[0, :, 0] % 2 == 0
+    torch.testing.assert_close(pe.angles(grid, 0)[:, :, even], plain.angles(grid[:, even] // torch.tensor([2, 1]), 0))
+    assert torch.equal(pe.train().angles(grid, 0), plain.angles(grid, 0))  # training: plain
+    with pytest.raises(ValueError, match="rope_mixed scaling 'yarn' is not defined"):
+        build_position_encoding({"method": "rope_mixed", "scaling": {"type": "yarn"}}, **kw)
