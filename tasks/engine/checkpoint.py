@@ -338,15 +338,19 @@ def check_config(expected: Mapping[str, Any], found: Mapping[str, Any], sections
 
 
 def load_checkpoint(
-    path: Path, *, expected_config: Mapping[str, Any] | None = None, strict_sections: tuple[str, ...] = ("pe",)
+    path: Path, *, expected_config: Mapping[str, Any] | None = None, strict_sections: tuple[str, ...] = ("pe",),
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Checkpoint:
     """Read a checkpoint directory, or a run directory (its latest checkpoint).
 
     With ``expected_config``, a difference under any of ``strict_sections`` raises a ``ValueError``
-    naming the field before anything is loaded into a model.
+    naming the field before anything is loaded into a model. ``normalize`` brings the saved config
+    to today's form first (fields added since then, with their defaults).
     """
     path = resolve_checkpoint(path)
     config = read_json(path / "config.json")
+    if normalize is not None:
+        config = normalize(config)
     if expected_config is not None:
         check_config(expected_config, config, strict_sections)
     state = read_json(path / _COMPLETE)

@@ -45,7 +45,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def load_weights_checked(
-    model: nn.Module, found: Path, expected: Mapping[str, Any], sections: Sequence[str]
+    model: nn.Module, found: Path, expected: Mapping[str, Any], sections: Sequence[str],
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> nn.Module:
     """``model`` with the weights of checkpoint ``found``, in eval mode.
 
@@ -54,6 +55,8 @@ def load_weights_checked(
     """
     ckpt.verify_checkpoint(found)  # a torn file is named before anything is built or loaded
     saved = ckpt.read_json(Path(found) / RUN_CONFIG)
+    if normalize is not None:
+        saved = normalize(saved)
     ckpt.check_config(expected, {k: v for k, v in saved.items() if k != "train"}, tuple(sections))
     ckpt.load_weights(model, found)
     return model.eval()

@@ -304,7 +304,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         start = 0
         sections = getattr(task, "strict_sections", STRICT_SECTIONS)  # a recipe may add its own (hybrid: positions)
         readable = ckpt.newest_readable(
-            run_dir, lambda p: ckpt.load_checkpoint(p, expected_config=config, strict_sections=tuple(sections))
+            run_dir, lambda p: ckpt.load_checkpoint(p, expected_config=config, strict_sections=tuple(sections),
+                                                   normalize=getattr(task, "normalize_config", None))
         ) if resume else None
         found = None
         if readable is not None:

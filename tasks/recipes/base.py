@@ -177,7 +177,18 @@ class Recipe(Generic[ConfigT]):
             if self.run_dir is None:
                 raise ValueError("load_trained needs a run directory or a checkpoint")
             checkpoint = ckpt.resolve_checkpoint(self.run_dir)
-        return load_weights_checked(self.build_model(), checkpoint, self.config_dict(), self.strict_sections)
+        return load_weights_checked(
+            self.build_model(), checkpoint, self.config_dict(), self.strict_sections, self.normalize_config
+        )
+
+    def normalize_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved run config in today's form: fields added since it was written get their defaults, so a
+        run saved by an earlier version still loads and resumes (a config that no longer parses is kept as is)."""
+        try:
+            today = self.config_type.parse({k: v for k, v in saved.items() if k != "train"}).model_dump(mode="json")
+        except ValueError:
+            return saved
+        return {**today, **({"train": saved["train"]} if "train" in saved else {})}
 
     # --- evaluation: sizes -> rows -> eval.json, table, figures -------------------------------------------
     def eval_plan(self, **options: Any) -> EvalPlan:

@@ -222,3 +222,17 @@ def test_cli_train_eval_and_compare_end_to_end(tmp_path: Path, capsys: pytest.Ca
             assert parallel[name]["lengths"][length]["ppl"] == pytest.approx(results[name]["lengths"][length]["ppl"], rel=1e-5)
     with pytest.raises(ValueError, match="--jobs 0 is not allowed"):
         compare(config, ["rope"], out, jobs=0)
+
+
+def test_a_run_saved_before_new_fields_existed_still_loads_and_resumes(tmp_path: Path) -> None:
+    """Fields added to the configs since a run was saved (model.arch, pe.scaling) take their defaults."""
+    config = tiny_config(tmp_path, pe={"method": "rope"}, steps=2, save_every=0)
+    run = tmp_path / "old"
+    train(lm.LMRecipe.build_task(lm.LMConfig.parse(config), run), lm.LMConfig.parse(config).train, run)
+    for path in [run / "config.json", *run.glob("checkpoints/step_*/config.json")]:
+        saved = json.loads(path.read_text())
+        del saved["model"]["arch"], saved["model"]["kv_heads"], saved["pe"]["scaling"]  # as an older version wrote it
+        path.write_text(json.dumps(saved))
+    assert "16" in lm.LMRecipe.evaluate(run, lengths=[16], quiet=True, write=False)["lengths"]
+    more = lm.LMConfig.parse({**config, "train": {**config["train"], "steps": 3}})
+    assert train(lm.LMRecipe.build_task(more, run), more.train, run, resume=True)["step"] == 3
