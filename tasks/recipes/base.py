@@ -16,6 +16,7 @@ the rest:
 """
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ class EvalPlan:
     """Whatever the recipe's ``eval_size`` needs (the token stream, the image source, ...)."""
 
 
-class Recipe(Generic[ConfigT]):
+class Recipe(ABC, Generic[ConfigT]):
     """One paper task: a TrainTask for the shared loop, and the evaluation of its trained runs."""
 
     task: ClassVar[str]
@@ -101,28 +102,32 @@ class Recipe(Generic[ConfigT]):
         return cls(cfg, run_dir)
 
     # --- the TrainTask the shared loop runs -------------------------------------------------------
+    @abstractmethod
     def build_model(self) -> nn.Module:
-        raise NotImplementedError
+        """A fresh fp32 model on the CPU (the loop moves, compiles and DDP-wraps it)."""
 
+    @abstractmethod
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> Any:
-        raise NotImplementedError
+        """Micro-batch ``micro`` of ``step`` for ``rank``: a pure function of (seed, step, micro, rank, world)."""
 
     def first_sample(self, step: int, micro: int, rank: int, world: int) -> int:
         """Global number of this micro-batch's first sample (see :func:`~seqpe_nd.tasks.engine.trainer.first_sample`)."""
         t = self.cfg.train
         return first_sample(step, micro, rank, world, t.batch_size, t.grad_accum)
 
+    @abstractmethod
     def validate(self, model: nn.Module) -> dict[str, float]:
-        raise NotImplementedError
+        """Validation metrics of the bare model (eval mode, no grad)."""
 
+    @abstractmethod
     def batch_tokens(self, batch: Any) -> int:
-        raise NotImplementedError
+        """Tokens (images, clips, examples) in a micro-batch, for throughput."""
 
+    @abstractmethod
     def step(
         self, model: nn.Module, batch: Any, *, shift: Tensor | None, generator: torch.Generator
     ) -> StepOutput:
         """The recipe's forward and main loss on a training batch; ``shift`` (or None) moves every position."""
-        raise NotImplementedError
 
     @property
     def shift_space(self) -> GridSpace | HybridSpace:
@@ -191,21 +196,21 @@ class Recipe(Generic[ConfigT]):
         return {**today, **({"train": saved["train"]} if "train" in saved else {})}
 
     # --- evaluation: sizes -> rows -> eval.json, table, figures -------------------------------------------
+    @abstractmethod
     def eval_plan(self, **options: Any) -> EvalPlan:
         """The sizes and settings of an evaluation; every option is checked here, before the model loads."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eval_size(self, model: nn.Module, size: Any, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
         """One row of the result: the metric at one size."""
-        raise NotImplementedError
 
     def size_key(self, size: Any) -> str:
         """The row's key in ``eval.json`` (``"2048"``, ``"8x64"``)."""
         return "x".join(map(str, size)) if isinstance(size, (tuple, list)) else str(size)
 
+    @abstractmethod
     def eval_table(self, result: Mapping[str, Any]) -> tuple[str, list[str], list[list[str]]]:
         """(title, columns, cells) of the printed result."""
-        raise NotImplementedError
 
     def write_figures(self, result: dict[str, Any], model: nn.Module) -> None:
         """Figures of one evaluated run, next to ``eval.json`` (may add their names to ``result``)."""

@@ -112,3 +112,17 @@ def test_the_configs_ship_with_the_package() -> None:
     assert tools["package-dir"]["seqpe_nd.configs"] == "configs" and "seqpe_nd.configs" in tools["packages"]
     assert tools["package-data"]["seqpe_nd.configs"] == ["**/*.yaml"]
     assert (SHIPPED_ROOT / "configs" / "positions" / "text-512.yaml").is_file()
+
+
+def test_a_recipe_must_implement_every_hook() -> None:
+    """The base's hooks are abstract: a recipe that leaves one out cannot be built, and the error names it."""
+    from seqpe_nd.tasks.recipes.base import Recipe
+    from seqpe_nd.tasks.recipes.lm import LMConfig, LMRecipe
+
+    class Partial(Recipe[LMConfig]):  # no hooks at all
+        task, config_type = "partial", LMConfig
+
+    with pytest.raises(TypeError, match="abstract methods .*batch_tokens.*build_model"):
+        Partial(LMConfig.parse({"task": "lm", "model": {"block_size": 512}}))
+    assert LMRecipe.__abstractmethods__ == frozenset()
+    assert all(get_recipe(task).__abstractmethods__ == frozenset() for task in RECIPES)  # every shipped recipe
