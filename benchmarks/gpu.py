@@ -39,7 +39,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, build_gpt2
+from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,10 +177,10 @@ def attention_layer(s: Sizes, device: torch.device, dtype: torch.dtype, clock: C
 
 def gpt2(s: Sizes, method: str, device: torch.device, length: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    settings = GPT2Settings(n_layer=s.layers, n_head=s.model_heads, n_embd=s.width, block_size=s.block, dropout=0.0)
+    settings = LMSettings(n_layer=s.layers, n_head=s.model_heads, n_embd=s.width, block_size=s.block, dropout=0.0)
     space = load_space({"L": s.block, "L_max": max(20_000, length)})
     cfg = {**METHODS[method], "hidden": s.width} if method == "seqpe" else METHODS[method]  # the paper: 768 wide
-    return build_gpt2(settings, cfg, space, vocab_size=s.vocab, eos_id=0).to(device)
+    return build_lm(settings, cfg, space, vocab_size=s.vocab, eos_id=0).to(device)
 
 
 def training(s: Sizes, device: torch.device, dtype: torch.dtype, clock: Clock, compile_too: bool) -> dict[str, Any]:

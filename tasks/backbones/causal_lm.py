@@ -78,21 +78,31 @@ class TransformedKeys(KVCache):
                 return False
         return True
 
+    def begin(self, layer: int, raw_keys: Tensor, values: Tensor, n: int) -> slice:
+        """Get ``layer`` ready for a step with ``n`` new of ``raw_keys``: which raw keys still need transforming
+        (the new ones, or all when the layer starts afresh); the values stay the HF cache's."""
+        if not self.continues(layer, raw_keys, n):  # fresh, or the HF cache was cropped or reordered
+            self.keys.pop(layer, None)
+            self.buffers.pop(layer, None)
+        self.values_in_use = values
+        self.last_raw[layer] = raw_keys[:, :, -1:]
+        m = raw_keys.shape[-2]
+        return slice(m - n, m) if layer in self.keys else slice(0, m)
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append ``k`` in a buffer that doubles when full (amortised O(1) a step, not a copy of every key)."""
+        assert self.values_in_use is not None, "call begin() first"
         buf, old = self.buffers.get(layer), self.keys.get(layer)
         if old is None:  # the prompt: kept as it is (contiguous, as the fused prefill kernels want it)
             self.keys[layer] = k
-            assert self.values_in_use is not None
-            return k, self.values_in_use
-        m = old.shape[-2]
-        if buf is None or buf.shape[-2] < m + k.shape[-2] or buf.shape[:2] != k.shape[:2]:
-            grown = k.new_empty(*k.shape[:2], max(2 * (m + k.shape[-2]), 64), k.shape[-1])
-            grown[:, :, :m] = old
-            buf = self.buffers[layer] = grown
-        buf[:, :, m : m + k.shape[-2]] = k
-        self.keys[layer] = buf[:, :, : m + k.shape[-2]]
-        assert self.values_in_use is not None
+        else:
+            m = old.shape[-2]
+            if buf is None or buf.shape[-2] < m + k.shape[-2] or buf.shape[:2] != k.shape[:2]:
+                grown = k.new_empty(*k.shape[:2], max(2 * (m + k.shape[-2]), 64), k.shape[-1])
+                grown[:, :, :m] = old
+                buf = self.buffers[layer] = grown
+            buf[:, :, m : m + k.shape[-2]] = k
+            self.keys[layer] = buf[:, :, : m + k.shape[-2]]
         return self.keys[layer], self.values_in_use
 
 
@@ -127,25 +137,12 @@ def _attention(
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves a group of queries
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    store, layer, n, m = seqpe_nd.keys, module.layer_idx, query.shape[-2], key.shape[-2]
-    if store is not None:  # transform only this step's keys; the earlier ones are kept transformed
-        if not store.continues(layer, key, n):  # fresh, or the HF cache was cropped or reordered
-            store.keys.pop(layer, None)
-            store.buffers.pop(layer, None)
-        new = slice(m - n, m) if layer in store.keys else slice(0, m)
-        store.values_in_use = value
-        try:
-            out = seqpe_nd.pe.attend(
-                query, key[:, :, new], value[:, :, new], seqpe_nd.state, layer, causal=True,
-                key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling, cache=store,
-            )
-        finally:
-            store.values_in_use = None
-        store.last_raw[layer] = key[:, :, -1:]
-        return out.transpose(1, 2), None
+    store, layer = seqpe_nd.keys, module.layer_idx
+    # With a cache, only this step's keys are transformed; the earlier ones are kept transformed in the store.
+    new = slice(None) if store is None else store.begin(layer, key, value, query.shape[-2])
     out = seqpe_nd.pe.attend(
-        query, key, value, seqpe_nd.state, layer,
-        causal=True, key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        query, key[:, :, new], value[:, :, new], seqpe_nd.state, layer,
+        causal=True, key_padding_mask=attention_mask, dropout_p=dropout, scale=scaling, cache=store,
     )  # (b, h, n, e); queries are the last n of the m keys
     return out.transpose(1, 2), None  # (b, n, h, e)
 

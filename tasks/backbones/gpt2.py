@@ -5,24 +5,18 @@ GPT-2's own position seam is ``transformer.wpe``, the learned lookup by index: i
 to the token embeddings instead.
 """
 
-import math
-from typing import Literal
 
 import torch
-from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from seqpe_nd.encodings import APESinConfig, PEConfig, build_position_encoding
 from seqpe_nd.encodings.base import PositionEncoding
-from seqpe_nd.positions import Frozen, GridSpace
 from seqpe_nd.tasks.backbones.causal_lm import (
     ATTN_IMPLEMENTATION,
     CausalLMOutputWithPE,
     PEForward,
     PositionEncodingLM,
     TransformedKeys,
-    attach_position_encoding,
 )
 
 __all__ = ["ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2WithPE", "NoPositionLookup", "PEForward", "TransformedKeys"]
@@ -64,72 +58,3 @@ class GPT2WithPE(PositionEncodingLM, GPT2LMHeadModel):
         super().__init__(config)
         self.transformer.wpe = NoPositionLookup()  # the wpe seam
         self.pe = pe
-
-
-class GPT2Settings(Frozen):
-    """The causal LM backbone (``model:``): GPT-2, or a Llama with the same shape; the vocabulary comes from the tokenizer."""
-
-    arch: Literal["gpt2", "llama"] = "gpt2"
-    """``gpt2``: Hugging Face GPT-2; ``llama``: a Hugging Face Llama (RMSNorm, SwiGLU MLP of about GPT-2's
-    parameters, grouped-query attention with ``kv_heads``) with the PE attached by ``attach_position_encoding``."""
-    n_layer: PositiveInt = 12
-    """Transformer blocks."""
-    n_head: PositiveInt = 12
-    """Attention heads per block."""
-    n_embd: PositiveInt = 768
-    """Model width; divisible by n_head."""
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    """Residual, embedding and attention dropout (the paper: 0.1)."""
-    block_size: PositiveInt = 512
-    """Training length L in tokens; must equal the position space's L."""
-    init_std: float = Field(0.02, gt=0.0)
-    """Std of the normal weight init (``initializer_range``)."""
-    kv_heads: PositiveInt | None = None
-    """``llama`` only: key/value heads (grouped-query attention); None: n_head."""
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> "GPT2Settings":
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd = {self.n_embd} must be divisible by n_head = {self.n_head}")
-        if self.kv_heads is not None and (self.arch != "llama" or self.n_head % self.kv_heads):
-            raise ValueError(f"kv_heads = {self.kv_heads} needs arch: llama and must divide n_head = {self.n_head}")
-        return self
-
-
-def gpt2_config(settings: GPT2Settings, *, vocab_size: int, eos_id: int) -> GPT2Config:
-    """The stock ``GPT2Config`` of the backbone (``n_positions`` only documents the training length)."""
-    return GPT2Config(
-        vocab_size=vocab_size, n_positions=settings.block_size, n_embd=settings.n_embd, n_layer=settings.n_layer,
-        n_head=settings.n_head, resid_pdrop=settings.dropout, embd_pdrop=settings.dropout,
-        attn_pdrop=settings.dropout, initializer_range=settings.init_std,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-    )
-
-
-def llama_config(settings: GPT2Settings, *, vocab_size: int, eos_id: int) -> LlamaConfig:
-    """A stock ``LlamaConfig`` of the same shape (SwiGLU width 8/3 d, rounded up to 16: about GPT-2's MLP parameters)."""
-    m = settings
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=m.n_embd, intermediate_size=-(-8 * m.n_embd // 3 // 16) * 16,
-        num_hidden_layers=m.n_layer, num_attention_heads=m.n_head, num_key_value_heads=m.kv_heads or m.n_head,
-        max_position_embeddings=m.block_size, attention_dropout=m.dropout, initializer_range=m.init_std,
-        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, tie_word_embeddings=False,
-    )
-
-
-def build_gpt2(settings: GPT2Settings, pe_config: PEConfig, space: GridSpace, *, vocab_size: int, eos_id: int) -> nn.Module:
-    """A randomly initialised causal LM (``settings.arch``) whose positions come from ``pe_config`` on ``space``.
-
-    An APE-sin without a ``scale`` gets the sinusoid RMS (1/√2 per coordinate) matched to GPT-2's
-    N(0, init_std) token embeddings, i.e. amplitude init_std·√2 (see ``APESinConfig.scale``).
-    """
-    if isinstance(pe_config, APESinConfig) and pe_config.scale is None:
-        pe_config = pe_config.model_copy(update={"scale": settings.init_std * math.sqrt(2.0)})
-    m = settings
-    pe = build_position_encoding(
-        pe_config, space=space, num_heads=m.n_head, head_dim=m.n_embd // m.n_head, num_layers=m.n_layer,
-        d_model=m.n_embd,
-    )
-    if m.arch == "llama":
-        return attach_position_encoding(LlamaForCausalLM(llama_config(m, vocab_size=vocab_size, eos_id=eos_id)), pe)
-    return GPT2WithPE(gpt2_config(m, vocab_size=vocab_size, eos_id=eos_id), pe)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, SeqPEConfig
 from seqpe_nd.positions import Frozen, GridSpace
-from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, build_gpt2
+from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, prepare_text, sample_blocks
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
@@ -48,7 +48,7 @@ class LMConfig(RunConfig):
     """A whole LM run: one YAML file with ``task: lm``."""
 
     task: Literal["lm"] = "lm"
-    model: GPT2Settings = GPT2Settings()
+    model: LMSettings = LMSettings()
     data: TextDataConfig = TextDataConfig()
     space: Space = Field("configs/positions/text-512.yaml", validate_default=True)
     """1-D position space whose L is ``model.block_size``: inline, or a YAML path (see RunConfig.space)."""
@@ -71,7 +71,7 @@ class LMConfig(RunConfig):
 
 def build_model(cfg: LMConfig, *, vocab_size: int, eos_id: int) -> nn.Module:
     """A randomly initialised GPT-2 whose positions come from ``cfg.pe``."""
-    return build_gpt2(cfg.model, cfg.pe, cfg.grid_space(1), vocab_size=vocab_size, eos_id=eos_id)
+    return build_lm(cfg.model, cfg.pe, cfg.grid_space(1), vocab_size=vocab_size, eos_id=eos_id)
 
 
 # --- evaluation protocol (§4.1) ------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, load_pe_config
 from seqpe_nd.positions import Frozen, GridSpace, load_space
-from seqpe_nd.tasks.backbones.gpt2 import GPT2Settings, build_gpt2
+from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.data.qa import (
     PromptBuilder,
     PromptTooLong,
@@ -96,7 +96,7 @@ class QAConfig(RunConfig):
     """LM run directory whose latest checkpoint is fine-tuned."""
     init_checkpoint: str | None = None
     """Filled in by the recipe: the checkpoint directory actually loaded (provenance)."""
-    model: GPT2Settings | None = None
+    model: LMSettings | None = None
     """None: the LM run's; given: must equal it."""
     space: Space | None = None
     """None: the LM run's; given: must equal it (inline, or a YAML path as in RunConfig.space)."""
@@ -143,7 +143,7 @@ def read_lm_run(init: Path) -> tuple[Path, dict[str, Any]]:
         raise FileNotFoundError(f"init_from: no complete checkpoint in {init}")
     raw = ckpt.read_json(found / "config.json")
     sections = {
-        "model": GPT2Settings.model_validate(raw["model"]),
+        "model": LMSettings.model_validate(raw["model"]),
         "space": load_space(raw["space"]),
         "pe": load_pe_config(raw["pe"]),
         "lm_data": TextDataConfig.model_validate(raw["data"]),
@@ -266,7 +266,7 @@ class QARecipe(Recipe[QAConfig]):
         """The LM run's architecture and PE, randomly initialised."""
         assert self.cfg.model is not None and self.cfg.pe is not None
         tok = self.tokenizer
-        return build_gpt2(self.cfg.model, self.cfg.pe, self.space, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
+        return build_lm(self.cfg.model, self.cfg.pe, self.space, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
 
     def build_model(self) -> nn.Module:
         """The LM run's architecture and PE, with its checkpoint's weights (fp32, CPU)."""
