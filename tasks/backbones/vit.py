@@ -35,6 +35,7 @@ from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.encodings.base import PEState, PositionEncoding
 from seqpe_nd.encodings.prefixed import PrefixedEncoding
 
@@ -199,6 +200,16 @@ class ViTWithPE(nn.Module):
         for i, attn in enumerate(attns):
             attn.bind(self._hub, i)
         vit._pos_embed = self._pos_embed  # the seam: timm's forward_features calls self._pos_embed(x)
+
+    @classmethod
+    def with_pe(cls, vit: VisionTransformer, pe_config: Any, space: Any) -> "ViTWithPE":
+        """``vit`` with the PositionEncoding ``pe_config`` names on ``space``, sized from the ViT's own attention."""
+        attn = vit.blocks[0].attn
+        pe = build_position_encoding(
+            pe_config, space=space, num_heads=attn.num_heads, head_dim=attn.head_dim, num_layers=len(vit.blocks),
+            d_model=vit.embed_dim,
+        )
+        return cls(vit, pe)
 
     @property
     def patch_size(self) -> tuple[int, ...]:

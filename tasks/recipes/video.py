@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.encodings import PEConfig, SeqPEConfig
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.backbones.vit import TubeletEmbed, ViTWithPE, create_vit
 from seqpe_nd.tasks.data.video import CLASSES, VideoDataConfig, clip_batch
@@ -125,16 +125,7 @@ def build_model(cfg: VideoConfig) -> ViTWithPE:
         drop_path_rate=m.drop_path_rate,
         embed_layer=partial(TubeletEmbed, num_frames=m.frames, tubelet=m.tubelet),
     )
-    attn = vit.blocks[0].attn
-    pe = build_position_encoding(
-        cfg.pe,
-        space=cfg.space,
-        num_heads=attn.num_heads,
-        head_dim=attn.head_dim,
-        num_layers=len(vit.blocks),
-        d_model=vit.embed_dim,
-    )
-    return ViTWithPE(vit, pe)
+    return ViTWithPE.with_pe(vit, cfg.pe, cfg.space)
 
 
 @torch.no_grad()

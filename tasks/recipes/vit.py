@@ -17,7 +17,7 @@ from jaxtyping import Float
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
+from seqpe_nd.encodings import PEConfig, SeqPEConfig
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.backbones.vit import ViTWithPE, create_vit
 from seqpe_nd.tasks.data.vision import ImageSource, Prefetcher, TrainBatches, VisionDataConfig, eval_images
@@ -122,16 +122,7 @@ def build_model(cfg: ViTConfig) -> ViTWithPE:
         raise ValueError(
             f"model.patch_size = {m.patch_size} but timm model {m.name!r} has patch size {vit.patch_embed.patch_size}"
         )
-    attn = vit.blocks[0].attn
-    pe = build_position_encoding(
-        cfg.pe,
-        space=cfg.space,
-        num_heads=attn.num_heads,
-        head_dim=attn.head_dim,
-        num_layers=len(vit.blocks),
-        d_model=vit.embed_dim,
-    )
-    return ViTWithPE(vit, pe)
+    return ViTWithPE.with_pe(vit, cfg.pe, cfg.space)
 
 
 def criterion(cfg: ViTConfig) -> Callable[[Tensor, Tensor], Tensor]:
