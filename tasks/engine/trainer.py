@@ -409,6 +409,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         bar.close()
         if start >= cfg.steps and master:
             tqdm.write(f"{run_dir} already trained {start} of {cfg.steps} steps; nothing to do")
+        if world > 1:  # every rank leaves together: none tears its process group down while rank 0 still saves
+            dist.barrier()
         return result
     finally:
         if owned_group and dist.is_initialized():
