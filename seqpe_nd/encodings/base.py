@@ -371,10 +371,7 @@ class PositionEncoding(nn.Module):
 
     def _dense_bias(self, mod: ScoreMod, state: PEState, mask: Tensor | None, causal: bool, q: Tensor) -> Tensor:
         n, m = state.pos_q.shape[1], state.pos_k.shape[1]
-        rows = 1 if state.shared_rows else state.pos_q.shape[0]
-        bias = self.dense_bias(state, rows)
-        if bias is None:
-            bias = materialize_score_mod(mod, rows, self.num_heads, n, m, q.device)
+        bias = self._bias(mod, state, 0, n, m, q.device)
         if mask is None and causal:  # no padding and n == m, but is_causal cannot combine with a bias
             mask = torch.ones(1, 1, n, m, dtype=torch.bool, device=q.device).tril()
         return bias if mask is None else bias.masked_fill_(~mask, float("-inf"))
@@ -387,6 +384,13 @@ class PositionEncoding(nn.Module):
         default) broadcasts the ``score_mod``."""
         return None
 
+    def _bias(self, mod: ScoreMod, state: PEState, q0: int, q1: int, m: int, device: torch.device) -> Tensor:
+        """The float32 bias of queries ``q0 … q1 - 1`` against the first ``m`` keys: the method's own
+        ``dense_bias`` where it has one, else its ``score_mod`` broadcast (one row when rows share positions)."""
+        rows = 1 if state.shared_rows else state.pos_q.shape[0]
+        bias = self.dense_bias(state, rows, slice(q0, q1), m)
+        return bias if bias is not None else materialize_score_mod(mod, rows, self.num_heads, q1 - q0, m, device, q0=q0)
+
     def _causal_blocks(
         self, mod: ScoreMod, state: PEState, q: Tensor, k: Tensor, v: Tensor, *, layer: int, dropout_p: float,
         scale: float,
@@ -394,12 +398,10 @@ class PositionEncoding(nn.Module):
         """A long causal self-attention with a score bias, a block of queries at a time: each block sees only
         the keys up to its last query (half the work of the full square) and its bias is built for that
         block alone (memory of one block, not of every query against every key)."""
-        n, rows = q.shape[-2], 1 if state.shared_rows else state.pos_q.shape[0]
+        n = q.shape[-2]
 
         def block_bias(a: int, z: int) -> Tensor:
-            bias = self.dense_bias(state, rows, slice(a, z), z)
-            if bias is None:
-                bias = materialize_score_mod(mod, rows, self.num_heads, z - a, z, q.device, q0=a)
+            bias = self._bias(mod, state, a, z, z, q.device)
             seen = torch.ones(z - a, z, dtype=torch.bool, device=q.device).tril(a)
             return bias.masked_fill_(~seen, float("-inf")).to(q.dtype)
 
