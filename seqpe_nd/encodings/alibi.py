@@ -22,6 +22,7 @@ class ALiBi(PositionEncoding):
     with the causal mask, ``|i - j| = i - j``)."""
 
     method = "alibi"
+    translation_invariant = True  # -m_h·|p_i - p_j|
 
     def __init__(self, *, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
@@ -58,6 +59,7 @@ class ALiBiND(ALiBi):
     distances (``squared_euclidean``: a Gaussian-kernel prior) are allowed."""
 
     method = "alibi_nd"
+    translation_invariant = False  # a registered distance need not depend on p_i - p_j alone
 
     def __init__(
         self, *, delta: Any, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int

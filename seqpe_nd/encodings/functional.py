@@ -66,26 +66,33 @@ def init_mixed_freqs(
 def rotary_cos_sin(
     angles: Float[Tensor, "*b f"], *, interleaved: bool
 ) -> tuple[Float[Tensor, "*b e"], Float[Tensor, "*b e"]]:
-    """cos/sin in the layout ``apply_rotary`` expects: ``[f0, f0, f1, f1, …]`` (interleaved pairs,
-    timm) or ``[f0, f1, …, f0, f1, …]`` (halves, Hugging Face / GPT-NeoX)."""
-    full = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
-    return full.cos(), full.sin()
+    """cos and signed sin in the layout ``apply_rotary`` expects: ``[f0, f0, f1, f1, …]``
+    (interleaved pairs, timm) or ``[f0, f1, …, f0, f1, …]`` (halves, Hugging Face / GPT-NeoX).
 
-
-def rotate_pairs(x: Float[Tensor, "*b e"], *, interleaved: bool) -> Float[Tensor, "*b e"]:
-    """The 90° rotation of each (x_{2i}, x_{2i+1}) pair (interleaved) or (x_i, x_{i+e/2}) pair."""
+    The sin carries the rotation's sign (``-sin`` on the first member of each pair), so that
+    ``apply_rotary`` is two products and a sum: ``x·cos + swap(x)·sin``."""
+    cos, sin = angles.cos(), angles.sin()
     if interleaved:
-        return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+        return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def swap_pairs(x: Float[Tensor, "*b e"], *, interleaved: bool) -> Float[Tensor, "*b e"]:
+    """Each rotation pair's two members exchanged: (x_{2i}, x_{2i+1}) (interleaved) or (x_i, x_{i+e/2})."""
+    if interleaved:
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x.roll(x.shape[-1] // 2, dims=-1)
 
 
 def apply_rotary(
     x: Float[Tensor, "b h n e"], cos: Float[Tensor, "b #h n e"], sin: Float[Tensor, "b #h n e"], *, interleaved: bool
 ) -> Float[Tensor, "b h n e"]:
-    """``R_Θ,p x``, computed in float32 and cast back once."""
+    """``R_Θ,p x`` with ``rotary_cos_sin``'s tables, computed in float32 and cast back once
+    (each pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)``)."""
+    if x.dtype == torch.float32:  # the common case without the two no-op casts (this runs per layer per step)
+        return torch.addcmul(x * cos, swap_pairs(x, interleaved=interleaved), sin)
     xf = x.float()
-    return (xf * cos + rotate_pairs(xf, interleaved=interleaved) * sin).to(x.dtype)
+    return torch.addcmul(xf * cos, swap_pairs(xf, interleaved=interleaved), sin).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class _Rotary(PositionEncoding):
         """``R_Θ,p`` applied to each query and key at its own position."""
         mk = k.shape[-2]
         cq, sq = self._cos_sin(state, state.pos_q, "q", layer)
-        if state.pos_k is state.pos_q and mk == q.shape[-2]:
+        if mk == q.shape[-2] and state.keys_are_queries():  # a decoding step's new keys are its queries
             ck, sk = cq, sq
         else:
             ck, sk = self._cos_sin(state, state.pos_k[:, -mk:], "k", layer)

@@ -116,7 +116,7 @@ class SeqPEEncoding(PositionEncoding):
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(main)  # (b, n [+ m], d)
-        if self.training:  # every row at the same positions (one shift a step): one row says it all
+        if self.training and self.diagnostics:  # every row at the same positions (one shift a step): one row says it all
             rows = slice(0, 1) if state.shared_rows else slice(None)
             state.logs["pe_cos"] = self._collapse_signal(main[rows], emb[rows])
         n = pos_q.shape[1]
@@ -160,10 +160,9 @@ class SeqPEEncoding(PositionEncoding):
         a decoding step with kept keys encodes only its new ones)."""
         if side == "k" and "e_k" not in state.tensors:
             def encode() -> Tensor:
-                keys, n = state.pos_k[:, -rows:], state.pos_q.shape[1]
-                if rows <= n and torch.equal(keys, state.pos_q[:, -rows:]):  # causal decoding: the new keys are the queries
+                if rows <= state.pos_q.shape[1] and state.keys_are_queries():  # decoding: the new keys are the queries
                     return state.tensors["e_q"][:, -rows:]
-                return self.encoder(keys)
+                return self.encoder(state.pos_k[:, -rows:])
 
             return state.memo(("e_k", rows), encode)
         return state.tensors[f"e_{side}"][:, -rows:]

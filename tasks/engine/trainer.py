@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from seqpe_nd.encodings import PositionEncoding
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.metrics_log import append_jsonl, truncate_metrics
@@ -211,6 +212,11 @@ def run_dir_has_content(run_dir: Path) -> bool:
     return run_dir.exists() and any(run_dir.iterdir())
 
 
+def logs_at(done: int, cfg: TrainConfig) -> bool:
+    """Whether the step that brings the count to ``done`` writes training logs."""
+    return done % cfg.log_every == 0 or done == cfg.steps
+
+
 def _check_every_param_learns(model: nn.Module, world: int) -> None:
     """DDP needs a gradient for every trainable parameter each step; say which have none, early."""
     idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
@@ -362,8 +368,12 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         raw.train()
         bar = tqdm(total=cfg.steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
         window_tokens, window_start = 0, time.perf_counter()
+        encodings = [m for m in raw.modules() if isinstance(m, PositionEncoding)]
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg)
+            writes_logs = logs_at(step + 1, cfg)
+            for pe in encodings:  # logs that cost compute (SeqPE's pe_cos) only on the steps that write logs
+                pe.diagnostics = writes_logs
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
@@ -385,7 +395,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
 
-            if done % cfg.log_every == 0 or done == cfg.steps:
+            if writes_logs:
                 if grad_norm is not None:
                     logs["grad_norm"] = grad_norm  # identical on every rank after DDP's all-reduce
                 means = all_mean(logs, world, device)  # the one device sync of a logging step

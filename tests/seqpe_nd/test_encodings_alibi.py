@@ -199,8 +199,17 @@ def test_alibi_bias_is_exact_beyond_float_precision(method: str, extent: list[in
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("method", "extent"), [("alibi", [2000]), ("alibi_nd", [40, 40])])
-def test_long_causal_attention_in_blocks_equals_the_whole_square(method: str, extent: list[int]) -> None:
+@pytest.mark.parametrize(
+    ("method", "extent", "spacing", "built"),
+    [
+        ("alibi", [4000], "even", "window"),  # text: every block is a window of the last block's bias
+        ("alibi", [4000], "gaps", "blocks"),  # not evenly spaced: one bias per block
+        ("alibi_nd", [40, 40], "raster", "blocks"),  # a 2-D raster is not evenly spaced in both coordinates
+    ],
+)
+def test_long_causal_attention_in_blocks_equals_the_whole_square(
+    method: str, extent: list[int], spacing: str, built: str
+) -> None:
     """Past 2 × CAUSAL_BLOCK tokens the bias path runs a block of queries at a time over the keys it may
     see; it must equal the one-square computation (the dense bias over every query and key, masked)."""
     from seqpe_nd.encodings.base import CAUSAL_BLOCK, materialize_score_mod, sdpa
@@ -210,7 +219,11 @@ def test_long_causal_attention_in_blocks_equals_the_whole_square(method: str, ex
     n = 2 * CAUSAL_BLOCK + 77
     sp = space(extent)
     pos = sp.positions(sp.L).reshape(-1, len(extent))[:n][None].repeat(2, 1, 1)
-    pos[1] += 3  # rows differ
+    if spacing == "even":
+        pos = pos * 3  # step 3
+    elif spacing == "gaps":
+        pos[:, n // 2 :] += 5
+    pos[1] += 7  # rows start elsewhere
     q, k, v = (torch.randn(2, pe.num_heads, n, 8) for _ in range(3))
     with torch.no_grad():
         state = pe.prepare(pos)
@@ -221,4 +234,9 @@ def test_long_causal_attention_in_blocks_equals_the_whole_square(method: str, ex
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not any(key[0] == "bias" for key in state._memo)  # no square bias was built
     blocks = [b for key, b in state._memo.items() if key[0] == "bias-block"]
-    assert [b.shape[-2:] for b in blocks] == [(512, 512), (512, 1024), (77, n)]  # each block sees keys up to its end
+    windows = [b for key, b in state._memo.items() if key[0] == "bias-window"]
+    if built == "window":  # one row, the last block's queries against every key
+        assert blocks == [] and [w.shape for w in windows] == [(1, pe.num_heads, CAUSAL_BLOCK, n)]
+    else:
+        assert windows == []
+        assert [b.shape[-2:] for b in blocks] == [(512, 512), (512, 1024), (77, n)]  # each block sees keys up to its end

@@ -74,6 +74,11 @@ def test_visibility_mask_aligns_queries_to_the_end_of_the_keys() -> None:
     want = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     torch.testing.assert_close(got[0, 0], want)
     assert visibility_mask(4, 4, causal=True, key_padding_mask=None, device=torch.device("cpu")) is None  # is_causal
+    # One decoding query is the last token: it sees every key, so there is nothing to mask.
+    assert visibility_mask(1, 5, causal=True, key_padding_mask=None, device=torch.device("cpu")) is None
+    padded = visibility_mask(1, 3, causal=True, key_padding_mask=torch.tensor([[False, True, True]]),
+                             device=torch.device("cpu"))
+    assert padded is not None and padded[0, 0, 0].tolist() == [False, True, True]
 
 
 def test_kv_cache_accumulates_positions_masks_and_keys() -> None:

@@ -188,6 +188,13 @@ def test_pe_cos_is_the_mean_pairwise_cosine_of_distinct_main_positions() -> None
     state = pe.prepare(torch.arange(8)[None, :, None], generator=torch.Generator().manual_seed(1))
     assert set(state.logs) == {"loss_delta", "loss_ood", "loss_reg", "pe_cos"}
     assert all(isinstance(v, torch.Tensor) and v.shape == () for v in state.logs.values())
+    # Off (the trainer's steps that write no logs): no pe_cos, and not the clean encoder pass it costs.
+    pe.diagnostics = False
+    calls = []
+    encode_unique = pe.encoder.encode_unique
+    pe.encoder.encode_unique = lambda p: calls.append(p) or encode_unique(p)  # type: ignore[method-assign]
+    state = pe.prepare(torch.arange(8)[None, :, None], generator=torch.Generator().manual_seed(1))
+    assert set(state.logs) == {"loss_delta", "loss_ood", "loss_reg"} and len(calls) == 1  # the regularized call only
 
 
 def test_pe_cos_is_measured_without_dropout() -> None:

@@ -146,6 +146,25 @@ def test_train_batches_are_deterministic_per_step(tmp_path: Path) -> None:
     assert not torch.equal(a["input_ids"], task.train_batch(4, 0, 0, 1)["input_ids"])
 
 
+def test_pe_cos_costs_its_encoder_pass_only_on_the_steps_that_write_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer turns the PE's diagnostics on for logging steps (3, 6 and the last, 7) and off for the rest,
+    and every train record still carries pe_cos."""
+    from seqpe_nd.encodings.seqpe import SeqPEEncoding
+
+    cfg = lm.LMConfig.parse(tiny_config(tmp_path, steps=7, log_every=3, save_every=0))
+    calls: list[int] = []
+    probe = SeqPEEncoding._collapse_signal
+    monkeypatch.setattr(SeqPEEncoding, "_collapse_signal", lambda self, *a: calls.append(1) or probe(self, *a))
+    run_dir = tmp_path / "run"
+    train(lm.LMRecipe.build_task(cfg, run_dir), cfg.train, run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [3, 6, 7] and all("pe_cos" in r for r in train_records)
+    assert len(calls) == 3
+
+
 # --- trained runs ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
