@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.engine import checkpoint as ckpt
@@ -85,8 +86,14 @@ def main() -> None:
     space = load_space(ROOT / space_file)
 
     seqpe = {"method": "seqpe", "integration": "attn_bias", "per_layer": False, "hidden": hidden, "alpha": 0.1, "beta": 0.1}
-    # --- training step: SeqPE (both regularizers) vs RoPE ---
-    models = {"seqpe": build(seqpe, args.preset, device).train(), "rope": build({"method": "rope"}, args.preset, device).train()}
+    # --- training step: SeqPE (both regularizers, and none) vs RoPE ---
+    models = {
+        "seqpe": build(seqpe, args.preset, device).train(),
+        "seqpe_no_reg": build({**seqpe, "alpha": 0.0, "beta": 0.0}, args.preset, device).train(),
+        "rope": build({"method": "rope"}, args.preset, device).train(),
+    }
+    for model in models.values():  # as the trainer runs 24 of 25 steps: no pe_cos (it is computed on logging steps)
+        model.pe.diagnostics = False
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, vocab, (args.batch, block), device=device, generator=gen)
@@ -105,6 +112,11 @@ def main() -> None:
         return run
 
     train_t = interleaved({k: train_step(k) for k in models}, args.repeats, args.warmup, device)
+    train_flops = {}
+    for name in models:  # the same step under the FLOP counter (matrix products), after the timing
+        with FlopCounterMode(display=False) as counter:
+            train_step(name)()
+        train_flops[name] = float(counter.get_total_flops())
     del models, opts
 
     # --- evaluation forward: SeqPE (cached table) vs APE-learn, batch 1 ---
@@ -129,6 +141,7 @@ def main() -> None:
         "layers": layers, "width": width, "heads": heads, "seqpe_encoder_width": hidden,
         "contrastive": space.contrastive.model_dump(), "ood": space.ood.model_dump(), "torch": torch.__version__,
         "train_step_s": train_t, "train_ratio_seqpe_over_rope": train_t["seqpe"] / train_t["rope"],
+        "train_step_flops": train_flops, "train_flop_ratio_seqpe_over_rope": train_flops["seqpe"] / train_flops["rope"],
         "eval_forward_s": eval_t,
         "eval_ratio_seqpe_over_ape_learn": {L: t["seqpe"] / t["ape_learn"] for L, t in eval_t.items()},
     }
@@ -136,11 +149,21 @@ def main() -> None:
     ckpt.atomic_write_text(RESULTS / f"{name}.json", json.dumps(result, indent=1) + "\n")
     lines = [
         f"# LM speed, {args.preset} model ({layers} layers, width {width}, block {block}) on {dev_name}, {args.dtype}\n",
-        "| measurement | SeqPE | baseline | ratio |", "|---|---|---|---|",
-        f"| train step, batch {args.batch} (SeqPE α=β=0.1 vs RoPE) | {train_t['seqpe'] * 1e3:.1f} ms | {train_t['rope'] * 1e3:.1f} ms | {result['train_ratio_seqpe_over_rope']:.2f} |",
+        "| measurement | SeqPE | baseline | time ratio | FLOP ratio |", "|---|---|---|---|---|",
     ]
+    for name, label in (("seqpe", "α=β=0.1"), ("seqpe_no_reg", "α=β=0, no regularizers")):
+        lines.append(
+            f"| train step, batch {args.batch} (SeqPE {label} vs RoPE) | {train_t[name] * 1e3:.1f} ms | "
+            f"{train_t['rope'] * 1e3:.1f} ms | {train_t[name] / train_t['rope']:.2f} | "
+            f"{train_flops[name] / train_flops['rope']:.2f} |"
+        )
     for L, t in eval_t.items():
-        lines.append(f"| eval forward, batch 1, L = {L} (SeqPE table vs APE-learn) | {t['seqpe'] * 1e3:.1f} ms | {t['ape_learn'] * 1e3:.1f} ms | {t['seqpe'] / t['ape_learn']:.2f} |")
+        lines.append(f"| eval forward, batch 1, L = {L} (SeqPE table vs APE-learn) | {t['seqpe'] * 1e3:.1f} ms | {t['ape_learn'] * 1e3:.1f} ms | {t['seqpe'] / t['ape_learn']:.2f} | |")
+    lines.append(
+        "\nFLOP ratio: forward + backward matrix products (`torch.utils.flop_counter`) of the same steps; norms, "
+        "activations, dropout, the optimizer and the regularizers' sampling are not counted. Steps without pe_cos, "
+        "as the trainer runs all but its logging steps."
+    )
     text = "\n".join(lines) + "\n"
     ckpt.atomic_write_text(RESULTS / f"{name}.md", text)
     print(text)
