@@ -4,7 +4,9 @@ A random-init 4-layer, 128-wide GPT-2 (4 heads, vocabulary 4096) generates ``--n
 prompts of 1K, 4K and 8K random tokens with ``model.generate`` (greedy, the HF ``DynamicCache``).
 Stock ``GPT2LMHeadModel`` (SDPA) is the reference; every method runs through the same adapter.
 Each method is timed twice more without the transformed-key store (every step transforms every
-cached key again, as before it existed), so the store's effect is measured in the same run.
+cached key again, as before it existed), so the store's effect is measured in the same run; SeqPE
+(attn_bias, one W_PE) is also timed decoding with widened q/k in every layer, as before its decoding
+steps added the position scores as one bias shared by the layers.
 
 Models are timed interleaved (one generate of each in turn, ``--repeats`` rounds, best kept) so
 that a shared machine's load hits them alike. One thread by default (``--threads``).
@@ -25,6 +27,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from seqpe_nd.encodings import build_position_encoding
+from seqpe_nd.encodings.seqpe import SeqPEEncoding
 from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
@@ -59,11 +62,16 @@ def build(method: str, positions: int) -> torch.nn.Module:
     return GPT2WithPE(config(positions), pe).eval()
 
 
-def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int, *, store: bool) -> float:
-    """Seconds of one greedy ``generate`` of ``new`` tokens (with or without the transformed-key store)."""
-    original = GPT2WithPE._transformed_keys
+def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int, *, store: bool, widened: bool = False) -> float:
+    """Seconds of one greedy ``generate`` of ``new`` tokens (with or without the transformed-key store).
+
+    ``widened``: SeqPE attn_bias decodes as before its shared position-score bias, every layer's q and keys
+    widened with E^q / E^k (kept in the store, or transformed again each step without it)."""
+    original, shared = GPT2WithPE._transformed_keys, SeqPEEncoding._shared_position_scores
     if not store:
         GPT2WithPE._transformed_keys = lambda self, cache, past: None  # type: ignore[method-assign]
+    if widened:
+        SeqPEEncoding._shared_position_scores = lambda self: False  # type: ignore[method-assign]
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -72,6 +80,7 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int, *, store: b
         seconds = time.perf_counter() - t0
     finally:
         GPT2WithPE._transformed_keys = original  # type: ignore[method-assign]
+        SeqPEEncoding._shared_position_scores = shared  # type: ignore[method-assign]
     assert out.shape[1] == prompt.shape[1] + new
     return seconds
 
@@ -87,23 +96,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     positions = max(args.prompts) + args.new
     models = {name: build(name, positions) for name in ["stock", *METHODS]}
-    runs = [(name, True) for name in models] + [(name, False) for name in METHODS]
+    # (model, key store, SeqPE widened): every method with and without the store; SeqPE also widened as before
+    runs = [(name, True, False) for name in models] + [(name, False, False) for name in METHODS]
+    runs += [("seqpe", True, True), ("seqpe", False, True)]
     rows: dict[str, dict[str, Any]] = {}
     for n in args.prompts:
         prompt = torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
-        best: dict[tuple[str, bool], float] = {}
+        best: dict[tuple[str, bool, bool], float] = {}
         for r in range(args.repeats):
-            for name, store in runs:
-                s = generate(models[name], prompt, args.new, store=store)
-                best[(name, store)] = min(best.get((name, store), float("inf")), s)
-                print(f"prompt {n}, round {r + 1}: {name}{'' if store else ' (no key store)'} {s:.2f} s", flush=True)
-        stock = best[("stock", True)]
-        rows[str(n)] = {
-            "stock_seconds": stock,
-            **{name: {"seconds": best[(name, True)], "ratio": best[(name, True)] / stock,
-                      "no_store_seconds": best[(name, False)], "no_store_ratio": best[(name, False)] / stock}
-               for name in METHODS},
-        }
+            for run in runs:
+                name, store, widened = run
+                s = generate(models[name], prompt, args.new, store=store, widened=widened)
+                best[run] = min(best.get(run, float("inf")), s)
+                label = f"{name}{' widened' if widened else ''}{'' if store else ' (no key store)'}"
+                print(f"prompt {n}, round {r + 1}: {label} {s:.2f} s", flush=True)
+        stock = best[("stock", True, False)]
+
+        def entry(name: str, widened: bool = False) -> dict[str, float]:
+            on, off = best[(name, True, widened)], best[(name, False, widened)]
+            return {"seconds": on, "ratio": on / stock, "no_store_seconds": off, "no_store_ratio": off / stock}
+
+        rows[str(n)] = {"stock_seconds": stock, **{name: entry(name) for name in METHODS},
+                        "seqpe_widened": entry("seqpe", widened=True)}
     device = platform.processor() or platform.machine()
     payload = {
         "model": {"layers": LAYERS, "width": WIDTH, "heads": HEADS, "vocab": VOCAB}, "new_tokens": args.new,
@@ -116,12 +130,14 @@ def main() -> None:
         f"# Greedy decoding, {args.new} new tokens, vs stock GPT-2 ({LAYERS} layers, width {WIDTH}; "
         f"{payload['device']}, {args.threads} thread; best of {args.repeats}, interleaved)\n",
         "Ratio of `generate` time to stock GPT2LMHeadModel's (SDPA, same cache); in brackets, the same method "
-        "without the transformed-key store (every cached key transformed again each step).\n",
-        "| prompt | stock s | " + " | ".join(METHODS) + " |",
-        "|---|---|" + "---|" * len(METHODS),
+        "without the transformed-key store (every cached key transformed again each step). `seqpe`: attn_bias "
+        "with one W_PE, whose decoding steps add E^q·E^k as one bias shared by the layers (keys stay as they are, "
+        "no store); `seqpe widened`: the same model decoding as before that, q and every key widened in each layer.\n",
+        "| prompt | stock s | " + " | ".join([*METHODS, "seqpe widened"]) + " |",
+        "|---|---|" + "---|" * (len(METHODS) + 1),
     ]
     for n, row in rows.items():
-        cells = [f"{row[m]['ratio']:.2f}× ({row[m]['no_store_ratio']:.2f}×)" for m in METHODS]
+        cells = [f"{row[m]['ratio']:.2f}× ({row[m]['no_store_ratio']:.2f}×)" for m in [*METHODS, "seqpe_widened"]]
         lines.append(f"| {n} | {row['stock_seconds']:.2f} | " + " | ".join(cells) + " |")
     atomic_write_text(args.out / "decode.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -211,6 +211,22 @@ class SeqPE(nn.Module):
         sizes = [math.prod(p.shape[:-1]) for p in pos_sets]
         return [o.view(*p.shape[:-1], self.d_model) for o, p in zip(out.split(sizes), pos_sets)]
 
+    def span(self, start: int, count: int) -> Float[Tensor, "count d"]:
+        """Embeddings of the 1-D positions ``start … start + count - 1``. In inference this is a view of the
+        table, not a gather (a decoding step reads its whole context's rows this way); otherwise ``self(pos)``."""
+        if self.space.width != 1:
+            raise ValueError(f"span(start, count) needs a 1-D space; this one has width {self.space.width}")
+        if count < 1:
+            raise ValueError(f"count = {count} is not allowed; it must be a positive integer")
+        pos = torch.arange(start, start + count, device=self.place_ids.device).view(-1, 1)
+        if not self._serve_from_table():
+            return self(pos)
+        self(pos[[0, -1]])  # checks both ends, and grows the table to cover them (consecutive: all between)
+        table = self._table
+        if table is not None and table.box is not None and start + count <= table.box[0]:
+            return table.emb[start : start + count]
+        return self(pos)  # a sparse table (a far request): gathered
+
     @torch.no_grad()
     def export_table(self, extent: Sequence[int] | int) -> Float[Tensor, "m d"]:
         """Embeddings of ``space.positions(extent)`` (row-major) as a plain tensor, in eval mode."""

@@ -14,6 +14,7 @@ heads, enters attention as a q/k transform, so every integration runs in fused S
 * input_add: ``x_i + e_i`` on the input embeddings (Eq. 4 with SeqPE's ``e``)
 """
 
+import math
 from typing import Literal
 
 import torch
@@ -22,7 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from seqpe_nd.encoder import SeqPE
-from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, sdpa, visibility_mask
 from seqpe_nd.regularizers import SeqPERegularizer
 
 Integration = Literal["attn_sum", "attn_mul", "attn_bias", "input_add"]
@@ -167,9 +168,74 @@ class SeqPEEncoding(PositionEncoding):
             return state.memo(("e_k", rows), encode)
         return state.tensors[f"e_{side}"][:, -rows:]
 
+    def _key_embeddings(self, state: PEState) -> Float[Tensor, "_ m d"]:
+        """The encoder's embeddings of every key position: for consecutive 1-D keys shared by the rows (a text
+        context) a view of its table, one row for all; else one row per batch row."""
+        pk, m = state.pos_k, state.pos_k.shape[1]
+        if pk.shape[-1] == 1 and state.shared_rows:
+            start = int(pk[0, 0, 0])
+            if torch.equal(pk[0, :, 0], torch.arange(start, start + m, device=pk.device)):
+                return self.encoder.span(start, m).unsqueeze(0)
+        return self._embeddings(state, "k", m)
+
     @property
     def transforms_keys(self) -> bool:
-        return self.integration != "input_add"
+        """attn_bias with one W_PE in inference leaves keys as they are: a decoding step adds the position
+        scores as one bias shared by every layer (``attend``), so no cache needs widened keys."""
+        return self.integration != "input_add" and not self._shared_position_scores()
+
+    def _shared_position_scores(self) -> bool:
+        """Eq. 14's position term ``E^q_i · E^k_j`` is then the same in every layer."""
+        return not self.training and self.integration == "attn_bias" and not self.per_layer
+
+    def attend(
+        self,
+        q: Float[Tensor, "b h n e"],
+        k: Float[Tensor, "b h mk e"],
+        v: Float[Tensor, "b h mk ev"],
+        state: PEState,
+        layer: int,
+        *,
+        causal: bool,
+        key_padding_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        scale: float | None = None,
+        cache: KVCache | None = None,
+    ) -> Float[Tensor, "b h n ev"]:
+        """As the base class; except that a few queries over many raw keys (a decoding step, attn_bias with one
+        W_PE, in inference) get Eq. 14 as ``q·k`` plus a bias ``E^q_i · E^k_j`` computed once for all layers,
+        rather than q and every key widened in every layer (which reads each cached key twice as wide).
+
+        The bias is ``(E^q_i W_k) · e_j`` with ``e_j`` the encoder's embedding of key ``j`` (its inference
+        table), so no key is projected: per step one product with the ``m`` keys' embeddings."""
+        n, m = q.shape[-2], state.pos_k.shape[1]
+        if cache is not None or not self._shared_position_scores() or 8 * n > m or k.shape[-2] != m:
+            return super().attend(q, k, v, state, layer, causal=causal, key_padding_mask=key_padding_mask,
+                                  dropout_p=dropout_p, scale=scale, cache=cache)
+        if n != state.pos_q.shape[1]:
+            raise ValueError(f"q has {n} tokens but state.pos_q has {state.pos_q.shape[1]} positions")
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        key = ("position-scores", causal, q.dtype, scale)
+        bias = state.memo(key, lambda: self._position_scores(state, causal, key_padding_mask, scale).to(q.dtype))
+        return sdpa(q, k, v, attn_mask=bias, scale=scale)
+
+    def _position_scores(
+        self, state: PEState, causal: bool, key_padding_mask: Tensor | None, scale: float
+    ) -> Float[Tensor, "b h n m"]:
+        """``scale · E^q_i · E^k_j`` for every query and key, masked (-inf where a query may not look)."""
+        n, m, h, e = state.pos_q.shape[1], state.pos_k.shape[1], self.num_heads, self.head_dim
+        weight = self.w_pe[0].weight  # (2·h·e, d): E^q rows, then E^k rows
+        e_q = F.linear(state.tensors["e_q"], weight[: h * e]).unflatten(-1, (h, e)).transpose(1, 2)  # (b, h, n, e)
+        u = torch.einsum("bhne,hed->bhnd", e_q, weight[h * e :].view(h, e, -1))  # E^q_i W_k, (b, h, n, d)
+        e_k = self._key_embeddings(state)  # (b or 1, m, d): the encoder's table
+        b = u.shape[0]
+        if e_k.shape[0] == 1:  # one GEMM for every row, head and query
+            scores = (u.reshape(-1, u.shape[-1]) @ e_k[0].T).view(b, h, n, m)
+        else:
+            scores = torch.bmm(u.reshape(b, h * n, -1), e_k.transpose(1, 2)).view(b, h, n, m)
+        scores = scores.float() * scale
+        mask = visibility_mask(n, m, causal=causal, key_padding_mask=key_padding_mask, device=scores.device)
+        return scores if mask is None else scores.masked_fill(~mask, float("-inf"))
 
     def transform_qk(
         self, q: Float[Tensor, "b h n e"], k: Float[Tensor, "b h mk e"], state: PEState, layer: int

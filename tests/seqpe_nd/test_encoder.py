@@ -236,6 +236,30 @@ def test_table_hits_and_extension(name, monkeypatch):
         torch.testing.assert_close(enc(more), enc.encode_unique(more), atol=ATOL, rtol=RTOL)
 
 
+def test_span_is_a_view_of_the_table_in_inference(monkeypatch):
+    """span(start, count) equals encoding the positions; in inference it is a view of the table (a decoding
+    step reads its whole context without a gather), grown as a call of the last position would grow it."""
+    space = space_of("text-512")
+    enc = tiny(space).eval()
+    want = enc.encode_unique(torch.arange(300, 340).view(-1, 1))
+    with torch.no_grad():
+        got = enc.span(300, 40)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+        assert got._base is enc._table.emb  # a view, not a copy
+        seen = counting(enc, monkeypatch)
+        torch.testing.assert_close(enc.span(310, 5), want[10:15])
+        assert seen == []  # served from the table
+    with pytest.raises(ValueError, match="negative|>= 0|out of range|must be"):
+        with torch.no_grad():
+            enc.span(-1, 4)
+    with pytest.raises(ValueError, match="count = 0"):
+        enc.span(3, 0)
+    with pytest.raises(ValueError, match="1-D space"):
+        tiny(space_of("image-14x14")).eval().span(0, 3)
+    enc.train()
+    torch.testing.assert_close(enc.span(300, 40), enc(torch.arange(300, 340).view(-1, 1)))  # training: encoded
+
+
 def test_grid_table_grows_densely_from_the_origin(monkeypatch):
     space = space_of("text-512")
     enc = tiny(space).eval()

@@ -162,7 +162,8 @@ def test_a_decoding_step_transforms_only_its_new_keys(name: str) -> None:
         with torch.no_grad():
             out = model(tokens(2, 8), use_cache=True)
         assert not hasattr(out.cache, "_seqpe_nd_transformed_keys")
-        assert name in ("nope", "ape_sin", "ape_learn", "alibi", "alibi_nd", "seqpe-input_add")
+        # seqpe: attn_bias with one W_PE adds its position scores as a bias (next test)
+        assert name in ("nope", "ape_sin", "ape_learn", "alibi", "alibi_nd", "seqpe-input_add", "seqpe")
         return
     seen: list[int] = []
     transform = model.pe.transform_qk
@@ -175,6 +176,45 @@ def test_a_decoding_step_transforms_only_its_new_keys(name: str) -> None:
         for i in range(8, 12):
             out = model(ids[:, i : i + 1], cache=out.cache, use_cache=True)
         assert seen == [1] * (LAYERS * 4)  # one new key per layer and step, however long the context
+
+
+def test_seqpe_decoding_adds_one_position_score_bias_for_all_layers() -> None:
+    """attn_bias with one W_PE: a decoding step widens no key; Eq. 14's E^q_i · E^k_j is computed once a step
+    (from the encoder's table, not per layer), and the logits equal the full forward's."""
+    model = make_model(PE_CONFIGS["seqpe"])
+    transformed: list[int] = []
+    transform = model.pe.transform_qk
+    model.pe.transform_qk = lambda q, k, state, layer: transformed.append(k.shape[-2]) or transform(q, k, state, layer)
+    scored: list[tuple[int, ...]] = []
+    scores = model.pe._position_scores
+    model.pe._position_scores = lambda state, *a: scored.append(tuple(state.pos_k.shape)) or scores(state, *a)
+    ids = tokens(2, 14)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        transformed.clear()
+        out = model(ids[:, :10], use_cache=True)
+        assert transformed == [10] * LAYERS and scored == []  # the prompt: q and k widened, as in training
+        transformed.clear()
+        steps = []
+        for i in range(10, 14):
+            out = model(ids[:, i : i + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    assert transformed == [] and scored == [(2, m, 1) for m in range(11, 15)]  # one bias per step, all layers
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-5, atol=1e-5)
+
+    # Left padding: the rows' positions differ, so the keys' embeddings are looked up per row.
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :3] = 0
+    scored.clear()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        out = model(ids[:, :10], attention_mask=mask[:, :10], use_cache=True)
+        steps = []
+        for i in range(10, 14):
+            out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits)
+    assert len(scored) == 4
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["rope", "seqpe", "alibi", "ape_learn"])
