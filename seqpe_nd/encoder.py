@@ -218,14 +218,22 @@ class SeqPE(nn.Module):
             raise ValueError(f"span(start, count) needs a 1-D space; this one has width {self.space.width}")
         if count < 1:
             raise ValueError(f"count = {count} is not allowed; it must be a positive integer")
-        pos = torch.arange(start, start + count, device=self.place_ids.device).view(-1, 1)
-        if not self._serve_from_table():
-            return self(pos)
-        self(pos[[0, -1]])  # checks both ends, and grows the table to cover them (consecutive: all between)
+        if self._serve_from_table():
+            version = self._version()
+            if not self._table_covers(start, count, version):  # check both ends, grow the table (all between too)
+                self(torch.tensor([[start], [start + count - 1]], device=self.place_ids.device))
+            if self._table_covers(start, count, version):
+                assert self._table is not None
+                return self._table.emb[start : start + count]
+        return self(torch.arange(start, start + count, device=self.place_ids.device).view(-1, 1))  # or gathered
+
+    def _table_covers(self, start: int, count: int, version: tuple[tuple[int, int], ...]) -> bool:
+        """Whether the dense 1-D table of these parameters (``version``) holds rows ``start … start + count - 1``."""
         table = self._table
-        if table is not None and table.box is not None and start + count <= table.box[0]:
-            return table.emb[start : start + count]
-        return self(pos)  # a sparse table (a far request): gathered
+        return (
+            table is not None and table.box is not None and 0 <= start and start + count <= table.box[0]
+            and table.version == version
+        )
 
     @torch.no_grad()
     def export_table(self, extent: Sequence[int] | int) -> Float[Tensor, "m d"]:

@@ -109,7 +109,7 @@ class SeqPEEncoding(PositionEncoding):
         pos_q = state.pos_q
         same = state.pos_k is pos_q
         if not self.training and not same:  # decoding: keys are encoded lazily, only those a layer needs
-            state.tensors["e_q"] = self.encoder(pos_q)
+            state.tensors["e_q"] = self._table_rows(pos_q).expand(pos_q.shape[0], -1, -1)
             return
         main = pos_q if same else torch.cat([pos_q, state.pos_k], dim=1)
         if self.training and self.regularizer is not None:
@@ -168,15 +168,16 @@ class SeqPEEncoding(PositionEncoding):
             return state.memo(("e_k", rows), encode)
         return state.tensors[f"e_{side}"][:, -rows:]
 
-    def _key_embeddings(self, state: PEState) -> Float[Tensor, "_ m d"]:
-        """The encoder's embeddings of every key position: for consecutive 1-D keys shared by the rows (a text
-        context) a view of its table, one row for all; else one row per batch row."""
-        pk, m = state.pos_k, state.pos_k.shape[1]
-        if pk.shape[-1] == 1 and state.shared_rows:
-            start = int(pk[0, 0, 0])
-            if torch.equal(pk[0, :, 0], torch.arange(start, start + m, device=pk.device)):
-                return self.encoder.span(start, m).unsqueeze(0)
-        return self._embeddings(state, "k", m)
+    def _table_rows(self, pos: Int[Tensor, "b n w"]) -> Float[Tensor, "_ n d"]:
+        """The encoder's embeddings of ``pos``: for consecutive 1-D positions shared by the rows (a text context)
+        a view of its table, one row standing for all; else one row per batch row."""
+        n = pos.shape[1]
+        if pos.shape[-1] == 1 and not self.training:
+            start = int(pos[0, 0, 0])
+            steps = torch.arange(start, start + n, device=pos.device)
+            if torch.equal(pos[..., 0], steps.expand(pos.shape[0], n)):
+                return self.encoder.span(start, n).unsqueeze(0)
+        return self.encoder(pos)
 
     @property
     def transforms_keys(self) -> bool:
@@ -226,8 +227,8 @@ class SeqPEEncoding(PositionEncoding):
         n, m, h, e = state.pos_q.shape[1], state.pos_k.shape[1], self.num_heads, self.head_dim
         weight = self.w_pe[0].weight  # (2·h·e, d): E^q rows, then E^k rows
         e_q = F.linear(state.tensors["e_q"], weight[: h * e]).unflatten(-1, (h, e)).transpose(1, 2)  # (b, h, n, e)
-        u = torch.einsum("bhne,hed->bhnd", e_q, weight[h * e :].view(h, e, -1))  # E^q_i W_k, (b, h, n, d)
-        e_k = self._key_embeddings(state)  # (b or 1, m, d): the encoder's table
+        u = torch.matmul(e_q, weight[h * e :].view(h, e, -1))  # E^q_i W_k, (b, h, n, d)
+        e_k = state.memo(("e_k", m), lambda: self._table_rows(state.pos_k))  # (b or 1, m, d): the encoder's table
         b = u.shape[0]
         if e_k.shape[0] == 1:  # one GEMM for every row, head and query
             scores = (u.reshape(-1, u.shape[-1]) @ e_k[0].T).view(b, h, n, m)
