@@ -93,30 +93,40 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.new < 2:
+        parser.error(f"--new {args.new}: at least 2 (the time per token is taken after the first)")
     torch.set_num_threads(args.threads)
     positions = max(args.prompts) + args.new
     models = {name: build(name, positions) for name in ["stock", *METHODS]}
-    # (model, key store, SeqPE widened): every method with and without the store; SeqPE also widened as before
-    runs = [(name, True, False) for name in models] + [(name, False, False) for name in METHODS]
-    runs += [("seqpe", True, True), ("seqpe", False, True)]
+    # (model, key store, SeqPE widened, new tokens): every method with and without the store, and its prompt
+    # alone (one new token: the prefill); SeqPE also widened as before its shared position-score bias
+    runs = [(name, True, False, args.new) for name in models] + [(name, False, False, args.new) for name in METHODS]
+    runs += [("seqpe", True, True, args.new), ("seqpe", False, True, args.new)]
+    runs += [(name, True, False, 1) for name in models] + [("seqpe", True, True, 1)]
     rows: dict[str, dict[str, Any]] = {}
     for n in args.prompts:
         prompt = torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
-        best: dict[tuple[str, bool, bool], float] = {}
+        best: dict[tuple[str, bool, bool, int], float] = {}
         for r in range(args.repeats):
             for run in runs:
-                name, store, widened = run
-                s = generate(models[name], prompt, args.new, store=store, widened=widened)
+                name, store, widened, new = run
+                s = generate(models[name], prompt, new, store=store, widened=widened)
                 best[run] = min(best.get(run, float("inf")), s)
                 label = f"{name}{' widened' if widened else ''}{'' if store else ' (no key store)'}"
-                print(f"prompt {n}, round {r + 1}: {label} {s:.2f} s", flush=True)
-        stock = best[("stock", True, False)]
+                print(f"prompt {n}, round {r + 1}: {label}, {new} new {s:.2f} s", flush=True)
+        stock, stock_prefill = best[("stock", True, False, args.new)], best[("stock", True, False, 1)]
+        stock_token = (stock - stock_prefill) / (args.new - 1)
 
         def entry(name: str, widened: bool = False) -> dict[str, float]:
-            on, off = best[(name, True, widened)], best[(name, False, widened)]
-            return {"seconds": on, "ratio": on / stock, "no_store_seconds": off, "no_store_ratio": off / stock}
+            on, off = best[(name, True, widened, args.new)], best[(name, False, widened, args.new)]
+            prefill = best[(name, True, widened, 1)]
+            token = (on - prefill) / (args.new - 1)  # each further new token: one cached decoding step
+            return {"seconds": on, "ratio": on / stock, "no_store_seconds": off, "no_store_ratio": off / stock,
+                    "prefill_seconds": prefill, "prefill_ratio": prefill / stock_prefill,
+                    "token_seconds": token, "token_ratio": token / stock_token}
 
-        rows[str(n)] = {"stock_seconds": stock, **{name: entry(name) for name in METHODS},
+        rows[str(n)] = {"stock_seconds": stock, "stock_prefill_seconds": stock_prefill,
+                        "stock_token_seconds": stock_token, **{name: entry(name) for name in METHODS},
                         "seqpe_widened": entry("seqpe", widened=True)}
     device = platform.processor() or platform.machine()
     payload = {
@@ -139,6 +149,16 @@ def main() -> None:
     for n, row in rows.items():
         cells = [f"{row[m]['ratio']:.2f}× ({row[m]['no_store_ratio']:.2f}×)" for m in [*METHODS, "seqpe_widened"]]
         lines.append(f"| {n} | {row['stock_seconds']:.2f} | " + " | ".join(cells) + " |")
+    lines += [
+        f"\nWhere it goes: the prompt alone (`generate` of one token: the prefill) and each further token (the "
+        f"rest over {args.new - 1} cached steps), each × stock's; stock's own times in the first column.\n",
+        "| prompt | stock prefill s / token ms | " + " | ".join([*METHODS, "seqpe widened"]) + " |",
+        "|---|---|" + "---|" * (len(METHODS) + 1),
+    ]
+    for n, row in rows.items():
+        cells = [f"{row[m]['prefill_ratio']:.2f}× / {row[m]['token_ratio']:.2f}×" for m in [*METHODS, "seqpe_widened"]]
+        lines.append(f"| {n} | {row['stock_prefill_seconds']:.2f} / {1e3 * row['stock_token_seconds']:.2f} | "
+                     + " | ".join(cells) + " |")
     atomic_write_text(args.out / "decode.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

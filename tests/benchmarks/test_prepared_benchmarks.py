@@ -33,8 +33,9 @@ def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_decode_benchmark_runs(tmp_path: Path) -> None:
-    run("decode.py", "--prompts", "24", "--new", "2", "--repeats", "1", "--out", str(tmp_path))
+    run("decode.py", "--prompts", "24", "--new", "3", "--repeats", "1", "--out", str(tmp_path))
     result = json.loads((tmp_path / "decode.json").read_text())
     row = result["prompts"]["24"]
     assert row["stock_seconds"] > 0 and {"rope", "seqpe", "alibi", "seqpe_widened"} <= set(row)
+    assert row["seqpe"]["prefill_seconds"] > 0 and row["seqpe"]["token_ratio"] > 0
     assert "| 24 |" in (tmp_path / "decode.md").read_text()
