@@ -311,7 +311,8 @@ class PositionEncoding(nn.Module):
 
     @property
     def transforms_keys(self) -> bool:
-        """Whether ``transform_qk`` changes keys, so that a decoding cache should keep them transformed."""
+        """Whether a decoding cache should keep keys as ``transform_qk`` leaves them; False when ``attend``
+        takes the cached keys as they are (no transform, or SeqPE's shared position scores in inference)."""
         return type(self).transform_qk is not PositionEncoding.transform_qk
 
     # -- attention ------------------------------------------------------------------------
