@@ -151,11 +151,11 @@ def main() -> None:
         f"# LM speed, {args.preset} model ({layers} layers, width {width}, block {block}) on {dev_name}, {args.dtype}\n",
         "| measurement | SeqPE | baseline | time ratio | FLOP ratio |", "|---|---|---|---|---|",
     ]
-    for name, label in (("seqpe", "α=β=0.1"), ("seqpe_no_reg", "α=β=0, no regularizers")):
+    for variant, label in (("seqpe", "α=β=0.1"), ("seqpe_no_reg", "α=β=0, no regularizers")):
         lines.append(
-            f"| train step, batch {args.batch} (SeqPE {label} vs RoPE) | {train_t[name] * 1e3:.1f} ms | "
-            f"{train_t['rope'] * 1e3:.1f} ms | {train_t[name] / train_t['rope']:.2f} | "
-            f"{train_flops[name] / train_flops['rope']:.2f} |"
+            f"| train step, batch {args.batch} (SeqPE {label} vs RoPE) | {train_t[variant] * 1e3:.1f} ms | "
+            f"{train_t['rope'] * 1e3:.1f} ms | {train_t[variant] / train_t['rope']:.2f} | "
+            f"{train_flops[variant] / train_flops['rope']:.2f} |"
         )
     for L, t in eval_t.items():
         lines.append(f"| eval forward, batch 1, L = {L} (SeqPE table vs APE-learn) | {t['seqpe'] * 1e3:.1f} ms | {t['ape_learn'] * 1e3:.1f} ms | {t['seqpe'] / t['ape_learn']:.2f} | |")
