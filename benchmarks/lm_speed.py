@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and markdown results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -145,8 +146,8 @@ def main() -> None:
         "eval_forward_s": eval_t,
         "eval_ratio_seqpe_over_ape_learn": {L: t["seqpe"] / t["ape_learn"] for L, t in eval_t.items()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(RESULTS / f"{name}.json", json.dumps(result, indent=1) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=1) + "\n")
     lines = [
         f"# LM speed, {args.preset} model ({layers} layers, width {width}, block {block}) on {dev_name}, {args.dtype}\n",
         "| measurement | SeqPE | baseline | time ratio | FLOP ratio |", "|---|---|---|---|---|",
@@ -165,7 +166,7 @@ def main() -> None:
         "as the trainer runs all but its logging steps."
     )
     text = "\n".join(lines) + "\n"
-    ckpt.atomic_write_text(RESULTS / f"{name}.md", text)
+    ckpt.atomic_write_text(args.out / f"{name}.md", text)
     print(text)
 
 
