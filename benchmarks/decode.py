@@ -67,11 +67,13 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int, *, store: b
 
     ``widened``: SeqPE attn_bias decodes as before its shared position-score bias, every layer's q and keys
     widened with E^q / E^k (kept in the store, or transformed again each step without it)."""
-    original, shared = GPT2WithPE._transformed_keys, SeqPEEncoding._shared_position_scores
+    original = GPT2WithPE._transformed_keys
     if not store:
         GPT2WithPE._transformed_keys = lambda self, cache, past: None  # type: ignore[method-assign]
-    if widened:
-        SeqPEEncoding._shared_position_scores = lambda self: False  # type: ignore[method-assign]
+    pe = getattr(model, "pe", None)  # stock GPT-2 has none
+    seqpe = pe if isinstance(pe, SeqPEEncoding) else None
+    if seqpe is not None:
+        seqpe.shared_scores = not widened
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -80,7 +82,8 @@ def generate(model: torch.nn.Module, prompt: torch.Tensor, new: int, *, store: b
         seconds = time.perf_counter() - t0
     finally:
         GPT2WithPE._transformed_keys = original  # type: ignore[method-assign]
-        SeqPEEncoding._shared_position_scores = shared  # type: ignore[method-assign]
+        if seqpe is not None:
+            seqpe.shared_scores = True
     assert out.shape[1] == prompt.shape[1] + new
     return seconds
 

@@ -60,7 +60,8 @@ def count(cfg: Any, batch: int) -> float:
 def encoder_flops(cfg: Any) -> float:
     """FLOPs of the SeqPE encoder on one step's main positions (0…L-1, shared by every row), forward + backward."""
     torch.manual_seed(0)
-    model = build_model(cfg, vocab_size=vocab_of(cfg), eos_id=vocab_of(cfg) - 1).train()
+    vocab = vocab_of(cfg)
+    model = build_model(cfg, vocab_size=vocab, eos_id=vocab - 1).train()
     counter = FlopCounterMode(display=False)
     with counter:
         model.pe.encoder(torch.arange(cfg.model.block_size).view(1, -1, 1)).sum().backward()

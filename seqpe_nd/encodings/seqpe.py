@@ -109,7 +109,7 @@ class SeqPEEncoding(PositionEncoding):
         pos_q = state.pos_q
         same = state.pos_k is pos_q
         if not self.training and not same:  # decoding: keys are encoded lazily, only those a layer needs
-            state.tensors["e_q"] = self._table_rows(pos_q).expand(pos_q.shape[0], -1, -1)
+            state.tensors["e_q"] = self._table_rows(pos_q)
             return
         main = pos_q if same else torch.cat([pos_q, state.pos_k], dim=1)
         if self.training and self.regularizer is not None:
@@ -163,21 +163,25 @@ class SeqPEEncoding(PositionEncoding):
             def encode() -> Tensor:
                 if rows <= state.pos_q.shape[1] and state.keys_are_queries():  # decoding: the new keys are the queries
                     return state.tensors["e_q"][:, -rows:]
-                return self.encoder(state.pos_k[:, -rows:])
+                return self._table_rows(state.pos_k[:, -rows:])
 
             return state.memo(("e_k", rows), encode)
         return state.tensors[f"e_{side}"][:, -rows:]
 
-    def _table_rows(self, pos: Int[Tensor, "b n w"]) -> Float[Tensor, "_ n d"]:
-        """The encoder's embeddings of ``pos``: for consecutive 1-D positions shared by the rows (a text context)
-        a view of its table, one row standing for all; else one row per batch row."""
-        n = pos.shape[1]
+    def _table_rows(self, pos: Int[Tensor, "b n w"]) -> Float[Tensor, "b n d"]:
+        """The encoder's embeddings of ``pos``; for consecutive 1-D positions shared by the rows (a text context)
+        in inference, a view of its table (no gather), expanded over the rows."""
+        b, n = pos.shape[:2]
         if pos.shape[-1] == 1 and not self.training:
             start = int(pos[0, 0, 0])
             steps = torch.arange(start, start + n, device=pos.device)
-            if torch.equal(pos[..., 0], steps.expand(pos.shape[0], n)):
-                return self.encoder.span(start, n).unsqueeze(0)
+            if torch.equal(pos[..., 0], steps.expand(b, n)):
+                return self.encoder.span(start, n).expand(b, -1, -1)
         return self.encoder(pos)
+
+    shared_scores: bool = True
+    """attn_bias with one W_PE, in inference: decoding steps add Eq. 14's position term as one bias shared by
+    the layers (``attend``); False widens q and every key in each layer, as training and the prompt do."""
 
     @property
     def transforms_keys(self) -> bool:
@@ -187,7 +191,7 @@ class SeqPEEncoding(PositionEncoding):
 
     def _shared_position_scores(self) -> bool:
         """Eq. 14's position term ``E^q_i · E^k_j`` is then the same in every layer."""
-        return not self.training and self.integration == "attn_bias" and not self.per_layer
+        return self.shared_scores and not self.training and self.integration == "attn_bias" and not self.per_layer
 
     def attend(
         self,
@@ -225,12 +229,11 @@ class SeqPEEncoding(PositionEncoding):
     ) -> Float[Tensor, "b h n m"]:
         """``scale · E^q_i · E^k_j`` for every query and key, masked (-inf where a query may not look)."""
         n, m, h, e = state.pos_q.shape[1], state.pos_k.shape[1], self.num_heads, self.head_dim
-        weight = self.w_pe[0].weight  # (2·h·e, d): E^q rows, then E^k rows
-        e_q = F.linear(state.tensors["e_q"], weight[: h * e]).unflatten(-1, (h, e)).transpose(1, 2)  # (b, h, n, e)
-        u = torch.matmul(e_q, weight[h * e :].view(h, e, -1))  # E^q_i W_k, (b, h, n, d)
-        e_k = state.memo(("e_k", m), lambda: self._table_rows(state.pos_k))  # (b or 1, m, d): the encoder's table
+        w_k = self.w_pe[0].weight[h * e :].view(h, e, -1)  # the E^k rows of W_PE, per head
+        u = torch.matmul(self.heads_pe(state, "q", 0, n), w_k)  # E^q_i W_k, (b, h, n, d)
+        e_k = self._embeddings(state, "k", m)  # (b, m, d): the encoder's table
         b = u.shape[0]
-        if e_k.shape[0] == 1:  # one GEMM for every row, head and query
+        if state.shared_rows:  # every row's keys are row 0's: one GEMM for every row, head and query
             scores = (u.reshape(-1, u.shape[-1]) @ e_k[0].T).view(b, h, n, m)
         else:
             scores = torch.bmm(u.reshape(b, h * n, -1), e_k.transpose(1, 2)).view(b, h, n, m)
