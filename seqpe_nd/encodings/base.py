@@ -399,8 +399,8 @@ class PositionEncoding(nn.Module):
     def _dense_bias(self, mod: ScoreMod, state: PEState, mask: Tensor | None, causal: bool, q: Tensor) -> Tensor:
         n, m = state.pos_q.shape[1], state.pos_k.shape[1]
         bias = self._bias(mod, state, 0, n, m, q.device)
-        if mask is None and causal and n > 1:  # no padding and n == m, but is_causal cannot combine with a bias
-            mask = torch.ones(1, 1, n, m, dtype=torch.bool, device=q.device).tril(m - n)
+        if mask is None and causal and n == m:  # no padding, but is_causal cannot combine with a bias
+            mask = torch.ones(1, 1, n, m, dtype=torch.bool, device=q.device).tril()
         return bias if mask is None else bias.masked_fill_(~mask, float("-inf"))
 
     def dense_bias(
