@@ -89,8 +89,6 @@ def apply_rotary(
 ) -> Float[Tensor, "b h n e"]:
     """``R_Θ,p x`` with ``rotary_cos_sin``'s tables, computed in float32 and cast back once
     (each pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)``)."""
-    if x.dtype == torch.float32:  # the common case without the two no-op casts (this runs per layer per step)
-        return torch.addcmul(x * cos, swap_pairs(x, interleaved=interleaved), sin)
     xf = x.float()
     return torch.addcmul(xf * cos, swap_pairs(xf, interleaved=interleaved), sin).to(x.dtype)
 
