@@ -189,32 +189,32 @@ def test_seqpe_decoding_adds_one_position_score_bias_for_all_layers() -> None:
     scores = model.pe._position_scores
     model.pe._position_scores = lambda state, *a: scored.append(tuple(state.pos_k.shape)) or scores(state, *a)
     ids = tokens(2, 14)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        transformed.clear()
-        out = model(ids[:, :10], use_cache=True)
-        assert transformed == [10] * LAYERS and scored == []  # the prompt: q and k widened, as in training
-        transformed.clear()
-        steps = []
-        for i in range(10, 14):
-            out = model(ids[:, i : i + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits)
-    assert transformed == [] and scored == [(2, m, 1) for m in range(11, 15)]  # one bias per step, all layers
-    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-5, atol=1e-5)
+
+    def prompt_then_steps(mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full forward's logits of tokens 10…13, and theirs decoded one at a time after a 10-token prompt."""
+        pad = (lambda end: None) if mask is None else (lambda end: mask[:, :end])
+        with torch.no_grad():
+            full = model(ids, attention_mask=pad(14), use_cache=False).logits
+            transformed.clear()
+            scored.clear()
+            out = model(ids[:, :10], attention_mask=pad(10), use_cache=True)
+            steps = []
+            for i in range(10, 14):
+                out = model(ids[:, i : i + 1], attention_mask=pad(i + 1), cache=out.cache, use_cache=True)
+                steps.append(out.logits)
+        return full[:, 10:], torch.cat(steps, 1)
+
+    want, got = prompt_then_steps(None)
+    # the prompt's q and k widened, as in training; then no key widened, and one bias per step for all layers
+    assert transformed == [10] * LAYERS and scored == [(2, m, 1) for m in range(11, 15)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
     # Left padding: the rows' positions differ, so the keys' embeddings are looked up per row.
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[1, :3] = 0
-    scored.clear()
-    with torch.no_grad():
-        full = model(ids, attention_mask=mask, use_cache=False).logits
-        out = model(ids[:, :10], attention_mask=mask[:, :10], use_cache=True)
-        steps = []
-        for i in range(10, 14):
-            out = model(ids[:, i : i + 1], attention_mask=mask[:, : i + 1], cache=out.cache, use_cache=True)
-            steps.append(out.logits)
+    want, got = prompt_then_steps(mask)
     assert len(scored) == 4
-    torch.testing.assert_close(torch.cat(steps, 1), full[:, 10:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["rope", "seqpe", "alibi", "ape_learn"])
