@@ -5,8 +5,9 @@ On a CUDA machine (``python benchmarks/gpu.py``), in bf16:
 1. **One attention layer**, forward + backward, per method against plain causal SDPA, at 512, 2048
    and 8192 tokens (batch 4, 12 heads of 64): time, peak memory, and which kernel ran
    (``flash`` / ``efficient`` / ``math`` for SDPA, ``flex`` for FlexAttention).
-2. **GPT-2 small training** (12 × 768, 512 tokens, batch 8): tokens/s and MFU for nope, rope,
-   alibi and seqpe (α = β = 0.1), eager, and with ``--compile`` compiled too.
+2. **GPT-2 small training** (12 × 768, 512 tokens, batch 8): tokens/s, MFU and host syncs a step
+   (CUDA's sync debug mode) for nope, rope, alibi and seqpe (α = β = 0.1), its samplers on a host
+   generator as in the trainer; eager, and with ``--compile`` compiled too.
 3. **Evaluation forward at 16K tokens**: time and peak memory per method.
 4. **Generation**: tokens/s of greedy ``generate`` (128 new tokens after 1024), stock GPT-2 beside.
 
@@ -27,6 +28,7 @@ import contextlib
 import json
 import platform
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,6 +102,19 @@ class Clock:
         if self.device.type == "cuda":
             self.sync()
             out["peak_mib"] = (torch.cuda.max_memory_allocated(self.device) - base) / 2**20
+
+    def host_syncs(self, fn: Callable[[], Any]) -> int | None:
+        """Times one call of ``fn`` makes the host wait for the GPU (CUDA's sync debug mode); None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
 
     def time(self, fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
         """Median seconds of ``fn`` over ``repeats`` runs after ``warmup``."""
@@ -193,12 +208,13 @@ def training(s: Sizes, device: torch.device, dtype: torch.dtype, clock: Clock, c
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
             run = torch.compile(model) if compiled else model
             gen = torch.Generator(device=device).manual_seed(0)
+            host = torch.Generator().manual_seed(0)  # the samplers' generator lives on the host, as in the trainer
             ids = torch.randint(0, s.vocab, (s.train_batch, s.block), device=device, generator=gen)
             pos = torch.arange(s.block, device=device).view(1, -1, 1).expand(s.train_batch, -1, 1)
 
             def step() -> None:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = run(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=gen)
+                    out = run(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=host)
                     loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                     if out.pe_aux_loss is not None:
                         loss = loss + out.pe_aux_loss
@@ -208,12 +224,13 @@ def training(s: Sizes, device: torch.device, dtype: torch.dtype, clock: Clock, c
 
             with clock.peak() as mem:
                 seconds = clock.time(step, s.train_steps, warmup=3 if compiled else 1)
+            syncs = clock.host_syncs(step)
             tokens_per_s = s.train_batch * s.block / seconds
             # PaLM's count: 6 N per token plus attention's 12 · layers · length · width
             flops = (6 * params + 12 * s.layers * s.block * s.width) * tokens_per_s
             rows[name + (" (compiled)" if compiled else "")] = {
                 "step_seconds": seconds, "tokens_per_s": tokens_per_s, **mem,
-                "mfu": None if peak is None else flops / peak, "params": params,
+                "mfu": None if peak is None else flops / peak, "params": params, "host_syncs": syncs,
             }
     rope = rows["rope"]["step_seconds"]
     for r in rows.values():
@@ -296,10 +313,12 @@ def markdown(result: dict[str, Any]) -> str:
     for n, e in result["attention"].items():
         cells = [f"{e[m]['ratio']:.2f}× ({e[m]['kernel']})" for m in METHODS]
         lines.append(f"| {n} | {1000 * e['sdpa']['seconds']:.2f} ({e['sdpa']['kernel']}) | " + " | ".join(cells) + " |")
-    lines += ["\n## GPT-2 small training step\n", "| method | tokens/s | × RoPE | MFU | peak MiB |", "|---|---|---|---|---|"]
+    lines += ["\n## GPT-2 small training step\n", "| method | tokens/s | × RoPE | MFU | peak MiB | host syncs a step |",
+              "|---|---|---|---|---|---|"]
     for m, r in result["training"].items():
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
-        lines.append(f"| {m} | {r['tokens_per_s']:,.0f} | {r['vs_rope']:.2f} | {mfu} | {r.get('peak_mib', float('nan')):.0f} |")
+        syncs = "-" if r["host_syncs"] is None else str(r["host_syncs"])
+        lines.append(f"| {m} | {r['tokens_per_s']:,.0f} | {r['vs_rope']:.2f} | {mfu} | {r.get('peak_mib', float('nan')):.0f} | {syncs} |")
     lines += [f"\n## Evaluation forward at {result['sizes']['eval_length']} tokens\n", "| method | seconds | × nope | peak MiB | memory × nope |", "|---|---|---|---|---|"]
     for m, r in result["evaluation"].items():
         lines.append(f"| {m} | {r['seconds']:.3f} | {r['time_vs_nope']:.2f} | {r.get('peak_mib', float('nan')):.0f} | {r.get('memory_vs_nope', float('nan')):.2f} |")

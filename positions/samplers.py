@@ -302,5 +302,5 @@ def sample_shift(space: BoxSpace, generator: torch.Generator, extent: Sequence[i
 
 def apply_shift(space: BoxSpace, pos: Int[Tensor, "*b w"], z: Int[Tensor, "*#b w"]) -> Int[Tensor, "*b w"]:
     """``pos + z`` on the coordinates that move; a hybrid's modality id and padded dims stay."""
-    movable = space.box_digits.to(pos.device)[space.group_of(pos)] > 0
+    movable = space.box_digits.to(pos.device, non_blocking=True)[space.group_of(pos)] > 0
     return pos + torch.where(movable, z, 0)

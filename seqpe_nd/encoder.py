@@ -150,6 +150,9 @@ class SeqPE(nn.Module):
         # Position keys: mixed radix over each coordinate's range, for dedup and the table.
         self._radix = _radix(space)
         self._strides = _strides(self._radix) if math.prod(self._radix) < 2**62 else None
+        if self._strides is not None:  # on the module's device: a GPU step copies no list to the device (a sync)
+            self.register_buffer("key_strides", torch.tensor(self._strides, dtype=torch.int64), persistent=False)
+            self.register_buffer("key_radix", torch.tensor(self._radix, dtype=torch.int64), persistent=False)
         self._table: _Table | None = None
         self._param_list: list[nn.Parameter] | None = None
 
@@ -267,14 +270,11 @@ class SeqPE(nn.Module):
             self.space.check(flat)
         return bounds[w:]
 
-    def _radix_t(self, like: Tensor) -> Tensor:
-        return torch.tensor(self._radix, dtype=torch.int64, device=like.device)
-
     def _keys(self, flat: Tensor) -> Tensor:
         assert self._strides is not None
         if flat.shape[1] == 1:
             return flat[:, 0]
-        return (flat * torch.tensor(self._strides, device=flat.device)).sum(-1)
+        return (flat * self.key_strides.to(flat.device)).sum(-1)
 
     def _unique(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Distinct rows of ``flat`` and the index of each row's copy among them."""
@@ -285,8 +285,7 @@ class SeqPE(nn.Module):
 
     def _from_keys(self, keys: Tensor) -> Tensor:
         assert self._strides is not None
-        strides = torch.tensor(self._strides, device=keys.device)
-        return (keys[:, None] // strides) % self._radix_t(keys)
+        return (keys[:, None] // self.key_strides.to(keys.device)) % self.key_radix.to(keys.device)
 
     # -- inference table ------------------------------------------------------------------
     def _serve_from_table(self) -> bool:

@@ -26,8 +26,17 @@ def contrastive_loss(
     valid: Bool[Tensor, "b c"],
 ) -> Float[Tensor, ""]:
     """Eq. 9: -log softmax over raw dot products e_p · e_p', at p⁺; invalid candidates leave the softmax."""
+    _check_targets(target, valid)
+    return _contrastive_loss(pivot, candidates, target, valid)
+
+
+def _check_targets(target: Tensor, valid: Tensor) -> None:
+    """Every p⁺ must be a valid candidate (one host read: do it where the tensors live on the host)."""
     if not bool(valid.gather(1, target[:, None]).all()):
         raise ValueError("every target p⁺ must be a valid candidate (valid[i, target[i]] must be True)")
+
+
+def _contrastive_loss(pivot: Tensor, candidates: Tensor, target: Tensor, valid: Tensor) -> Tensor:
     logits = torch.einsum("bd,bcd->bc", pivot.float(), candidates.float())  # no temperature, no normalisation
     logits = logits.masked_fill(~valid, float("-inf"))
     return F.cross_entropy(logits, target)
@@ -201,7 +210,9 @@ class SeqPERegularizer:
             sets += [con.pivots, con.candidates]
         if ood is not None:
             sets += [ood.teacher, ood.student]
-        out = encoder.encode(*(s.to(encoder.place_ids.device) for s in sets))  # one batched, deduplicated call
+        dev = encoder.place_ids.device
+        # Sampled on the host (a CPU generator): copied without waiting, so a GPU step never syncs for them.
+        out = encoder.encode(*(s.to(dev, non_blocking=True) for s in sets))  # one batched, deduplicated call
         embeddings, rest = out[0], out[1:]
 
         loss = embeddings.new_zeros((), dtype=torch.float32)
@@ -209,8 +220,9 @@ class SeqPERegularizer:
         parts = {"loss_delta": zero, "loss_ood": zero}
         if con is not None:
             e_pivot, e_cand, rest = rest[0], rest[1], rest[2:]
-            dev = e_pivot.device
-            l_delta = contrastive_loss(e_pivot, e_cand, con.target.to(dev), con.valid.to(dev))
+            _check_targets(con.target, con.valid)  # where the sampler left them: on the host, no sync
+            target, valid = con.target.to(dev, non_blocking=True), con.valid.to(dev, non_blocking=True)
+            l_delta = _contrastive_loss(e_pivot, e_cand, target, valid)
             loss = loss + self.alpha * l_delta
             parts["loss_delta"] = l_delta.detach()
         if ood is not None:

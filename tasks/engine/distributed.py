@@ -66,6 +66,12 @@ def gather_rng(generator: torch.Generator, rank: int, world: int, device: torch.
 
 def restore_rng(rng: dict[str, Any], generator: torch.Generator, rank: int, device: torch.device) -> None:
     mine = rng[f"rank{rank}"]
+    have, want = mine["generator"].numel(), generator.get_state().numel()
+    if have != want:  # e.g. written when this generator still lived on the GPU (16 bytes; a CPU one has 5056)
+        raise ValueError(
+            f"the checkpoint's sampler RNG state has {have} bytes, this run's {generator.device.type} generator needs "
+            f"{want}: it was written by another version of the loop and cannot resume exactly; start a new output folder"
+        )
     torch.set_rng_state(mine["cpu"])
     generator.set_state(mine["generator"])
     if device.type == "cuda" and "cuda" in mine:

@@ -61,7 +61,9 @@ class TrainTask(Protocol):
         loop reads them only when it logs, averaged over micro-batches and ranks).
 
         ``model`` may be DDP- or compile-wrapped: call ``model(...)`` for the forward and reach
-        submodules through :func:`unwrap`. ``generator`` is this rank's checkpointed RNG, on the device.
+        submodules through :func:`unwrap`. ``generator`` is this rank's checkpointed RNG, a host (CPU)
+        generator on every device: SeqPE's regularizer samplers and the shift draw run on the host,
+        so a GPU step waits on none of their reads, and their small sets are copied to the device.
         Every trainable parameter must get a gradient each step (DDP); freeze the ones that do not.
         """
         ...
@@ -291,7 +293,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         torch.manual_seed(derive_seed(cfg.seed, rank, 1))
         if device.type == "cuda":
             torch.cuda.manual_seed(derive_seed(cfg.seed, rank, 2))
-        generator = torch.Generator(device=device)
+        # On the host even on a GPU: the samplers' branching reads (nonzero, multinomial, bool) would each sync.
+        generator = torch.Generator()
         generator.manual_seed(derive_seed(cfg.seed, rank, 3))
 
         model: nn.Module = torch.compile(raw) if cfg.compile else raw

@@ -171,7 +171,7 @@ class LMRecipe(Recipe[LMConfig]):
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
         if shift is not None:  # every sequence of the step moves by the same z (App. A.5)
-            pos = self.space.apply_shift(pos, shift.to(ids.device))
+            pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True))
         out = model(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=generator, pe_shifted=shift is not None)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         return StepOutput(lm, out.pe_aux_loss, out.pe_logs)

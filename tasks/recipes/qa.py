@@ -309,7 +309,7 @@ class QARecipe(Recipe[QAConfig]):
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
         if shift is not None:  # the whole step moves by one z (App. A.5); the PE then skips L_OOD
-            pos = self.space.apply_shift(pos, shift.to(ids.device))
+            pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True))
         total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator,
                                         pe_shifted=shift is not None)
         return StepOutput(total / max(count, 1), out.pe_aux_loss, out.pe_logs)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytest
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from seqpe_nd.tasks import recipes
@@ -169,6 +169,19 @@ def test_checkpoints_rotate_and_metrics_and_config_are_written(tmp_path: Path) -
     assert {"loss", "lr", "tokens_per_s", "grad_norm", "main", "reg"} <= set(lines[0])
     assert lines[0]["tokens_per_s"] > 0
     assert result["step"] == 10 and "val/ppl" in result and "train/loss" in result
+
+
+def test_resume_refuses_a_sampler_rng_state_of_another_size(tmp_path: Path) -> None:
+    """The loop's generator lives on the host; a state saved from a GPU generator (16 bytes) cannot restore it."""
+    train(ToyTask(), CFG.model_copy(update={"steps": 3}), tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    tensors = load_file(str(ckpt / "rng.safetensors"))
+    (key,) = [k for k in tensors if k.endswith("generator")]
+    assert tensors[key].numel() == torch.Generator().get_state().numel()  # saved from a host generator
+    tensors[key] = torch.zeros(16, dtype=torch.uint8)
+    save_file(tensors, str(ckpt / "rng.safetensors"))
+    with pytest.raises(ValueError, match="sampler RNG state has 16 bytes, this run's cpu generator needs 5056"):
+        train(ToyTask(), CFG, tmp_path / "run", resume=True)
 
 
 def test_run_dir_with_content_is_refused_without_resume(tmp_path: Path) -> None:
