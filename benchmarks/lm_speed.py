@@ -97,13 +97,14 @@ def main() -> None:
         model.pe.diagnostics = False
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     gen = torch.Generator(device=device).manual_seed(0)
+    host = torch.Generator().manual_seed(0)  # the samplers' generator lives on the host, as in the trainer
     ids = torch.randint(0, vocab, (args.batch, block), device=device, generator=gen)
     pos = torch.arange(block, device=device).view(1, block, 1).expand(args.batch, block, 1)
 
     def train_step(name: str) -> Callable[[], None]:
         def run() -> None:
             with autocast:
-                out = models[name](input_ids=ids, position_ids=pos, use_cache=False, pe_generator=gen)
+                out = models[name](input_ids=ids, position_ids=pos, use_cache=False, pe_generator=host)
                 loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 if out.pe_aux_loss is not None:
                     loss = loss + out.pe_aux_loss
@@ -118,7 +119,8 @@ def main() -> None:
         with FlopCounterMode(display=False) as counter:
             train_step(name)()
         train_flops[name] = float(counter.get_total_flops())
-    del models, opts
+    models.clear()  # free the weights and their optimizer state; the closures above keep the (now empty) dicts
+    opts.clear()
 
     # --- evaluation forward: SeqPE (cached table) vs APE-learn, batch 1 ---
     models = {"seqpe": build(seqpe, args.preset, device).eval(), "ape_learn": build({"method": "ape_learn"}, args.preset, device).eval()}

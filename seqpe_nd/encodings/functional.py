@@ -85,7 +85,7 @@ def swap_pairs(x: Float[Tensor, "*b e"], *, interleaved: bool) -> Float[Tensor, 
 
 
 def apply_rotary(
-    x: Float[Tensor, "b h n e"], cos: Float[Tensor, "b #h n e"], sin: Float[Tensor, "b #h n e"], *, interleaved: bool
+    x: Float[Tensor, "b h n e"], cos: Float[Tensor, "b #h n e"], sin: Float[Tensor, "b #h n e"], *, interleaved: bool  # noqa: F821 (jaxtyping's '#')
 ) -> Float[Tensor, "b h n e"]:
     """``R_Θ,p x`` with ``rotary_cos_sin``'s tables, computed in float32 and cast back once
     (each pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)``)."""
