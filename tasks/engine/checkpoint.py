@@ -19,7 +19,8 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,14 +157,21 @@ def read_json(path: Path) -> Any:
         raise CorruptFile(f"{path} is not a text file; expected JSON") from None
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; a torn one raises :class:`CorruptFile` naming it."""
+@contextmanager
+def _reading_safetensors(path: Path) -> Iterator[str]:
+    """The path to hand safetensors; a missing file is named, and so is one it cannot read (:class:`CorruptFile`)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return load_file(str(path))
+        yield str(path)
     except SafetensorError as err:
         raise CorruptFile(f"{path} cannot be read as safetensors ({err}); the file is torn or not a checkpoint") from None
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a torn one raises :class:`CorruptFile` naming it."""
+    with _reading_safetensors(path) as name:
+        return load_file(name)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -172,13 +180,8 @@ def verify_checkpoint(path: Path) -> None:
     for name in (_COMPLETE, "config.json", "optimizer.json", "rng.json"):
         read_json(path / name)
     for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} does not exist")
-        try:
-            with safe_open(str(path / name), framework="pt") as f:
-                f.keys()
-        except SafetensorError as err:
-            raise CorruptFile(f"{path / name} cannot be read as safetensors ({err}); the file is torn") from None
+        with _reading_safetensors(path / name) as file, safe_open(file, framework="pt") as f:
+            f.keys()
 
 
 # --- save ----------------------------------------------------------------------------------------
@@ -367,12 +370,8 @@ def load_checkpoint(
 def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
     """Load ``model.safetensors`` of a checkpoint (or of a run's latest checkpoint) into ``model``."""
     path = resolve_checkpoint(path)
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path / 'model.safetensors'} does not exist")
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except SafetensorError as err:
-        raise CorruptFile(f"{path / 'model.safetensors'} cannot be read ({err}); the file is torn") from None
+    with _reading_safetensors(path / "model.safetensors") as file:
+        missing, unexpected = load_model(model, file, strict=False)
     if strict and (missing or unexpected):
         raise ValueError(
             f"checkpoint {path} does not fit the model: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
@@ -381,14 +380,11 @@ def load_weights(model: nn.Module, path: Path, *, strict: bool = True) -> None:
 
 def embedding_rows(path: Path, names: tuple[str, ...] = ("transformer.wte.weight", "lm_head.weight")) -> int:
     """Rows of the checkpoint's token embedding (stored once under either name of the tied weight)."""
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            name = next((k for k in names if k in f.keys()), None)
-            if name is None:
-                raise ValueError(f"{path / 'model.safetensors'} has no token embedding (looked for {', '.join(names)})")
-            return int(f.get_slice(name).get_shape()[0])
-    except SafetensorError as err:
-        raise CorruptFile(f"{path / 'model.safetensors'} cannot be read ({err}); the file is torn") from None
+    with _reading_safetensors(path / "model.safetensors") as file, safe_open(file, framework="pt") as f:
+        name = next((k for k in names if k in f.keys()), None)
+        if name is None:
+            raise ValueError(f"{file} has no token embedding (looked for {', '.join(names)})")
+        return int(f.get_slice(name).get_shape()[0])
 
 
 class KeepBest:
