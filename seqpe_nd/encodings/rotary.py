@@ -32,6 +32,17 @@ class _Rotary(PositionEncoding):
     interleaved: bool = True
     # Subclasses define ``angles(pos, layer) -> Float[Tensor, "b #h n f"]``.
 
+    def _set_scaling(self, scaling: Any, original_length: Sequence[int] | int | None) -> None:
+        """Keep an evaluation-time ``scaling`` and the training extent per axis it is measured against."""
+        if scaling is not None and original_length is None:
+            raise ValueError(f"{self.method} scaling needs original_length (the training extent) or a grid space")
+        if isinstance(original_length, int):
+            original_length = (original_length,) * self.width
+        if original_length is not None and len(original_length) != self.width:
+            raise ValueError(f"original_length {list(original_length)} needs {self.width} entries, one per axis")
+        self.scaling = scaling
+        self.original_length = None if original_length is None else tuple(int(x) for x in original_length)
+
     def _layer_key(self, layer: int) -> int | None:
         return None  # fixed frequencies: one cos/sin for all layers
 
@@ -80,14 +91,7 @@ class RoPEAxial(_Rotary):
             )
         self.base = base
         self.register_buffer("inv_freq", rope_inv_freq(head_dim // (2 * width), base), persistent=False)
-        if scaling is not None and original_length is None:
-            raise ValueError(f"{self.method} scaling needs original_length (the training extent) or a grid space")
-        if isinstance(original_length, int):
-            original_length = (original_length,) * width
-        if original_length is not None and len(original_length) != width:
-            raise ValueError(f"original_length {list(original_length)} needs {width} entries, one per axis")
-        self.scaling = scaling
-        self.original_length = None if original_length is None else tuple(int(x) for x in original_length)
+        self._set_scaling(scaling, original_length)
 
     def angles(self, pos: Int[Tensor, "b n w"], layer: int) -> Float[Tensor, "b 1 n f"]:
         return axial_angles(pos, self.inv_freq)[:, None]  # (b, 1, n, e/2): same for every head
@@ -176,7 +180,7 @@ class RoPEMixed(_Rotary):
 
     def __init__(
         self, *, base: float, per_layer: bool, num_heads: int, head_dim: int, num_layers: int, width: int,
-        scaling: Any = None, original_length: Sequence[int] | None = None,
+        scaling: Any = None, original_length: Sequence[int] | int | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         self.base, self.per_layer = base, per_layer
@@ -185,10 +189,7 @@ class RoPEMixed(_Rotary):
                 f"rope_mixed scaling {scaling.type!r} is not defined on learned mixed frequencies; allowed: linear "
                 "(position interpolation per axis)"
             )
-        if scaling is not None and original_length is None:
-            raise ValueError("rope_mixed scaling needs original_length (the training extent) or a grid space")
-        self.scaling = scaling
-        self.original_length = None if original_length is None else tuple(int(x) for x in original_length)
+        self._set_scaling(scaling, original_length)
         depth = num_layers if per_layer else 1
         self.freqs = nn.Parameter(
             torch.stack([init_mixed_freqs(width, num_heads, head_dim, base) for _ in range(depth)])
