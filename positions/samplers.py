@@ -85,7 +85,8 @@ class OODBatch:
 
 class Shift(NamedTuple):
     applied: bool
-    z: Int[Tensor, " w"]
+    z: Int[Tensor, "rows w"]
+    """One start offset per row of the step (zero when not applied)."""
 
 
 def _tables(space: BoxSpace, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -287,17 +288,61 @@ def sample_ood(space: BoxSpace, generator: torch.Generator) -> OODBatch:
     return OODBatch(teacher=teacher, student=student, shift=z)
 
 
-def sample_shift(space: BoxSpace, generator: torch.Generator, extent: Sequence[int] | None = None) -> Shift:
-    """With probability ``shift.prob``, a start offset z for this step's main-task positions."""
-    dev = generator.device
+def _shift_room(space: BoxSpace, extent: Sequence[int] | None, dev: torch.device) -> Tensor:
+    """Largest start offset per coordinate for a region of ``extent`` (default: the training extent)."""
     lo, train_hi, _, _, _ = _tables(space, dev)
     ext = (train_hi - lo) if extent is None else torch.tensor(list(extent), dtype=torch.int64, device=dev).expand_as(lo)
     if ext.shape[-1] != space.width:
         raise ValueError(f"extent {list(extent or [])} needs {space.width} entries, one per coordinate")
-    zmax = _shift_range(space, ext, dev)
+    return _shift_range(space, ext, dev)
+
+
+def shift_pool(space: BoxSpace, generator: torch.Generator, extent: Sequence[int] | None = None) -> Int[Tensor, "p w"]:
+    """``shift.pool`` distinct start offsets (each keeps a region of ``extent`` inside L_max), row-major order
+    unravelled from a random permutation: the starts a run's shifted steps choose from, as the released sampler's
+    shuffled, down-sampled list of blocks."""
+    dev = generator.device
+    sizes = _shift_room(space, extent, dev) + 1  # choices per coordinate (1 where it never moves)
+    total = int(sizes.prod())
+    count = min(space.shift.pool or total, total)
+    if total <= 1 << 24:
+        flat = torch.randperm(total, generator=generator, device=dev)[:count]
+    else:  # too many to permute: independent draws (a repeat has probability < count² / 2^25)
+        flat = _uniform(torch.zeros(count, dtype=torch.int64, device=dev), torch.full((count,), total, device=dev), generator)
+    coords = []
+    for size in reversed(sizes.tolist()):
+        coords.append(flat % size)
+        flat = flat // size
+    return torch.stack(coords[::-1], dim=-1)
+
+
+def sample_shift(
+    space: BoxSpace,
+    generator: torch.Generator,
+    extent: Sequence[int] | None = None,
+    *,
+    rows: int = 1,
+    pool: Int[Tensor, "p w"] | None = None,
+) -> Shift:
+    """With probability ``shift.prob``, start offsets for this step's ``rows`` rows: ``min(rows, shift.starts)``
+    distinct starts (from ``pool`` when given, else fresh draws), row r taking start r mod that number."""
+    if rows < 1:
+        raise ValueError(f"rows = {rows} is not allowed; a step has at least one row")
+    dev = generator.device
+    zmax = _shift_room(space, extent, dev)
     applied = bool(torch.rand((), generator=generator, device=dev) < space.shift.prob)
-    z = _uniform(torch.zeros_like(zmax), zmax + 1, generator) if applied else torch.zeros_like(zmax)
-    return Shift(applied=applied, z=z)
+    if not applied:
+        return Shift(applied=False, z=torch.zeros(rows, zmax.shape[0], dtype=torch.int64, device=dev))
+    k = min(rows, space.shift.starts)
+    if pool is None:
+        starts = _uniform(torch.zeros(k, zmax.shape[0], dtype=torch.int64, device=dev), (zmax + 1).expand(k, -1), generator)
+    else:
+        if pool.shape[-1] != zmax.shape[0] or bool((pool > zmax).any()) or bool((pool < 0).any()):
+            raise ValueError(f"the shift pool's offsets must lie in [0, {zmax.tolist()}] per coordinate for this extent")
+        pick = torch.randperm(len(pool), generator=generator, device=dev)[:k] if len(pool) >= k else \
+            torch.randint(0, len(pool), (k,), generator=generator, device=dev)
+        starts = pool.to(dev)[pick]
+    return Shift(applied=True, z=starts[torch.arange(rows, device=dev) % k])
 
 
 def apply_shift(space: BoxSpace, pos: Int[Tensor, "*b w"], z: Int[Tensor, "*#b w"]) -> Int[Tensor, "*b w"]:

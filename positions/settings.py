@@ -71,3 +71,9 @@ class ShiftSettings(Frozen):
 
     prob: float = Field(0.1, ge=0.0, le=1.0)
     """Probability that a training step uses shifted positions."""
+    starts: PositiveInt = 16
+    """Distinct start offsets per shifted step (at most one per row; row r takes start r mod this), as
+    released: 16 shifted blocks shared by a batch of 32 (``pe_sampler.py``)."""
+    pool: PositiveInt | None = 320
+    """Shifted steps draw their starts from this many distinct offsets, drawn once per run (the released
+    ``pe_random_shift_downsample``); None: fresh offsets every step."""

@@ -77,16 +77,54 @@ class _SpaceMixin:
         return samplers.sample_ood(self, generator)  # type: ignore[arg-type]
 
     def sample_shift(
-        self, generator: torch.Generator, extent: Sequence[int] | None = None
+        self,
+        generator: torch.Generator,
+        extent: Sequence[int] | None = None,
+        *,
+        rows: int = 1,
+        pool: Int[Tensor, "p w"] | None = None,
     ) -> "samplers.Shift":
-        """Whether this training step is shifted and by how much (Appendix A.5)."""
-        return samplers.sample_shift(self, generator, extent)  # type: ignore[arg-type]
+        """Whether this training step is shifted, and each row's start offset (Appendix A.5; ``shift.starts``
+        distinct starts a step, from ``pool`` when given: see :meth:`shift_pool`)."""
+        return samplers.sample_shift(self, generator, extent, rows=rows, pool=pool)  # type: ignore[arg-type]
 
-    def apply_shift(self, pos: Int[Tensor, "*b w"], z: Int[Tensor, " w"]) -> Int[Tensor, "*b w"]:
-        """Shift positions by ``z``; for a hybrid, modality ids and padded dims never move."""
+    def shift_pool(self, generator: torch.Generator, extent: Sequence[int] | None = None) -> Int[Tensor, "p w"]:
+        """The ``shift.pool`` distinct start offsets a run's shifted steps choose from (drawn once per run)."""
+        return samplers.shift_pool(self, generator, extent)  # type: ignore[arg-type]
+
+    def apply_shift(self, pos: Int[Tensor, "*b w"], z: Int[Tensor, "*#b w"]) -> Int[Tensor, "*b w"]:
+        """Shift positions by ``z`` (broadcast over ``pos``); for a hybrid, modality ids and padded dims never move."""
         return samplers.apply_shift(self, pos, z)  # type: ignore[arg-type]
 
     # -- shared checks --------------------------------------------------------------------
+    def regularizer_volume(self) -> int:
+        """Positions the regularizers sample from: the L_max box's size, summed over a hybrid's groups."""
+        extent = (self.box_max_hi - self.box_lo).clamp(min=1)  # type: ignore[attr-defined]
+        moves = self.box_digits > 0  # type: ignore[attr-defined]
+        return int(torch.where(moves, extent, 1).prod(-1).sum())
+
+    def min_regularizer_batch(self) -> int:
+        """Appendix A.4: L_δ's pivots and L_OOD's starts per step should be at least 16·L_max / 10 000 (L_max
+        counted in positions: 20 000 → 32 for the paper's text, 100 × 100 → 16 for its images), so that every
+        position is trained often enough within the steps."""
+        return max(1, math.ceil(16 * self.regularizer_volume() / 10_000))
+
+    def _balance_regularizer_batches(self) -> None:
+        """Raise the settings left at their defaults to A.4's floor; a value set below it is an error."""
+        floor = self.min_regularizer_batch()
+        for section, field in (("contrastive", "batch"), ("ood", "num_starts")):
+            settings = getattr(self, section)
+            value = getattr(settings, field)
+            if value >= floor:
+                continue
+            if field in settings.model_fields_set:
+                raise ValueError(
+                    f"{section}.{field} = {value} is below Appendix A.4's floor for this space: at least "
+                    f"16·L_max/10 000 = {floor} per step (L_max spans {self.regularizer_volume()} positions); "
+                    f"set {section}.{field} >= {floor} or lower L_max"
+                )
+            object.__setattr__(self, section, settings.model_copy(update={field: floor}))
+
     def _check_width(self, pos: Tensor) -> None:
         width: int = self.width  # type: ignore[attr-defined]
         if pos.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -157,6 +195,7 @@ class GridSpace(_SpaceMixin, Frozen):
             )
         self.contrastive.window(self.ndim)  # validates the window's length
         self.ood.teachers(math.prod(self.L))
+        self._balance_regularizer_batches()
         return self
 
     # -- layout ---------------------------------------------------------------------------
@@ -390,9 +429,14 @@ class HybridSpace(_SpaceMixin, Frozen):
         elif self.timeline.L > self.timeline.L_max:
             raise ValueError(f"timeline.L = {self.timeline.L} exceeds timeline.L_max = {self.timeline.L_max}")
         self.ood.teachers(int(self.box_train_hi.sub(self.box_lo).prod(-1).sum()))
+        self._balance_regularizer_batches()
         return self
 
     # -- layout ---------------------------------------------------------------------------
+    def regularizer_volume(self) -> int:
+        """Positions the regularizers sample from: the modalities' own L_max boxes together."""
+        return sum(m.space.regularizer_volume() for m in self.modalities)
+
     @property
     def base(self) -> int:
         return self.modalities[0].space.base

@@ -42,9 +42,15 @@ _GROW = 256  # a 1-D table past its box grows to the next multiple of this many 
 class Block(nn.Module):
     """Pre-LN transformer block as in GPT-2: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, hidden: int, heads: int, mlp_ratio: float, dropout: float, causal: bool) -> None:
+    def __init__(
+        self, hidden: int, heads: int, mlp_ratio: float, dropout: float, causal: bool, qk_norm: bool = False
+    ) -> None:
         super().__init__()
         self.heads, self.causal = heads, causal
+        # QK-LayerNorm (Dehghani et al., 2023; Wortsman et al., 2023): bounds the attention logits, whose growth
+        # at large learning rates turns [CLS]'s attention one-hot onto itself and blinds it to the digits.
+        self.q_norm = nn.LayerNorm(hidden // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(hidden // heads) if qk_norm else nn.Identity()
         self.ln_1 = nn.LayerNorm(hidden)
         self.c_attn = nn.Linear(hidden, 3 * hidden)
         self.c_proj = nn.Linear(hidden, hidden)
@@ -57,12 +63,12 @@ class Block(nn.Module):
         """``last_only``: return only the last slot ([CLS]), the only output the final layer needs."""
         u, s, c = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(c, dim=-1)
-        k = k.view(u, s, self.heads, c // self.heads).transpose(1, 2)  # (u, h, s, e)
+        k = self.k_norm(k.view(u, s, self.heads, c // self.heads)).transpose(1, 2)  # (u, h, s, e)
         v = v.view(u, s, self.heads, c // self.heads).transpose(1, 2)  # (u, h, s, e)
         if last_only:
             # [CLS] is the last slot: it sees every slot under causal and bidirectional attention alike.
             x, q = x[:, -1:], q[:, -1:]
-        q = q.reshape(u, x.shape[1], self.heads, c // self.heads).transpose(1, 2)  # (u, h, t, e)
+        q = self.q_norm(q.reshape(u, x.shape[1], self.heads, c // self.heads)).transpose(1, 2)  # (u, h, t, e)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and not last_only)
         y = y.transpose(1, 2).reshape(u, x.shape[1], c)  # (u, t, c)
         x = x + self.drop(self.c_proj(y))
@@ -99,6 +105,8 @@ class SeqPE(nn.Module):
     lr_scale: float = 1.0
     """The encoder's learning rate as a multiple of the run's; the trainer's parameter groups read it
     (set from the PE config's ``encoder_lr_scale``; not part of the saved architecture)."""
+    lr_max: float | None = None
+    """The encoder's peak learning rate at most (``encoder_lr_max``), read likewise."""
 
     def __init__(
         self,
@@ -112,6 +120,7 @@ class SeqPE(nn.Module):
         dropout: float = 0.1,
         causal: bool = True,
         init: Init = "normal",
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(space, (GridSpace, HybridSpace)):
@@ -132,7 +141,7 @@ class SeqPE(nn.Module):
         self.d_model = d_model
         self.config: dict[str, Any] = dict(
             d_model=d_model, hidden=hidden, layers=layers, heads=heads, mlp_ratio=mlp_ratio,
-            dropout=dropout, causal=causal, init=init,
+            dropout=dropout, causal=causal, init=init, qk_norm=qk_norm,
         )
 
         # Eq. 7: U = T[token] + O[place] + D[dim]; [CLS] is row `cls_token` of T, with no O or D.
@@ -142,7 +151,7 @@ class SeqPE(nn.Module):
         self.register_buffer("place_ids", space.place_ids.clone(), persistent=False)
         self.register_buffer("dim_ids", space.dim_ids.clone(), persistent=False)
         # No dropout on the summed T + O + D inputs: the released encoder has none there (only residual dropout).
-        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, dropout, causal) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, dropout, causal, qk_norm) for _ in range(layers))
         self.ln_f = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, d_model)
         self.apply(self._init_weights)

@@ -51,7 +51,7 @@ def ood_loss(
     student: Float[Tensor, "r m d"],
     heads: int,
     *,
-    symmetric: bool = False,
+    symmetric: bool = True,
     reduction: OODReduction = "mean",
 ) -> Float[Tensor, ""]:
     """Eq. 10, multi-head (App. A.3): KL(SG(P) || S) per head, averaged over heads and regions.
@@ -61,7 +61,8 @@ def ood_loss(
     rows; ``reduction="mean"`` (default) then divides by m as well, the scale of the released
     code's ``F.kl_div(..., reduction="mean")`` at which the paper's β = 0.1 was tuned;
     ``"batchmean"`` keeps the per-row sum (m times larger: use β/m for the same weight).
-    ``symmetric`` adds KL(S || SG(P)), the released code's variant; the teacher never receives a gradient.
+    ``symmetric`` (default, as the released criterion) adds KL(S || SG(P)); False is Eq. 10 as printed.
+    The teacher never receives a gradient.
     """
     d = teacher.shape[-1]
     if heads < 1 or d % heads:
@@ -170,7 +171,7 @@ class SeqPERegularizer:
         alpha: weight of L_δ (Eq. 15); 0 skips its sampling and compute.
         beta: weight of L_OOD (Eq. 15); 0 skips its sampling and compute.
         ood_heads: heads the embeddings are split into for L_OOD (App. A.3).
-        symmetric_kl: KL(T‖S) + KL(S‖T) as the released code does, instead of Eq. 10's KL(SG(P)‖S).
+        symmetric_kl: KL(T‖S) + KL(S‖T) as the released code does (default); False: Eq. 10's KL(SG(P)‖S).
         ood_reduction: ``mean`` (the released code's scale, so β means the paper's β) or
             ``batchmean`` (per-row KL sum, m = teachers per region times larger); see :func:`ood_loss`.
     """
@@ -182,7 +183,7 @@ class SeqPERegularizer:
         alpha: float = 0.1,
         beta: float = 0.1,
         ood_heads: int,
-        symmetric_kl: bool = False,
+        symmetric_kl: bool = True,
         ood_reduction: OODReduction = "mean",
     ) -> None:
         for name, value in (("alpha", alpha), ("beta", beta)):

@@ -54,7 +54,7 @@ class PEState:
     aux_loss: Tensor | None = None
     logs: dict[str, float | Tensor] = field(default_factory=dict)
     """Scalars worth logging, 0-dim detached tensors where a float would cost a device sync
-    (SeqPE in training: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+    (SeqPE in training: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
     shared_rows: bool = False
     """All batch rows carry the same positions, so one ``[h, n, m]`` bias serves the batch."""
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
@@ -240,8 +240,9 @@ class PositionEncoding(nn.Module):
 
     method: str = "nope"
     diagnostics: bool = True
-    """Whether training forwards also compute the logs that cost compute of their own (SeqPE's ``pe_cos``,
-    an extra encoder pass); the trainer turns this on for the steps whose logs it writes, off for the rest."""
+    """Whether training forwards also compute the logs that cost compute of their own (SeqPE's ``pe_spread``
+    and ``pe_cos``, an extra encoder pass with dropout); the trainer turns this on for the steps whose logs it
+    writes, off for the rest."""
     score_backend: ScoreBackend = "auto"
     """Where ``score_mod`` runs: FlexAttention (``flex``), one dense bias (``bias``), or
     ``auto`` = FlexAttention on CUDA, the dense bias elsewhere (CPU FlexAttention has no backward)."""
@@ -269,6 +270,11 @@ class PositionEncoding(nn.Module):
         state = self._new_state(pos_q, pos_k)
         self.fill_state(state, generator=generator, shifted=shifted)
         return state
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of a position network of the method's own (SeqPE's encoder), which the released recipe
+        clips on their own gradient norm (``train.clip_grad_pe``); none for a method without one."""
+        return []
 
     def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
         """Subclass hook of ``prepare``: put per-forward tensors (and any aux loss) in ``state``."""

@@ -157,6 +157,8 @@ class SeqPEConfig(Frozen):
     """How PEs enter the model: Eq. 12 (attn_sum), 13 (attn_mul), 14 (attn_bias), or input_add."""
     per_layer: bool = False
     """One W_PE^{q,k} per layer, or one shared by all layers (the paper's LM setting)."""
+    w_pe_bias: bool = True
+    """W_PE^{q,k} with a bias, as released (text ``bias=True``; images ``bias=qkv_bias``, True in timm's ViT)."""
     hidden: PositiveInt = 768
     """Encoder width (768 text, 384 images in the paper)."""
     layers: PositiveInt = 2
@@ -171,20 +173,28 @@ class SeqPEConfig(Frozen):
     """Causal attention over the digit tokens (the paper's default)."""
     init: Literal["normal", "trunc_normal"] = "normal"
     """Encoder weight init, std 0.02: normal (text) or trunc_normal cut at ±2 absolute (images, as released)."""
+    qk_norm: bool = False
+    """QK-LayerNorm in the encoder's attention (not in the released encoder; it bounds the attention logits, but
+    alone does not let the encoder learn at 3e-3: benchmarks/results/encoder_lr.md)."""
     encoder_lr_scale: float = Field(1.0, gt=0.0)
-    """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike).
-
-    The paper trains the encoder at its recipes' rates (5e-5 for text); at the 1e-3 rates a small
-    model trains at, Adam's steps drive the encoder's output bias and [CLS] stream faster than any
-    position-dependent signal grows, and L_δ stays at chance (benchmarks/results/ldelta_lr.md)."""
+    """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike)."""
+    encoder_lr_max: float | None = Field(3e-4, gt=0.0)
+    """The encoder's peak learning rate at most (its scale becomes ``min(encoder_lr_scale, encoder_lr_max /
+    train.lr)``; None: no cap). The encoder cannot learn even its own objective under Adam above ~5e-4: trained
+    on α·L_δ + β·L_OOD alone (no task), L_δ stays at chance from the first step at 1e-3 and 3e-3 — not helped
+    by warmup, QK-LayerNorm, 4× larger regularizer batches or Adam's eps, while [CLS]'s first-layer attention
+    turns one-hot onto itself — and learns at 3e-4 (benchmarks/results/encoder_lr.md). The paper's runs were
+    below it for text (5e-5) and at 1.2e-3 with batch 1024 and 25k warmup steps for images; a small model's
+    3e-4 … 3e-3 keeps the encoder at 3e-4 without a per-run value."""
     alpha: float = Field(0.1, ge=0.0)
     """Weight of L_δ (Eq. 9, 15); 0 disables it."""
     beta: float = Field(0.1, ge=0.0)
     """Weight of L_OOD (Eq. 10, 15); 0 disables it. At ``ood_reduction: mean`` it is the paper's β."""
     ood_heads: PositiveInt | None = None
     """Heads the embeddings split into for L_OOD; default the model's attention heads."""
-    symmetric_kl: bool = False
-    """L_OOD as KL(T‖S) + KL(S‖T) (released code) instead of Eq. 10's KL(SG(P)‖S)."""
+    symmetric_kl: bool = True
+    """L_OOD as KL(T‖S) + KL(S‖T), both with the teacher detached, as the released criterion does
+    (``pe_criterion.py``: twice the pull of Eq. 10 at the same β); False: Eq. 10's one-directional KL(SG(P)‖S)."""
     ood_reduction: Literal["mean", "batchmean"] = "mean"
     """L_OOD's scale: ``mean`` = the released ``kl_div(reduction="mean")`` (per-row KL sum ÷ m teachers,
     averaged over rows, heads and regions), the scale the paper's β was tuned at; ``batchmean`` = the
@@ -353,8 +363,9 @@ def _build_seqpe(
         dropout=cfg.dropout,
         causal=cfg.causal,
         init=cfg.init,
+        qk_norm=cfg.qk_norm,
     )
-    encoder.lr_scale = cfg.encoder_lr_scale  # read by the trainer's parameter groups
+    encoder.lr_scale, encoder.lr_max = cfg.encoder_lr_scale, cfg.encoder_lr_max  # read by the trainer's groups
     regularizer = None
     if cfg.alpha > 0 or cfg.beta > 0:
         regularizer = SeqPERegularizer(
@@ -370,6 +381,7 @@ def _build_seqpe(
         regularizer=regularizer,
         integration=cfg.integration,
         per_layer=cfg.per_layer,
+        w_pe_bias=cfg.w_pe_bias,
         num_heads=num_heads,
         head_dim=head_dim,
         num_layers=num_layers,

@@ -42,7 +42,13 @@ def integrate(x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integra
     raise ValueError(f"unknown SeqPE integration {integration!r}; valid: {', '.join(INTEGRATIONS)}")
 
 
-COS_ROWS = 64  # distinct positions pe_cos looks at
+COS_ROWS = 64  # distinct positions pe_cos and pe_spread look at
+
+COLLAPSED_SPREAD = 0.05
+"""``pe_spread`` below this (attention-logit units) reads as a collapsed position channel. A logit offset
+of δ scales a key's attention weight by e^δ ≈ 1 + δ, so a spread of 0.05 moves weights by ~5 %: position
+barely steers attention. Early training sits below it too: the LM smoke run (configs/lm/smoke/seqpe.yaml)
+read 0.001-0.03 over steps 50-400 and 0.1-0.19 over steps 640-700 (a fresh encoder reads ~1e-3)."""
 
 
 def distinct_rows(pos: Int[Tensor, "b n w"]) -> Int[Tensor, " k"]:
@@ -67,13 +73,36 @@ def _mean_cosine(x: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
 
 @torch.no_grad()
 def mean_pairwise_cosine(pos: Int[Tensor, "b n w"], emb: Float[Tensor, "b n d"]) -> Float[Tensor, ""]:
-    """Collapse signal: mean cosine between the embeddings of distinct positions (≤ COS_ROWS, evenly spaced).
+    """``pe_cos``: mean cosine between the embeddings of distinct positions (≤ COS_ROWS, evenly spaced).
 
-    1.0 means every position gets the same direction (a collapsed encoder); 1.0 too with one distinct position.
-    No sync: a 0-dim tensor on the embeddings' device.
+    Not a collapse test: a collapsed encoder reads 1.0, but so does a healthy one whose embeddings share a large
+    mean (the LM smoke run reads 0.999 from step ~60 on, while its ``pe_spread`` grows 100×); ``pe_spread`` is
+    the test. No sync: a 0-dim tensor on the embeddings' device.
     """
     rows = distinct_rows(pos)
     return _mean_cosine(emb.detach().reshape(-1, emb.shape[-1])[rows.to(emb.device)])
+
+
+@torch.no_grad()
+def position_score_spread(e_q: Float[Tensor, "h k e"], e_k: Float[Tensor, "h k e"]) -> Float[Tensor, ""]:
+    """``pe_spread`` of the attention integrations: with ``s_ij = E^q_i · E^k_j / √e`` (Eq. 14's position
+    term) per head, the std over keys ``j`` (population), averaged over heads and queries ``i``.
+
+    In attention-logit units; 0 means no query's position scores depend on the key, so attention cannot see
+    position. The keys are centred before the product (``s_ij - mean_j s_ij = E^q_i · (E^k_j - mean E^k)``),
+    so a large shared mean costs no precision."""
+    e_q, e_k = e_q.float(), e_k.float()
+    dev = e_q @ (e_k - e_k.mean(dim=-2, keepdim=True)).transpose(-1, -2) / math.sqrt(e_q.shape[-1])  # (h, k, k)
+    return dev.pow(2).mean(dim=-1).sqrt().mean()
+
+
+@torch.no_grad()
+def embedding_spread(emb: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
+    """``pe_spread`` of input_add: the RMS over positions of ``‖e_i - mean_i e_i‖``, the size of the
+    position-dependent part of what is added to the token embeddings (in the embeddings' units); 0 when every
+    position gets the same vector."""
+    x = emb.float()
+    return (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean().sqrt()
 
 
 class SeqPEEncoding(PositionEncoding):
@@ -91,6 +120,7 @@ class SeqPEEncoding(PositionEncoding):
         num_heads: int,
         head_dim: int,
         num_layers: int,
+        w_pe_bias: bool = True,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=encoder.space.width)
         if integration not in INTEGRATIONS:
@@ -99,10 +129,18 @@ class SeqPEEncoding(PositionEncoding):
         self.integration, self.per_layer = integration, per_layer
         if integration != "input_add":
             depth = num_layers if per_layer else 1
-            # Eq. 11: W_PE^{q,k} ∈ R^{d × 2·h·e}; rows [:h·e] give E^q, rows [h·e:] give E^k.
+            # Eq. 11: W_PE^{q,k} ∈ R^{d × 2·h·e}; rows [:h·e] give E^q, rows [h·e:] give E^k. As released
+            # (text: nn.Linear(bias=True) under GPT-2's init; images: bias=qkv_bias under timm's): a bias, and
+            # the encoder's N(0, 0.02) init with a zero bias, not PyTorch's kaiming-uniform (std 0.05 at d = 128).
             self.w_pe = nn.ModuleList(
-                nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=False) for _ in range(depth)
+                nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=w_pe_bias) for _ in range(depth)
             )
+            self.w_pe.apply(encoder._init_weights)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder network's parameters: the released code's ``pe_model``, clipped on its own (W_PE sits in
+        the backbone's attention there and is clipped with it)."""
+        return list(self.encoder.parameters())
 
     def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
         """Encode query and key positions in one call; in training, with the regularizers' sets."""
@@ -117,26 +155,45 @@ class SeqPEEncoding(PositionEncoding):
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(main)  # (b, n [+ m], d)
-        if self.training and self.diagnostics:  # every row at the same positions (one shift a step): one row says it all
+        # The collapse signals describe the training positions: a shifted step's rows start far apart (their
+        # spread would read as health), so it logs none. Rows at the same positions: one row says it all.
+        if self.training and self.diagnostics and not shifted:
             rows = slice(0, 1) if state.shared_rows else slice(None)
-            state.logs["pe_cos"] = self._collapse_signal(main[rows], emb[rows])
+            state.logs.update(self._collapse_signal(main[rows], emb[rows]))
         n = pos_q.shape[1]
         state.tensors["e_q"] = emb[:, :n]
         state.tensors["e_k"] = emb if same else emb[:, n:]
 
     @torch.no_grad()
-    def _collapse_signal(self, pos: Tensor, emb: Tensor) -> Tensor:
-        """``pe_cos`` of this step: with encoder dropout, on a clean (eval-mode) encoding of the sampled
-        positions, since dropout noise would hide a collapse; never through the inference table."""
+    def _collapse_signal(self, pos: Tensor, emb: Tensor) -> dict[str, Tensor]:
+        """``pe_spread`` (the collapse test) and ``pe_cos`` (kept for old logs) of this step's distinct positions:
+        with encoder dropout, on a clean (eval-mode) encoding of them, since dropout noise would hide a collapse;
+        never through the inference table. 0-dim tensors, no sync."""
+        rows = distinct_rows(pos)
         if self.encoder.config["dropout"] == 0:
-            return mean_pairwise_cosine(pos, emb)
-        sample = pos.reshape(-1, pos.shape[-1])[distinct_rows(pos)]
-        was = self.encoder.training
-        self.encoder.train(False)
-        try:
-            return _mean_cosine(self.encoder.encode_unique(sample))
-        finally:
-            self.encoder.train(was)
+            sample = emb.detach().reshape(-1, emb.shape[-1])[rows.to(emb.device)]
+        else:
+            was = self.encoder.training
+            self.encoder.train(False)
+            try:
+                sample = self.encoder.encode_unique(pos.reshape(-1, pos.shape[-1])[rows])
+            finally:
+                self.encoder.train(was)
+        return {"pe_cos": _mean_cosine(sample), "pe_spread": self.position_spread(sample)}
+
+    @torch.no_grad()
+    def position_spread(self, emb: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
+        """``pe_spread`` of the encoder's embeddings of ``k`` distinct positions: for the attention integrations
+        ``position_score_spread`` through layer 0's W_PE (attention-logit units; for attn_mul, where e^q and e^k
+        gate q and k rather than add a score, a proxy that is still 0 exactly when every position looks the
+        same), for input_add ``embedding_spread``. Compare with COLLAPSED_SPREAD."""
+        if self.integration == "input_add":
+            return embedding_spread(emb)
+        w_pe = self.w_pe[0]
+        with torch.autocast(emb.device.type, enabled=False):  # full precision: a bf16 shared term would fake spread
+            proj = w_pe(emb.to(w_pe.weight.dtype)).float()  # the module, so any bias counts; (k, 2·h·e)
+        e_q, e_k = proj.unflatten(-1, (2, self.num_heads, self.head_dim)).permute(1, 2, 0, 3)  # 2 × (h, k, e)
+        return position_score_spread(e_q, e_k)
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
         """input_add: the SeqPE embedding of each query position; None for attention integrations."""
@@ -150,8 +207,10 @@ class SeqPEEncoding(PositionEncoding):
 
         def project() -> Tensor:
             he = self.num_heads * self.head_dim
-            weight = self.w_pe[lk].weight[:he] if side == "q" else self.w_pe[lk].weight[he:]
-            e = F.linear(self._embeddings(state, side, rows), weight)  # (b, r, h*e)
+            rows_of = slice(None, he) if side == "q" else slice(he, None)
+            w_pe = self.w_pe[lk]
+            bias = None if w_pe.bias is None else w_pe.bias[rows_of]
+            e = F.linear(self._embeddings(state, side, rows), w_pe.weight[rows_of], bias)  # (b, r, h*e)
             return e.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (b, h, r, e)
 
         return state.memo(("w_pe", side, lk, rows), project)
@@ -227,16 +286,22 @@ class SeqPEEncoding(PositionEncoding):
     def _position_scores(
         self, state: PEState, causal: bool, key_padding_mask: Tensor | None, scale: float
     ) -> Float[Tensor, "b h n m"]:
-        """``scale · E^q_i · E^k_j`` for every query and key, masked (-inf where a query may not look)."""
+        """``scale · E^q_i · E^k_j`` for every query and key, masked (-inf where a query may not look).
+
+        With W_PE's bias, ``E^k_j = W_k e_j + b_k``, so the scores are ``(E^q_i W_k) · e_j + E^q_i · b_k``."""
         n, m, h, e = state.pos_q.shape[1], state.pos_k.shape[1], self.num_heads, self.head_dim
         w_k = self.w_pe[0].weight[h * e :].view(h, e, -1)  # the E^k rows of W_PE, per head
-        u = torch.matmul(self.heads_pe(state, "q", 0, n), w_k)  # E^q_i W_k, (b, h, n, d)
+        e_q = self.heads_pe(state, "q", 0, n)  # (b, h, n, e)
+        u = torch.matmul(e_q, w_k)  # E^q_i W_k, (b, h, n, d)
         e_k = self._embeddings(state, "k", m)  # (b, m, d): the encoder's table
         b = u.shape[0]
         if state.shared_rows:  # every row's keys are row 0's: one GEMM for every row, head and query
             scores = (u.reshape(-1, u.shape[-1]) @ e_k[0].T).view(b, h, n, m)
         else:
             scores = torch.bmm(u.reshape(b, h * n, -1), e_k.transpose(1, 2)).view(b, h, n, m)
+        b_k = self.w_pe[0].bias
+        if b_k is not None:  # one number per query: constant over keys, kept so the scores are Eq. 14's exactly
+            scores = scores + (e_q * b_k[h * e :].view(h, 1, e)).sum(-1, keepdim=True)
         scores = scores.float() * scale
         mask = visibility_mask(n, m, causal=causal, key_padding_mask=key_padding_mask, device=scores.device)
         return scores if mask is None else scores.masked_fill(~mask, float("-inf"))

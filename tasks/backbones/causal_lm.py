@@ -177,7 +177,8 @@ class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
 
     pe_aux_loss: torch.Tensor | None = None
     pe_logs: dict[str, Any] | None = None
-    """The PE's training logs of this forward (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+    """The PE's training logs of this forward (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``,
+    ``pe_cos``)."""
 
 
 class PositionEncodingLM:

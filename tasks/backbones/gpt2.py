@@ -2,11 +2,16 @@
 
 GPT-2's own position seam is ``transformer.wpe``, the learned lookup by index: it becomes
 :class:`NoPositionLookup`, a zero, and the PE's ``embed`` hook (APE, SeqPE ``input_add``) is added
-to the token embeddings instead.
+to the token embeddings instead. :class:`StockGPT2` keeps ``wpe``: the stock model, as a control.
+
+Legend: b batch, n tokens, w coordinates per position.
 """
+
+from typing import Any
 
 
 import torch
+from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -19,7 +24,10 @@ from seqpe_nd.tasks.backbones.causal_lm import (
     TransformedKeys,
 )
 
-__all__ = ["ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2WithPE", "NoPositionLookup", "PEForward", "TransformedKeys"]
+__all__ = [
+    "ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2WithPE", "NoPositionLookup", "PEForward", "StockGPT2",
+    "TransformedKeys",
+]
 
 
 class NoPositionLookup(nn.Module):
@@ -58,3 +66,34 @@ class GPT2WithPE(PositionEncodingLM, GPT2LMHeadModel):
         super().__init__(config)
         self.transformer.wpe = NoPositionLookup()  # the wpe seam
         self.pe = pe
+
+
+class StockGPT2(GPT2LMHeadModel):
+    """Transformers' own ``GPT2LMHeadModel``, its learned ``wpe`` included: Table 1's control for the APE rows.
+
+    Weights, initialisation and forward are the stock model's (same config and seed, same logits). Only the call
+    takes the recipes' arguments: ``(b, n, 1)`` position ids are GPT-2's ``(b, n)`` ones (passed on, so ``wpe`` is
+    looked up at the positions the recipe gives), ``pe_generator`` is unused (nothing samples), ``pe_shifted`` must
+    be False (positions past ``n_positions`` have no row), and the output has ``pe_aux_loss = None``.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Int[Tensor, "b n"] | None = None,
+        *,
+        position_ids: Int[Tensor, "#b n"] | Int[Tensor, "#b n 1"] | None = None,
+        pe_generator: torch.Generator | None = None,
+        pe_shifted: bool = False,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPE:
+        if pe_shifted:
+            raise ValueError("the stock GPT-2 has no position encoding to shift; train it with random_shift: false")
+        if kwargs.get("return_dict") is False:
+            raise ValueError("StockGPT2 always returns a CausalLMOutputWithPE; return_dict=False is not supported")
+        if position_ids is not None and position_ids.ndim == 3:
+            if position_ids.shape[-1] != 1:
+                shape = tuple(position_ids.shape)
+                raise ValueError(f"the stock GPT-2 has 1-D positions; got position_ids of shape {shape}")
+            position_ids = position_ids[..., 0]  # (b, n)
+        out = super().forward(input_ids, position_ids=position_ids, **kwargs)
+        return CausalLMOutputWithPE(**dict(out.items()), pe_aux_loss=None, pe_logs=None)

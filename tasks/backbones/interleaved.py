@@ -29,7 +29,7 @@ class HybridOutput(NamedTuple):
     aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
     logs: dict[str, Any] | None = None
-    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
 
 
 class InterleavedTransformer(nn.Module):

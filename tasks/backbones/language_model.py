@@ -1,5 +1,5 @@
 """The causal LM of the LM and QA recipes, built from its ``model:`` section: Hugging Face GPT-2 or a Llama of
-the same shape, with a PositionEncoding in place of its own positions."""
+the same shape, with a PositionEncoding in place of its own positions; or the stock GPT-2 with its own."""
 
 import math
 from typing import Literal
@@ -8,18 +8,20 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
-from seqpe_nd.encodings import APESinConfig, PEConfig, build_position_encoding
+from seqpe_nd.encodings import APESinConfig, NoPEConfig, PEConfig, build_position_encoding
 from seqpe_nd.positions import Frozen, GridSpace
 from seqpe_nd.tasks.backbones.causal_lm import attach_position_encoding
-from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
+from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE, StockGPT2
 
 
 class LMSettings(Frozen):
     """The causal LM backbone (``model:``): GPT-2, or a Llama with the same shape; the vocabulary comes from the tokenizer."""
 
-    arch: Literal["gpt2", "llama"] = "gpt2"
+    arch: Literal["gpt2", "llama", "gpt2_stock"] = "gpt2"
     """``gpt2``: Hugging Face GPT-2; ``llama``: a Hugging Face Llama (RMSNorm, SwiGLU MLP of about GPT-2's
-    parameters, grouped-query attention with ``kv_heads``) with the PE attached by ``attach_position_encoding``."""
+    parameters, grouped-query attention with ``kv_heads``) with the PE attached by ``attach_position_encoding``;
+    ``gpt2_stock``: the stock ``GPT2LMHeadModel`` with its own learned ``wpe`` (needs ``pe: {method: nope}``), a
+    control for the APE rows."""
     n_layer: PositiveInt = 12
     """Transformer blocks."""
     n_head: PositiveInt = 12
@@ -44,10 +46,12 @@ class LMSettings(Frozen):
         return self
 
 
-def gpt2_config(settings: LMSettings, *, vocab_size: int, eos_id: int) -> GPT2Config:
-    """The stock ``GPT2Config`` of the backbone (``n_positions`` only documents the training length)."""
+def gpt2_config(settings: LMSettings, *, vocab_size: int, eos_id: int, n_positions: int | None = None) -> GPT2Config:
+    """The stock ``GPT2Config`` of the backbone. ``n_positions``: rows of the stock model's ``wpe``; default the
+    training length, which is all it documents when a PE replaces ``wpe``."""
     return GPT2Config(
-        vocab_size=vocab_size, n_positions=settings.block_size, n_embd=settings.n_embd, n_layer=settings.n_layer,
+        vocab_size=vocab_size, n_positions=n_positions or settings.block_size, n_embd=settings.n_embd,
+        n_layer=settings.n_layer,
         n_head=settings.n_head, resid_pdrop=settings.dropout, embd_pdrop=settings.dropout,
         attn_pdrop=settings.dropout, initializer_range=settings.init_std,
         bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
@@ -65,12 +69,23 @@ def llama_config(settings: LMSettings, *, vocab_size: int, eos_id: int) -> Llama
     )
 
 
-def build_lm(settings: LMSettings, pe_config: PEConfig, space: GridSpace, *, vocab_size: int, eos_id: int) -> nn.Module:
+def build_lm(
+    settings: LMSettings, pe_config: PEConfig, space: GridSpace, *, vocab_size: int, eos_id: int,
+    max_positions: int | None = None,
+) -> nn.Module:
     """A randomly initialised causal LM (``settings.arch``) whose positions come from ``pe_config`` on ``space``.
 
     An APE-sin without a ``scale`` gets the sinusoid RMS (1/√2 per coordinate) matched to GPT-2's
     N(0, init_std) token embeddings, i.e. amplitude init_std·√2 (see ``APESinConfig.scale``).
+    ``gpt2_stock`` takes its positions from its own ``wpe`` of ``max_positions`` rows (default
+    ``block_size``: give the longest length it will be evaluated at), so ``pe_config`` must be NoPE.
     """
+    if settings.arch == "gpt2_stock":
+        if not isinstance(pe_config, NoPEConfig):
+            raise ValueError(f"model.arch = gpt2_stock keeps GPT-2's own learned wpe as its position encoding; "
+                             f"pe must be {{method: nope}}, got method {pe_config.method!r}")
+        config = gpt2_config(settings, vocab_size=vocab_size, eos_id=eos_id, n_positions=max_positions)
+        return StockGPT2(config)
     if isinstance(pe_config, APESinConfig) and pe_config.scale is None:
         pe_config = pe_config.model_copy(update={"scale": settings.init_std * math.sqrt(2.0)})
     m = settings

@@ -161,7 +161,7 @@ class ViTOutput(NamedTuple):
     aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
     logs: dict[str, Any] | None = None
-    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
 
 
 class ViTWithPE(nn.Module):
@@ -241,9 +241,10 @@ class ViTWithPE(nn.Module):
             raise RuntimeError("ViTWithPE's _pos_embed runs only inside ViTWithPE.forward")
         B, *grid, C = x.shape
         pos = self.grid_positions(grid, x.device)  # (n, w)
-        if fwd.pos_offset is not None:
-            pos = pos + fwd.pos_offset.to(pos.device)
-        pos = pos.expand(B, *pos.shape)  # (b, n, w)
+        if fwd.pos_offset is not None:  # one offset (w,) for every image, or one per image (b, w)
+            offset = fwd.pos_offset.to(pos.device)
+            pos = pos + (offset[:, None] if offset.ndim == 2 else offset)
+        pos = pos.expand(B, *pos.shape[-2:])  # (b, n, w)
         state = self.pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted)
         fwd.state, fwd.grid = state, tuple(grid)
         x = x.reshape(B, -1, C)  # (b, n, d)
@@ -258,14 +259,15 @@ class ViTWithPE(nn.Module):
         self,
         x: Float[Tensor, "b c *s"],
         *,
-        pos_offset: Int[Tensor, " w"] | None = None,
+        pos_offset: Int[Tensor, "*b w"] | None = None,
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
     ) -> ViTOutput:
         """Logits of images ``(b, c, H, W)`` (or videos ``(b, c, T, H, W)``) of any size.
 
         Args:
-            pos_offset: added to every patch position (the random start shift of App. A.5).
+            pos_offset: added to every patch position (the random start shift of App. A.5): ``(w,)`` for every
+                image, or ``(b, w)``, one per image.
             pe_generator, pe_shifted: passed to ``pe.prepare`` (SeqPE's regularizer samplers).
         """
         self.grid_shape(x.shape)  # a wrong shape is one clear error here, not deep inside timm

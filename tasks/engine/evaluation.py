@@ -5,6 +5,7 @@ Legend: ``b`` batch, ``k`` classes.
 """
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -102,6 +103,18 @@ def fmt(x: float | None, digits: int = 2) -> str:
     if x is None:
         return "-"
     return f"{x:.3g}" if abs(x) >= 1e4 else f"{x:.{digits}f}"
+
+
+def fmt_spread(mean: float | None, std: float | None, digits: int = 2) -> str:
+    """A ``mean ± std`` cell; the mean alone when there is no spread (one seed)."""
+    return fmt(mean, digits) if std is None or mean is None else f"{fmt(mean, digits)} ± {fmt(std, digits)}"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1) of ``values``; the std is None for a single value."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

@@ -30,13 +30,18 @@ def plot_ppl(
     *,
     title: str,
     train_length: int | None = None,
+    std: Mapping[str, Mapping[int, float | None]] | None = None,
 ) -> Path:
-    """Perplexity (log scale) against evaluation length (log2 scale), one line per run."""
+    """Perplexity (log scale) against evaluation length (log2 scale), one line per run.
+
+    ``std`` (a run's spread at each length, e.g. the sample std over seeds of a mean ``curves``) draws error bars;
+    a run or length missing from it, or None, gets none.
+    """
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, points in curves.items():
         xs = sorted(points)
-        ax.plot(xs, [points[x] for x in xs], marker="o", label=name)
+        ax.errorbar(xs, [points[x] for x in xs], yerr=_error_bars(std, name, xs), marker="o", capsize=3, label=name)
     if train_length is not None:
         ax.axvline(train_length, color="grey", linestyle=":", linewidth=1, label=f"train length {train_length}")
     ax.set_xscale("log", base=2)
@@ -56,13 +61,34 @@ def plot_ppl(
     return save_figure(fig, path)
 
 
-def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, *, title: str | None = None) -> Path:
-    """Top-1 against evaluation resolution, one line per run, training resolution marked."""
+def _error_bars(
+    std: Mapping[str, Mapping[Any, float | None]] | None, name: str, xs: Sequence[Any]
+) -> list[float] | None:
+    """The half-heights of ``name``'s error bars at ``xs`` (0 where a value is missing); None without any."""
+    spread = (std or {}).get(name)
+    if not spread or all(spread.get(x) is None for x in xs):
+        return None
+    return [spread.get(x) or 0.0 for x in xs]
+
+
+def plot_accuracy(
+    results: dict[str, dict[str, Any]],
+    path: Path,
+    *,
+    title: str | None = None,
+    std: Mapping[str, Mapping[str, float | None]] | None = None,
+) -> Path:
+    """Top-1 against evaluation resolution, one line per run, training resolution marked.
+
+    ``std`` (a run's spread at each resolution, keyed like ``results[run]["resolutions"]``, e.g. the sample std over
+    seeds of a mean top-1) draws error bars.
+    """
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     trains = set()
     for name, res in results.items():
         xs = sorted(int(s) for s in res["resolutions"])
-        ax.plot(xs, [res["resolutions"][str(x)]["top1"] for x in xs], marker="o", label=name)
+        yerr = _error_bars(std, name, [str(x) for x in xs])
+        ax.errorbar(xs, [res["resolutions"][str(x)]["top1"] for x in xs], yerr=yerr, marker="o", capsize=3, label=name)
         trains.add(res["train_resolution"])
     for r in trains:
         ax.axvline(r, color="grey", linestyle=":", linewidth=1)

@@ -29,6 +29,9 @@ from tqdm.auto import tqdm
 from seqpe_nd.encodings import PositionEncoding
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.clipping import clip_gradients, split_for_clipping
+from seqpe_nd.tasks.engine.collapse import CollapseWatch
+from seqpe_nd.tasks.engine.param_groups import param_groups
 from seqpe_nd.tasks.engine.metrics_log import append_jsonl, truncate_metrics
 from seqpe_nd.tasks.engine.distributed import all_mean, gather_rng, maybe_no_sync, restore_rng, setup_distributed
 
@@ -109,7 +112,12 @@ class TrainConfig(Frozen):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Final learning rate as a fraction of ``lr``."""
     clip_grad: float = Field(1.0, ge=0)
-    """Max global gradient norm; 0 disables clipping."""
+    """Max gradient norm of the model (of all of it unless ``clip_grad_pe`` is set); 0 disables clipping."""
+    clip_grad_pe: float | None = Field(None, ge=0)
+    """Clip a position encoding's own network (SeqPE's encoder) on its own gradient norm at this value, and
+    the rest of the model at ``clip_grad``, as the released code does (both at 5: text ``train.py``, images
+    ``main.py``); 0 leaves that network unclipped; None (default): one norm over every parameter. Methods
+    without such a network are unaffected."""
     seed: int = 0
     """Seeds model init, data order and every RNG of the loop."""
     log_every: int = Field(10, ge=1)
@@ -181,29 +189,6 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed mixed from integers (so rank 1's stream is not rank 0's shifted by one)."""
     words = np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint32)
     return int(words.view(np.uint64)[0] >> 1)
-
-
-def param_groups(model: nn.Module, task: TrainTask, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decayed parameters and those the task exempts, per learning-rate scale.
-
-    A submodule with a float attribute ``lr_scale`` (a SeqPE encoder's ``encoder_lr_scale``) trains
-    its parameters at that multiple of the scheduled rate; every group carries its ``lr_scale``.
-    """
-    scale_of: dict[int, float] = {}
-    for module in model.modules():
-        scale = getattr(module, "lr_scale", None)
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale != 1.0:
-            scale_of.update({id(p): float(scale) for p in module.parameters()})
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            key = (scale_of.get(id(p), 1.0), not task.no_weight_decay(name, p))
-            groups.setdefault(key, []).append(p)
-    return [
-        {"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
-        for (scale, decayed), params in groups.items()
-        if params or scale == 1.0
-    ]
 
 
 def run_dir_has_content(run_dir: Path) -> bool:
@@ -304,7 +289,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             )
 
         optimizer = torch.optim.AdamW(
-            param_groups(raw, task, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+            param_groups(raw, task, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
             fused=device.type == "cuda",
         )
 
@@ -372,6 +357,8 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         bar = tqdm(total=cfg.steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
         window_tokens, window_start = 0, time.perf_counter()
         encodings = [m for m in raw.modules() if isinstance(m, PositionEncoding)]
+        clip_groups = split_for_clipping(raw, encodings, separate=cfg.clip_grad_pe is not None)
+        collapse = CollapseWatch(cfg.warmup_steps, cfg.steps)
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg)
             writes_logs = logs_at(step + 1, cfg)
@@ -393,7 +380,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
 
             if step == start:
                 _check_every_param_learns(raw, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
+            grad_norm, grad_norm_pe = clip_gradients(clip_groups, cfg.clip_grad, cfg.clip_grad_pe)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
@@ -401,14 +388,24 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             if writes_logs:
                 if grad_norm is not None:
                     logs["grad_norm"] = grad_norm  # identical on every rank after DDP's all-reduce
+                if grad_norm_pe is not None:
+                    logs["grad_norm_pe"] = grad_norm_pe
                 means = all_mean(logs, world, device)  # the one device sync of a logging step
                 tps = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 record = {"step": done, "split": "train", "lr": lr, "tokens_per_s": tps, **means}
+                collapsed = collapse.update(step, means)  # same means on every rank: all agree
+                if collapsed:
+                    record["pe_collapsed"] = True  # an extra key of this train record: readers pick keys by name
                 if master:
                     append_jsonl(run_dir / METRICS, record)
-                    pe = {k: f"{float(means[k]):.3f}" for k in ("loss_delta", "loss_ood", "pe_cos") if k in means}
+                    if collapsed:
+                        tqdm.write(collapsed)
+                    # pe_spread, not pe_cos: a shared mean holds pe_cos at 1.000 on a healthy encoder
+                    pe = {k: f"{float(means[k]):.3f}" for k in ("loss_delta", "loss_ood", "pe_spread") if k in means}
                     bar.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.2e}", **pe)
-                result.update({f"train/{k}": float(v) for k, v in record.items() if k not in ("step", "split")})
+                result.update(
+                    {f"train/{k}": float(v) for k, v in record.items() if k not in ("step", "split", "pe_collapsed")}
+                )
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(1)
 

@@ -30,14 +30,16 @@ from seqpe_nd.positions import GridSpace, HybridSpace
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import (
     fmt,
+    fmt_spread,
     load_weights_checked,
+    mean_std,
     pick_device,
     print_table,
     read_run_config,
     reject_unknown_options,
     write_result,
 )
-from seqpe_nd.tasks.engine.trainer import first_sample, unwrap
+from seqpe_nd.tasks.engine.trainer import derive_seed, first_sample, unwrap
 from seqpe_nd.tasks.recipes.config import RunConfig
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
@@ -53,7 +55,7 @@ class StepOutput(NamedTuple):
     aux_loss: Tensor | None
     """The PE's auxiliary loss, None when it has none."""
     pe_logs: Mapping[str, Any] | None
-    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_cos``)."""
+    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
     metrics: dict[str, float | Tensor] = {}
     """Extra metrics of the recipe (e.g. ``train_top1``)."""
 
@@ -127,7 +129,8 @@ class Recipe(ABC, Generic[ConfigT]):
     def step(
         self, model: nn.Module, batch: Any, *, shift: Tensor | None, generator: torch.Generator
     ) -> StepOutput:
-        """The recipe's forward and main loss on a training batch; ``shift`` (or None) moves every position."""
+        """The recipe's forward and main loss on a training batch; ``shift`` (or None), one offset ``(rows, w)``
+        per row, moves that row's positions."""
 
     @property
     def shift_space(self) -> GridSpace | HybridSpace:
@@ -138,14 +141,33 @@ class Recipe(ABC, Generic[ConfigT]):
         """The extent of this batch's positions per dim (None: the space's training extent)."""
         return None
 
+    def batch_rows(self, batch: Any) -> int:
+        """Rows (sequences, images, clips) of a micro-batch: the leading dim of its first tensor."""
+        first = next(v for v in (batch.values() if isinstance(batch, Mapping) else batch) if isinstance(v, Tensor))
+        return int(first.shape[0])
+
+    def shift_pool(self, extent: list[int] | None) -> Tensor:
+        """The run's pool of start offsets for regions of ``extent`` (App. A.5, ``shift.pool``): drawn once, from
+        the run's seed alone, so a resumed run and every rank draw the same pool."""
+        key = None if extent is None else tuple(extent)
+        pools: dict[Any, Tensor] = self.__dict__.setdefault("_shift_pools", {})
+        if key not in pools:
+            g = torch.Generator().manual_seed(derive_seed(self.cfg.train.seed, 4))
+            pools[key] = self.shift_space.shift_pool(g, extent)
+        return pools[key]
+
     def loss(
         self, model: nn.Module, batch: Any, *, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, float | Tensor]]:
-        """Main loss + the PE's auxiliary loss, with one random start shift for the whole step (App. A.5)."""
+        """Main loss + the PE's auxiliary loss; a shifted step (App. A.5) gives each row a start offset, with
+        ``shift.starts`` distinct starts a step drawn from the run's pool, as released."""
         z = None
         if self.cfg.random_shift:
-            shift = self.shift_space.sample_shift(generator, self.shift_extent(model, batch))
-            z = shift.z if shift.applied else None
+            extent = self.shift_extent(model, batch)
+            space = self.shift_space
+            pool = self.shift_pool(extent) if space.shift.pool is not None else None
+            shift = space.sample_shift(generator, extent, rows=self.batch_rows(batch), pool=pool)
+            z = shift.z if shift.applied else None  # (rows, w)
         out = self.step(model, batch, shift=z, generator=generator)
         # 0-dim tensors, not floats: no device sync per micro-batch (the loop reads them when it logs)
         metrics: dict[str, float | Tensor] = {self.main_loss: out.main.detach(), "shifted": float(z is not None)}
@@ -280,17 +302,70 @@ class Recipe(ABC, Generic[ConfigT]):
         return rows
 
     @classmethod
-    def print_summary(cls, rows: Mapping[str, Mapping[str, Any]], title: str) -> str:
-        """Print the comparison table and return it as Markdown."""
+    def summarize_seeds(cls, results: Mapping[Any, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+        """One row per run name over seeds: the metric's mean and sample std (n - 1) at each size (``std``) and of
+        ``avg`` (``avg_std``), the mean training and evaluation seconds, and each seed's own row (``by_seed``).
+
+        ``results`` maps each seed to its evaluated runs by name (as :meth:`summarize` takes them). Every name must
+        have a run for every seed, evaluated at the same sizes: anything missing is a ValueError naming it, never a
+        mean over fewer seeds (pass fewer seeds explicitly instead).
+        """
+        key = cls.metric[0]
+        seeds = list(results)
+        if not seeds:
+            raise ValueError("summarize_seeds needs the runs of at least one seed")
+        per_seed = {seed: cls.summarize(runs) for seed, runs in results.items()}
+        names = list(dict.fromkeys(name for rows in per_seed.values() for name in rows))
+        missing = [f"{name} (seed {seed})" for name in names for seed in seeds if name not in per_seed[seed]]
+        if missing:
+            raise ValueError(f"no evaluated run for {', '.join(missing)}: every run needs all seeds {seeds}; "
+                             "finish those runs, or pass only the seeds that every run has")
+        rows: dict[str, dict[str, Any]] = {}
+        for name in names:
+            mine = {seed: per_seed[seed][name] for seed in seeds}
+            sizes = list(mine[seeds[0]][key])
+            for seed, r in mine.items():
+                if set(r[key]) != set(sizes):
+                    raise ValueError(f"{name}: seed {seed} was evaluated at {list(r[key])}, seed {seeds[0]} at {sizes}")
+            stats = {size: mean_std([float(r[key][size]) for r in mine.values()]) for size in sizes}
+            avg, avg_std = mean_std([float(r["avg"]) for r in mine.values()])
+            row: dict[str, Any] = {
+                "seeds": seeds,
+                key: {size: m for size, (m, _) in stats.items()},
+                "std": {size: sd for size, (_, sd) in stats.items()},
+                "avg": avg,
+                "avg_std": avg_std,
+            }
+            for t in ("train_seconds", "eval_seconds"):
+                if all(t in r for r in mine.values()):
+                    row[t] = mean_std([float(r[t]) for r in mine.values()])[0]
+            rows[name] = {**row, "by_seed": {str(seed): r for seed, r in mine.items()}}
+        return rows
+
+    @classmethod
+    def print_summary(cls, rows: Mapping[str, Mapping[str, Any]], title: str, *, reference: str | None = None) -> str:
+        """Print the comparison table and return it as Markdown.
+
+        Rows of :meth:`summarize_seeds` show ``mean ± std`` cells; with ``reference`` (a size, e.g. the training
+        length) a column gives the std there as a percentage of the mean.
+        """
         key = cls.metric[0]
         sizes = list(dict.fromkeys(s for r in rows.values() for s in r[key]))
         if all(s.isdigit() for s in sizes):
             sizes.sort(key=int)
         timed = any("train_seconds" in r for r in rows.values())
-        columns = ["method", *sizes, "avg", *(["train s", "eval s"] if timed else [])]
+        spread = any("std" in r for r in rows.values())
+        relative = spread and reference is not None
+        columns = ["method", *sizes, "avg", *([f"std % at {reference}"] if relative else []),
+                   *(["train s", "eval s"] if timed else [])]
         cells = []
         for name, r in rows.items():
-            row = [name, *(fmt(r[key].get(s)) for s in sizes), fmt(r["avg"])]
+            std = r.get("std", {})
+            row = [name, *(fmt_spread(r[key].get(s), std.get(s)) for s in sizes)]
+            row.append(fmt_spread(r["avg"], r.get("avg_std")))
+            if relative:
+                m, sd = r[key].get(reference), std.get(reference)
+                row.append(fmt(None if m is None or sd is None or m == 0 else 100.0 * sd / abs(m), 1))
             if timed:
                 row += [f"{r.get('train_seconds', float('nan')):.0f}", f"{r.get('eval_seconds', float('nan')):.0f}"]
             cells.append(row)

@@ -213,7 +213,7 @@ class HybridRecipe(Recipe[HybridConfig]):
         hybrid, is_image = self.layout(images.shape[1], grid, images.device)
         pos = self.pe_positions(hybrid, images.shape[0])
         if shift is not None:
-            pos = self.pe_space.apply_shift(pos, shift.to(images.device, non_blocking=True))
+            pos = self.pe_space.apply_shift(pos, shift.to(images.device, non_blocking=True)[:, None])
         out = model(text, images, pos, is_image, pe_generator=generator, pe_shifted=shift is not None)
         if self.cfg.data.question != "sentence":  # the reference is shown, not a candidate answer
             out = HybridOutput(out.logits[:, 1:], out.aux_loss, out.logs)

@@ -66,12 +66,30 @@ class LMConfig(RunConfig):
             raise ValueError(
                 f"space.L = {space.L[0]} must equal model.block_size = {self.model.block_size} (the training length)"
             )
+        if self.model.arch == "gpt2_stock" and (self.pe.method != "nope" or self.random_shift):
+            raise ValueError(
+                "model.arch = gpt2_stock keeps GPT-2's own learned wpe as its position encoding: it needs "
+                f"pe: {{method: nope}} (got {self.pe.method!r}) and random_shift: false (got {self.random_shift}), "
+                "as for ape_learn: shifted steps would train the rows it is meant to extrapolate to"
+            )
         return self
+
+
+def config_lengths(cfg: LMConfig) -> list[int]:
+    """The config's evaluation lengths: ``eval.lengths``, else 1, 2, 4, 8 and 16 times block_size."""
+    return list(cfg.eval.lengths or [cfg.model.block_size * f for f in (1, 2, 4, 8, 16)])
+
+
+def stock_positions(cfg: LMConfig) -> int | None:
+    """Rows of the stock GPT-2's learned ``wpe`` (``model.arch: gpt2_stock``): the config's longest evaluation
+    length, so it evaluates there with the rows past block_size at their init; None for the other models."""
+    return max(config_lengths(cfg)) if cfg.model.arch == "gpt2_stock" else None
 
 
 def build_model(cfg: LMConfig, *, vocab_size: int, eos_id: int) -> nn.Module:
     """A randomly initialised GPT-2 whose positions come from ``cfg.pe``."""
-    return build_lm(cfg.model, cfg.pe, cfg.grid_space(1), vocab_size=vocab_size, eos_id=eos_id)
+    return build_lm(cfg.model, cfg.pe, cfg.grid_space(1), vocab_size=vocab_size, eos_id=eos_id,
+                    max_positions=stock_positions(cfg))
 
 
 # --- evaluation protocol (§4.1) ------------------------------------------------------------------
@@ -121,9 +139,12 @@ def eval_settings(
     cfg: LMConfig, *, lengths: list[int] | None = None, split: str | None = None, max_tokens: int | None = None
 ) -> tuple[list[int], str, int | None]:
     """(lengths, split, max_tokens) of an evaluation: the options, else the config's ``eval``; each one checked."""
-    L, e = cfg.model.block_size, cfg.eval
-    sizes = list(lengths or e.lengths or [L * f for f in (1, 2, 4, 8, 16)])
+    e = cfg.eval
+    sizes = list(lengths or config_lengths(cfg))
     check_sizes(sizes, lambda n: n >= 2, "lengths are whole numbers of tokens >= 2", "length")
+    if (rows := stock_positions(cfg)) is not None:
+        check_sizes(sizes, lambda n: n <= rows, f"the stock GPT-2 learned {rows} positions (its wpe rows, the "
+                    "config's longest eval.lengths): lengths <= that", "length")
     split = split or e.split
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split {split!r} unknown; allowed: train, validation, test")
@@ -144,6 +165,7 @@ class LMRecipe(Recipe[LMConfig]):
     eval_options = ("lengths", "split", "max_tokens")
     rows_key = "lengths"
     metric = ("ppl", "perplexity")
+    no_decay_names = ("transformer.wpe.weight",)  # the stock GPT-2's position table trains as APE-learn's does
 
     def __init__(self, cfg: LMConfig, run_dir: Path | None = None) -> None:
         super().__init__(cfg, run_dir)
@@ -170,8 +192,8 @@ class LMRecipe(Recipe[LMConfig]):
         ids = batch["input_ids"]  # (b, n)
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
-        if shift is not None:  # every sequence of the step moves by the same z (App. A.5)
-            pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True))
+        if shift is not None:  # each row starts at its own z (App. A.5)
+            pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True)[:, None])
         out = model(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=generator, pe_shifted=shift is not None)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         return StepOutput(lm, out.pe_aux_loss, out.pe_logs)

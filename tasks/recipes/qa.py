@@ -149,6 +149,9 @@ def read_lm_run(init: Path) -> tuple[Path, dict[str, Any]]:
         "lm_data": TextDataConfig.model_validate(raw["data"]),
         "random_shift": bool(raw.get("random_shift", True)),
     }
+    if sections["model"].arch == "gpt2_stock":  # its wpe has the LM run's evaluation lengths, not the QA contexts
+        raise ValueError(f"init_from: {init} is a gpt2_stock run (Table 1's stock GPT-2 control); "
+                         "allowed: LM runs of arch gpt2 or llama")
     return found, sections
 
 
@@ -308,8 +311,8 @@ class QARecipe(Recipe[QAConfig]):
         ids = batch["input_ids"]  # (b, n), right-padded
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
-        if shift is not None:  # the whole step moves by one z (App. A.5); the PE then skips L_OOD
-            pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True))
+        if shift is not None:  # each row starts at its own z (App. A.5); the PE then skips L_OOD
+            pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True)[:, None])
         total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator,
                                         pe_shifted=shift is not None)
         return StepOutput(total / max(count, 1), out.pe_aux_loss, out.pe_logs)

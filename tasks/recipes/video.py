@@ -167,7 +167,7 @@ class VideoRecipe(Recipe[VideoConfig]):
         self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
     ) -> StepOutput:
         clips, targets = batch["clips"], batch["targets"]
-        offset = None if shift is None else shift.to(clips.device, non_blocking=True)  # the whole step's grids start at z
+        offset = None if shift is None else shift.to(clips.device, non_blocking=True)  # (b, w): each clip its own start
         out = model(clips, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
         main = F.cross_entropy(out.logits.float(), targets)
         top1 = 100.0 * (out.logits.argmax(-1) == targets).float().mean()

@@ -185,7 +185,7 @@ class ViTRecipe(Recipe[ViTConfig]):
         self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
     ) -> StepOutput:
         images, targets = batch["images"], batch["targets"]
-        offset = None if shift is None else shift.to(images.device, non_blocking=True)  # the whole step's grids start at z
+        offset = None if shift is None else shift.to(images.device, non_blocking=True)  # (b, w): each image its own start
         out = model(images, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
         main = self.loss_fn(out.logits.float(), targets)
         extra = {"train_top1": 100.0 * (out.logits.argmax(-1) == targets).float().mean()} if targets.ndim == 1 else {}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from seqpe_nd.tasks.engine.evaluation import fmt
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,3 +61,46 @@ def test_seqpe_flops_benchmark_runs_on_the_smoke_config(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "seqpe_flops_smoke.json").read_text())
     assert result["vocab"] == 4096 and 0 < result["encoder_share"] < 1 and result["step_vs_rope"] > 1
     assert "GFLOPs" in (tmp_path / "seqpe_flops_smoke.md").read_text()
+
+
+def naive_mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+@pytest.mark.slow
+def test_lm_table1_over_seeds_runs(tmp_path: Path) -> None:
+    """Two seeds x two methods at toy size: run folders per seed, mean ± std cells that match the seeds' numbers."""
+    run("lm_table1.py", "--methods", "rope", "gpt2_stock", "--seeds", "0", "1", "--jobs", "2", "--set", "train.steps=2",
+        "--set", "train.batch_size=2", "--set", "eval.lengths=[128,256]", "--set", "eval.max_tokens=512",
+        "--name", "toy", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy.json", "toy.md", "toy.png"]
+    assert all((tmp_path / "runs" / f"seed{s}" / m / "eval.json").is_file() for s in (0, 1) for m in ("rope", "gpt2_stock"))
+    result = json.loads((tmp_path / "out" / "toy.json").read_text())
+    assert result["setup"]["seeds"] == [0, 1] and list(result["table1"]) == ["rope", "gpt2_stock"] and not result["table4"]
+    for method, row in result["table1"].items():
+        for length in ("128", "256"):
+            per_seed = [result["runs"][s][method]["lengths"][length]["ppl"] for s in ("0", "1")]
+            mean, std = naive_mean_std(per_seed)
+            assert row["ppl"][length] == pytest.approx(mean) and row["std"][length] == pytest.approx(std)
+        assert per_seed[0] != per_seed[1]  # the seed reached the run
+    table = (tmp_path / "out" / "toy.md").read_text()
+    assert "std % at 128" in table and "mean ± std over seeds 0, 1" in table
+    assert f"| gpt2_stock | {fmt(result['table1']['gpt2_stock']['ppl']['128'])} ± " in table
+
+
+@pytest.mark.slow
+def test_vit_table3_over_seeds_runs(tmp_path: Path) -> None:
+    run("vit_table3.py", "--only", "nope", "ape_learn", "--seeds", "0", "1", "--set", "train.steps=2",
+        "--set", "eval.resolutions=[24,48]", "--max-images", "16", "--speed-steps", "1",
+        "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    assert all((tmp_path / "runs" / f"seed{s}" / m / "eval.json").is_file() for s in (0, 1) for m in ("nope", "ape_learn"))
+    result = json.loads((tmp_path / "out" / "vit_table3.json").read_text())
+    assert result["seeds"] == [0, 1] and set(result["speed"]) == {"nope", "ape_learn"}
+    for method, row in result["table3"].items():
+        for size in ("24", "48"):
+            mean, std = naive_mean_std([result["runs"][s][method]["eval"]["resolutions"][size]["top1"] for s in ("0", "1")])
+            assert row["top1"][size] == pytest.approx(mean) and row["std"][size] == pytest.approx(std)
+        assert result["runs"]["0"][method]["final_train_loss"] != result["runs"]["1"][method]["final_train_loss"]
+    table = (tmp_path / "out" / "vit_table3.md").read_text()
+    assert "std % at 24" in table and " ± " in table and (tmp_path / "out" / "vit_table3.png").is_file()

@@ -74,3 +74,33 @@ def test_text_spaces_give_global_pivots_hard_negatives_as_released():
         mix = {k: v for k, v in space.contrastive.mix.items() if v > 0}
         assert mix == {"global_hard": 0.4, "local": 0.6}, f"{name}: mix {mix}"
         assert space.contrastive.hard_fraction == 0.25, name
+
+
+@pytest.mark.parametrize(
+    ("space", "floor"),
+    [
+        ({"L": 512, "L_max": 20000}, 32),  # the paper's text: 16 · 20 000 / 10⁴
+        ({"L": [14, 14], "L_max": [100, 100]}, 16),  # the paper's images: 16 · 100² / 10⁴
+        ({"L": 128, "L_max": 5000}, 8),
+        ({"L": 8, "L_max": 64}, 1),
+        ({"L": [8, 14, 14], "L_max": [24, 42, 42]}, 68),  # ceil(16 · 42 336 / 10⁴)
+    ],
+)
+def test_regularizer_batches_meet_appendix_a4(space, floor):
+    """A.4: L_δ's and L_OOD's batches at least 16·L_max/10⁴ (L_max in positions). Defaults rise to the floor;
+    a value set below it is one clear error naming the field, the value and the floor."""
+    got = load_space(space)
+    assert got.min_regularizer_batch() == floor
+    assert got.contrastive.batch == max(16, floor) and got.ood.num_starts == max(16, floor)
+    assert load_space({**space, "ood": {"num_starts": floor}}).ood.num_starts == floor
+    if floor > 1:
+        for section, field in (("contrastive", "batch"), ("ood", "num_starts")):
+            with pytest.raises(ValueError, match=rf"{section}\.{field} = {floor - 1} is below Appendix A\.4's floor.*= {floor} per step"):
+                load_space({**space, section: {field: floor - 1}})
+
+
+def test_hybrid_regularizer_floor_counts_every_modality():
+    hybrid = load_space({"kind": "hybrid", "modalities": [{"name": "text", "space": {"L": 512, "L_max": 20000}},
+                                        {"name": "image", "space": {"L": [14, 14], "L_max": [100, 100]}}]})
+    assert hybrid.regularizer_volume() == 30000 and hybrid.min_regularizer_batch() == 48
+    assert hybrid.contrastive.batch == 48 and hybrid.ood.num_starts == 48

@@ -159,6 +159,30 @@ def test_start_shift(space):
             assert in_range(space, space.apply_shift(lo, d.z), space.box_max_hi)
 
 
+@pytest.mark.parametrize("extent", [[128], [6, 6]])
+def test_shifted_steps_take_distinct_starts_from_the_runs_pool(extent):
+    """As released (pe_sampler.py): a pool of ``shift.pool`` distinct offsets drawn once, and each shifted step
+    gives its rows ``shift.starts`` distinct starts from it (row r: start r mod starts)."""
+    space = load_space({"L": extent, "L_max": [e * 7 for e in extent], "shift": {"prob": 1.0, "starts": 4, "pool": 50}})
+    pool = space.shift_pool(torch.Generator().manual_seed(0))
+    room = torch.tensor([6 * e for e in extent])  # L_max - L per coordinate
+    assert pool.shape == (50, len(extent)) and len({tuple(p) for p in pool.tolist()}) == 50
+    assert bool((pool >= 0).all()) and bool((pool <= room).all())
+    torch.testing.assert_close(pool, space.shift_pool(torch.Generator().manual_seed(0)))  # a function of the seed
+    gen, seen = torch.Generator().manual_seed(1), set()
+    for _ in range(200):
+        shift = space.sample_shift(gen, rows=10, pool=pool)
+        assert shift.applied and shift.z.shape == (10, len(extent))
+        starts = [tuple(z) for z in shift.z[:4].tolist()]
+        assert len(set(starts)) == 4 and all(tuple(z) == starts[r % 4] for r, z in enumerate(shift.z.tolist()))
+        seen.update(starts)
+    assert seen == {tuple(p) for p in pool.tolist()}  # every pooled start is used, nothing else
+    few = space.sample_shift(gen, rows=2, pool=pool).z  # fewer rows than starts: one start per row
+    assert few.shape == (2, len(extent)) and tuple(few[0]) != tuple(few[1])
+    fresh = space.sample_shift(gen, rows=8).z  # no pool: fresh draws, still 4 starts repeated over the rows
+    assert torch.equal(fresh[:4], fresh[4:]) and bool((fresh <= room).all())
+
+
 def test_hybrid_shift_keeps_modality_and_padding():
     space = load_space(SPACES["hybrid"])
     lay = space.layout("text:3, image:2x2")

@@ -89,6 +89,7 @@ def reference_forward(enc: SeqPE, pos: torch.Tensor) -> torch.Tensor:
             x.append(u)
         x = torch.stack(x)  # (s, c)
         s = len(x)
+        qk_norm = enc.config["qk_norm"]
         for blk in enc.blocks:
             h = blk.ln_1(x)
             q, k, v = (h @ blk.c_attn.weight.T + blk.c_attn.bias).chunk(3, dim=-1)
@@ -98,7 +99,10 @@ def reference_forward(enc: SeqPE, pos: torch.Tensor) -> torch.Tensor:
                 sl = slice(hd * e, (hd + 1) * e)
                 for i in range(s):
                     keys = range(i + 1) if enc.config["causal"] else range(s)
-                    scores = torch.stack([q[i, sl] @ k[j, sl] / math.sqrt(e) for j in keys])
+                    qn = F.layer_norm(q[i, sl], (e,), blk.q_norm.weight, blk.q_norm.bias) if qk_norm else q[i, sl]
+                    kn = [F.layer_norm(k[j, sl], (e,), blk.k_norm.weight, blk.k_norm.bias) if qk_norm else k[j, sl]
+                          for j in range(s)]
+                    scores = torch.stack([qn @ kn[j] / math.sqrt(e) for j in keys])
                     y[i, sl] = sum(p * v[j, sl] for p, j in zip(scores.softmax(0), keys))
             x = x + blk.c_proj(y)
             x = x + blk.mlp(blk.ln_2(x))
@@ -106,11 +110,18 @@ def reference_forward(enc: SeqPE, pos: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("name", ["text-512", "hybrid-text-image"])
-def test_matches_loop_reference(name, causal):
+def test_matches_loop_reference(name, causal, qk_norm):
     space = space_of(name)
-    enc = tiny(space, causal=causal)
+    enc = tiny(space, causal=causal, qk_norm=qk_norm)
+    if qk_norm:  # trained norms, not their identity init
+        with torch.no_grad():
+            for blk in enc.blocks:
+                for norm in (blk.q_norm, blk.k_norm):
+                    norm.weight.normal_(1.0, 0.5)
+                    norm.bias.normal_(0.0, 0.5)
     pos = some_positions(space)[:4]
     torch.testing.assert_close(enc(pos), reference_forward(enc, pos), atol=ATOL, rtol=RTOL)
 

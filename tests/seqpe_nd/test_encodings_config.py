@@ -200,6 +200,9 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("seqpe", "integration", "attn_mul", lambda pe: pe.integration, "attn_mul"),
     ("seqpe", "per_layer", True, lambda pe: len(pe.w_pe), 3),
     ("seqpe", "encoder_lr_scale", 0.25, lambda pe: pe.encoder.lr_scale, 0.25),  # the trainer's groups: test_trainer
+    ("seqpe", "encoder_lr_max", 1e-4, lambda pe: pe.encoder.lr_max, 1e-4),  # likewise
+    ("seqpe", "w_pe_bias", False, lambda pe: [lin.bias for lin in pe.w_pe], [None]),
+    ("seqpe", "qk_norm", True, lambda pe: {type(b.q_norm).__name__ for b in pe.encoder.blocks}, {"LayerNorm"}),
     # Encoder options: what the modules that run do, not the config dict the constructor stored.
     ("seqpe", "hidden", 24, lambda pe: {out.shape[-1] for _, out in encoder_calls(pe, Block)}, {24}),
     ("seqpe", "layers", 3, lambda pe: len(encoder_calls(pe, Block)), 3),
@@ -210,7 +213,7 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("seqpe", "init", "trunc_normal", init_called, {"trunc_normal_"}),
     *[
         ("seqpe", f, v, (lambda f: lambda pe: getattr(pe.regularizer, f))(f), v)
-        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", True), ("ood_reduction", "batchmean"))
+        for f, v in (("alpha", 0.5), ("beta", 0.25), ("ood_heads", 4), ("symmetric_kl", False), ("ood_reduction", "batchmean"))
     ],
 ]
 

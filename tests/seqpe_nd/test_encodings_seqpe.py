@@ -1,6 +1,7 @@
 """SeqPE integrations against Eq. 12-14 written out with explicit score matrices."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import seqpe_nd.encodings.base as base_module
 from seqpe_nd.encodings import build_position_encoding
-from seqpe_nd.encodings.seqpe import SeqPEEncoding
+from seqpe_nd.encodings.seqpe import COLLAPSED_SPREAD, INTEGRATIONS, SeqPEEncoding
 from seqpe_nd.positions import load_space
 
 H, E, LAYERS = 2, 8, 3
@@ -21,8 +22,8 @@ def space(extent: list[int]):
         {
             "L": extent,
             "L_max": [e * 8 for e in extent],
-            "contrastive": {"batch": 4, "num_candidates": 8, "local_window": [4] * len(extent)},
-            "ood": {"num_starts": 2, "num_teachers": 4},
+            "contrastive": {"batch": 8, "num_candidates": 8, "local_window": [4] * len(extent)},
+            "ood": {"num_starts": 8, "num_teachers": 4},
         }
     )
 
@@ -35,9 +36,9 @@ def build(extent: list[int], **cfg) -> SeqPEEncoding:
     return pe
 
 
-def heads_of(e: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """E W (Eq. 11), the PE split across heads: head h gets columns h·e … (h+1)·e."""
-    proj = e @ weight.T  # (b, n, h*e)
+def heads_of(e: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """E W + b (Eq. 11 with the released bias), the PE split across heads: head h gets columns h·e … (h+1)·e."""
+    proj = e @ weight.T + (0 if bias is None else bias)  # (b, n, h*e)
     return torch.stack([proj[..., h * E : (h + 1) * E] for h in range(H)], dim=1)  # (b, h, n, e)
 
 
@@ -55,16 +56,18 @@ def naive(scores: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
 def test_integrations_equal_their_equations(integration: str, extent: list[int], causal: bool) -> None:
     torch.manual_seed(0)
     pe = build(extent, integration=integration, per_layer=True).eval()
+    layer = 1
+    with torch.no_grad():  # a trained bias, not its zero init
+        pe.w_pe[layer].bias.normal_(0.0, 0.5)
     sp = space(extent)
     pos = torch.stack([sp.positions(), sp.positions() + 2])  # rows differ
     n = pos.shape[1]
     q, k, v = (torch.randn(2, H, n, E) for _ in range(3))
-    layer = 1
     got = pe.attend(q, k, v, pe.prepare(pos), layer, causal=causal)
 
     emb = pe.encoder(pos)  # (b, n, d)
-    w = pe.w_pe[layer].weight
-    e_q, e_k = heads_of(emb, w[:D]), heads_of(emb, w[D:])
+    w, b = pe.w_pe[layer].weight, pe.w_pe[layer].bias
+    e_q, e_k = heads_of(emb, w[:D], b[:D]), heads_of(emb, w[D:], b[D:])
     scores = {
         "attn_sum": (q + e_q) @ (k + e_k).transpose(-1, -2),  # Eq. 12
         "attn_mul": (q * e_q) @ (k * e_k).transpose(-1, -2),  # Eq. 13
@@ -102,6 +105,36 @@ def test_input_add_embeds_the_encoder_output_and_leaves_attention_alone() -> Non
     torch.testing.assert_close(pe.embed(state), pe.encoder(pos))
     q = torch.randn(1, H, 12, E)
     torch.testing.assert_close(pe.attend(q, q, q, state, 2, causal=False), F.scaled_dot_product_attention(q, q, q))
+
+
+@pytest.mark.parametrize("init", ["normal", "trunc_normal"])
+def test_w_pe_has_the_released_bias_and_init(init: str) -> None:
+    """As released: nn.Linear(d, 2·h·e, bias=True), weights N(0, 0.02) (the encoder's init), zero bias; not
+    PyTorch's kaiming-uniform default (std 1/√(3d) ≈ 0.05 at d = 128)."""
+    torch.manual_seed(0)
+    d = 128
+    pe = build_position_encoding({"method": "seqpe", **TINY, "init": init, "per_layer": True}, space=space([8]),
+                                 num_heads=4, head_dim=32, num_layers=LAYERS, d_model=d)
+    weights = torch.cat([lin.weight.flatten() for lin in pe.w_pe])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.05) and weights.abs().max().item() < 0.2
+    assert all(lin.bias is not None and lin.bias.shape == (2 * d,) and not lin.bias.any() for lin in pe.w_pe)
+    off = build([8], w_pe_bias=False)
+    assert all(lin.bias is None for lin in off.w_pe)
+
+
+def test_w_pe_keeps_its_init_inside_every_backbone() -> None:
+    """A backbone's own init (HF post_init, timm's) must not redo W_PE or the encoder."""
+    from seqpe_nd.tasks.backbones.language_model import build_lm
+    from seqpe_nd.tasks.recipes import load_config
+
+    for config in ("configs/lm/smoke/seqpe.yaml", "configs/lm/smoke/llama/default.yaml"):
+        cfg = load_config(Path(__file__).resolve().parents[2] / config)
+        torch.manual_seed(0)
+        model = build_lm(cfg.model, cfg.pe, cfg.space, vocab_size=64, eos_id=0)
+        w_pe = model.get_submodule("pe.w_pe.0") if hasattr(model, "pe") else next(
+            m for n, m in model.named_modules() if n.endswith("w_pe.0"))
+        assert w_pe.weight.std().item() == pytest.approx(0.02, rel=0.05), config
+        assert w_pe.bias is not None and not w_pe.bias.any(), config
 
 
 def test_w_pe_shared_or_per_layer() -> None:
@@ -186,9 +219,9 @@ def test_pe_cos_is_the_mean_pairwise_cosine_of_distinct_main_positions() -> None
 
     pe = build([8]).train()
     state = pe.prepare(torch.arange(8)[None, :, None], generator=torch.Generator().manual_seed(1))
-    assert set(state.logs) == {"loss_delta", "loss_ood", "loss_reg", "pe_cos"}
+    assert set(state.logs) == {"loss_delta", "loss_ood", "loss_reg", "pe_cos", "pe_spread"}
     assert all(isinstance(v, torch.Tensor) and v.shape == () for v in state.logs.values())
-    # Off (the trainer's steps that write no logs): no pe_cos, and not the clean encoder pass it costs.
+    # Off (the trainer's steps that write no logs): no pe_cos/pe_spread, and not the clean encoder pass they cost.
     pe.diagnostics = False
     calls = []
     encode_unique = pe.encoder.encode_unique
@@ -214,3 +247,81 @@ def test_pe_cos_is_measured_without_dropout() -> None:
     with torch.no_grad():
         want = float(mean_pairwise_cosine(pos, pe.encoder.encode_unique(pos[0]).unsqueeze(0)))
     assert logged == pytest.approx(want, rel=1e-5)
+
+
+def collapse_logs(pe: SeqPEEncoding, n: int = 16) -> dict[str, float]:
+    """pe_cos and pe_spread of one training forward over positions 0 … n-1."""
+    logs = pe.train().prepare(torch.arange(n)[None, :, None], generator=torch.Generator().manual_seed(0)).logs
+    return {k: float(logs[k]) for k in ("pe_cos", "pe_spread")}
+
+
+@pytest.mark.parametrize("integration", INTEGRATIONS)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_pe_spread_is_zero_when_every_position_gets_the_same_embedding(integration: str, dropout: float) -> None:
+    """A collapsed encoder (output weight zeroed: every position gets the output bias) reads pe_spread 0, pe_cos 1."""
+    torch.manual_seed(0)
+    pe = build([16], integration=integration, dropout=dropout)
+    with torch.no_grad():
+        pe.encoder.proj.weight.zero_()
+        pe.encoder.proj.bias.normal_()
+    logs = collapse_logs(pe)
+    assert logs["pe_cos"] == pytest.approx(1.0, abs=1e-6)
+    assert logs["pe_spread"] < 1e-6
+
+
+@pytest.mark.parametrize("integration", INTEGRATIONS)
+def test_pe_spread_sees_position_under_a_large_shared_mean(integration: str) -> None:
+    """The case pe_cos misreads: position-dependent embeddings plus one big vector shared by every position.
+    pe_cos reads > 0.99 (collapsed, by its old reading) while pe_spread stays far above COLLAPSED_SPREAD."""
+    torch.manual_seed(0)
+    pe = build([16], integration=integration)
+    with torch.no_grad():
+        pe.encoder.proj.weight.normal_()  # embeddings that clearly depend on position ...
+        pe.encoder.proj.bias.sub_(pe.encoder(torch.arange(16)[:, None]).mean(dim=0))  # ... and share no mean
+        if integration != "input_add":
+            pe.w_pe[0].weight.normal_(std=2.0)  # W_PE large enough for position to steer attention
+    healthy = collapse_logs(pe)
+    with torch.no_grad():
+        pe.encoder.proj.bias.add_(100.0 * torch.randn(D))  # the shared mean
+    shared = collapse_logs(pe)
+    assert healthy["pe_cos"] < 0.9 and shared["pe_cos"] > 0.99
+    assert healthy["pe_spread"] > 10 * COLLAPSED_SPREAD and shared["pe_spread"] > 10 * COLLAPSED_SPREAD
+    if integration == "input_add":  # the position-dependent part is what it measures: the mean drops out
+        assert shared["pe_spread"] == pytest.approx(healthy["pe_spread"], rel=1e-4)
+
+
+@pytest.mark.parametrize("integration", INTEGRATIONS)
+def test_pe_spread_matches_loops(integration: str) -> None:
+    """pe_spread written out: s_ij = E^q_i · E^k_j / √e through layer 0's W_PE (its bias included), the std over
+    keys j, averaged over heads and queries; input_add: the RMS over positions of ‖e_i − mean e‖."""
+    torch.manual_seed(0)
+    pe = build([16], integration=integration, per_layer=True)
+    k = 5
+    emb = torch.randn(k, D)
+    if integration == "input_add":
+        e = emb.double().tolist()
+        mean = [sum(row[c] for row in e) / k for c in range(D)]
+        expected = math.sqrt(sum(sum((row[c] - mean[c]) ** 2 for c in range(D)) for row in e) / k)
+    else:
+        pe.w_pe[0] = torch.nn.Linear(D, 2 * H * E, bias=True)  # a bias must count
+        with torch.no_grad():
+            pe.w_pe[0].bias.normal_()
+        proj = (emb.double() @ pe.w_pe[0].weight.double().T + pe.w_pe[0].bias.double()).tolist()  # (k, 2·h·e)
+        stds = []
+        for h in range(H):
+            for i in range(k):
+                scores = [
+                    sum(proj[i][h * E + c] * proj[j][H * E + h * E + c] for c in range(E)) / math.sqrt(E)
+                    for j in range(k)
+                ]
+                mean_s = sum(scores) / k
+                stds.append(math.sqrt(sum((s - mean_s) ** 2 for s in scores) / k))
+        expected = sum(stds) / len(stds)
+    got = pe.position_spread(emb)
+    assert got.shape == () and float(got) == pytest.approx(expected, rel=1e-4)
+    # the logged value is this on the step's distinct positions (here the embeddings themselves, no dropout)
+    pos = torch.arange(16)[None, :, None]
+    logs = pe.train().prepare(pos, generator=torch.Generator().manual_seed(0)).logs
+    with torch.no_grad():
+        want = float(pe.position_spread(pe.encoder(pos)[0]))
+    assert float(logs["pe_spread"]) == pytest.approx(want, rel=1e-5)

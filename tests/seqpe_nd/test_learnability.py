@@ -2,10 +2,10 @@
 
 The encoder is trained on the regularizers alone (α·L_δ + β·L_OOD, no task), with the space,
 encoder shape, α, β and learning rate of ``configs/vit/smoke/seqpe_attn_mul.yaml``; L_δ and the
-rank of p⁺ are then measured on fresh candidate sets. The control runs the same steps at the
-run's full learning rate (``encoder_lr_scale: 1``), where Adam's steps drive the encoder's shared
-output direction faster than any position-dependent signal grows and L_δ stays at chance: the
-assertion is about the shipped setting, not about any encoder.
+rank of p⁺ are then measured on fresh candidate sets. The encoder's rate is what the trainer gives it:
+the run's 3e-3 capped at ``encoder_lr_max`` (3e-4). The control runs the same steps at the run's full
+rate (no cap), where L_δ stays at chance: the assertion is about the shipped setting, not about any
+encoder.
 """
 
 from pathlib import Path
@@ -30,7 +30,8 @@ def fit_from_shipped_config(lr_scale: float | None) -> tuple[float, float, float
     pe = build_position_encoding(
         config.pe, space=space, num_heads=heads, head_dim=d_model // heads, num_layers=1, d_model=d_model
     )
-    scale = config.pe.encoder_lr_scale if lr_scale is None else lr_scale
+    cap = config.pe.encoder_lr_max
+    scale = min(config.pe.encoder_lr_scale, cap / config.train.lr if cap else 1.0) if lr_scale is None else lr_scale
     grid = space.positions(space.L).unsqueeze(0)  # the training grid stands in for the main positions
     train_regularizers_alone(
         pe.encoder, pe.regularizer, STEPS, lr=config.train.lr * scale,

@@ -120,7 +120,19 @@ def test_ood_loss_default_is_the_released_mean():
         expected = torch.stack(released).mean()
         torch.testing.assert_close(ood_loss(t, s, h, symmetric=symmetric), expected)
         torch.testing.assert_close(ood_loss(t, s, h, symmetric=symmetric, reduction="batchmean"), m * expected)
+    # the default is the released criterion's: both directions (pe_criterion.py), twice Eq. 10's pull
+    torch.testing.assert_close(ood_loss(t, s, h), expected)
+    assert ood_loss(t, s, h).item() > ood_loss(t, s, h, symmetric=False).item()
     assert ood_loss(t, t.clone(), h).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_symmetric_l_ood_is_the_default_everywhere():
+    """Config, regularizer and loss all default to the released two-directional L_OOD."""
+    from seqpe_nd.encodings.config import SeqPEConfig
+
+    assert SeqPEConfig().symmetric_kl is True
+    space = load_space({"L": 8, "L_max": 64})
+    assert SeqPERegularizer(space, ood_heads=2).symmetric_kl is True
 
 
 def test_ood_gradients_do_not_reach_the_teacher():
@@ -144,9 +156,10 @@ def test_ood_bad_heads():
 
 def small_space(name: str):
     """The shipped config with fewer samples, so a step stays cheap on CPU."""
-    data = load_space(CONFIGS / f"{name}.yaml").model_dump()
-    data["contrastive"].update(batch=4, num_candidates=8, local_window=None)
-    data["ood"].update(num_starts=2, num_teachers=6)
+    shipped = load_space(CONFIGS / f"{name}.yaml")
+    data, floor = shipped.model_dump(), shipped.min_regularizer_batch()  # Appendix A.4's floor still holds
+    data["contrastive"].update(batch=floor, num_candidates=8, local_window=None)
+    data["ood"].update(num_starts=floor, num_teachers=6)
     return load_space(data)
 
 
@@ -215,7 +228,7 @@ def test_symmetric_option_reaches_the_loss():
     space = small_space("text-512")
     enc = tiny(space)
     main = main_positions(space)
-    one = SeqPERegularizer(space, alpha=0.0, ood_heads=2).step(enc, main, torch.Generator().manual_seed(0), shifted=False)
+    one = SeqPERegularizer(space, alpha=0.0, ood_heads=2, symmetric_kl=False).step(enc, main, torch.Generator().manual_seed(0), shifted=False)
     two = SeqPERegularizer(space, alpha=0.0, ood_heads=2, symmetric_kl=True).step(enc, main, torch.Generator().manual_seed(0), shifted=False)
     assert two.parts["loss_ood"] > one.parts["loss_ood"] > 0
 

@@ -127,16 +127,24 @@ def test_training_step_uses_shifted_positions_and_the_aux_loss(tmp_path: Path) -
     loss, metrics = task.loss(model, task.train_batch(0, 0, 0, 1), generator=torch.Generator().manual_seed(0))
     pos, kwargs = seen[0]
     assert metrics["shifted"] == 1.0 and kwargs["shifted"] is True
-    assert (pos == pos[:1]).all() and int(pos[0, 0, 0]) > 0  # one shift for the whole step, not at 0
-    assert torch.equal(pos[0, :, 0], pos[0, 0, 0] + torch.arange(16))
+    starts = pos[:, 0, 0]  # each row its own start (App. A.5 as released: distinct starts a shifted step)
+    assert len(set(starts.tolist())) == min(len(starts), task.space.shift.starts) and bool((starts > 0).all())
+    assert torch.equal(pos[..., 0], starts[:, None] + torch.arange(16))
+    assert set(starts.tolist()) <= {int(z) for z in task.shift_pool([16])[:, 0]}  # drawn from the run's pool
     assert "pe_aux_loss" in metrics
     assert loss.item() == pytest.approx(float(metrics["lm_loss"]) + float(metrics["pe_aux_loss"]), rel=1e-5)
     assert isinstance(metrics["lm_loss"], torch.Tensor)  # no host sync per micro-batch
     # the PE's own logs reach the metrics as 0-dim tensors (read by the trainer only when it logs)
-    for name in ("loss_delta", "loss_ood", "loss_reg", "pe_cos"):
+    for name in ("loss_delta", "loss_ood", "loss_reg"):
         assert isinstance(metrics[name], torch.Tensor) and metrics[name].shape == (), name
     assert float(metrics["loss_delta"]) > 0 and float(metrics["loss_ood"]) == 0.0  # shifted step: no L_OOD
-    assert -1.0 <= float(metrics["pe_cos"]) <= 1.0 + 1e-6
+    # a shifted step's rows start far apart: no collapse signals (they describe the training positions)
+    assert "pe_cos" not in metrics and "pe_spread" not in metrics
+    unshifted = lm.LMRecipe(lm.LMConfig.parse({**tiny_config(tmp_path), "space": {**space, "shift": {"prob": 0.0}}}))
+    _, metrics = unshifted.loss(model, unshifted.train_batch(0, 0, 0, 1), generator=torch.Generator().manual_seed(0))
+    for name in ("pe_cos", "pe_spread"):
+        assert isinstance(metrics[name], torch.Tensor) and metrics[name].shape == (), name
+    assert -1.0 <= float(metrics["pe_cos"]) <= 1.0 + 1e-6 and float(metrics["pe_spread"]) >= 0.0
 
 
 def test_train_batches_are_deterministic_per_step(tmp_path: Path) -> None:
@@ -150,10 +158,12 @@ def test_pe_cos_costs_its_encoder_pass_only_on_the_steps_that_write_logs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The trainer turns the PE's diagnostics on for logging steps (3, 6 and the last, 7) and off for the rest,
-    and every train record still carries pe_cos."""
+    and every train record still carries pe_cos (no shifted steps here: a shifted step logs none)."""
     from seqpe_nd.encodings.seqpe import SeqPEEncoding
 
-    cfg = lm.LMConfig.parse(tiny_config(tmp_path, steps=7, log_every=3, save_every=0))
+    config = tiny_config(tmp_path, steps=7, log_every=3, save_every=0)
+    config["random_shift"] = False
+    cfg = lm.LMConfig.parse(config)
     calls: list[int] = []
     probe = SeqPEEncoding._collapse_signal
     monkeypatch.setattr(SeqPEEncoding, "_collapse_signal", lambda self, *a: calls.append(1) or probe(self, *a))
@@ -161,7 +171,8 @@ def test_pe_cos_costs_its_encoder_pass_only_on_the_steps_that_write_logs(
     train(lm.LMRecipe.build_task(cfg, run_dir), cfg.train, run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
-    assert [r["step"] for r in train_records] == [3, 6, 7] and all("pe_cos" in r for r in train_records)
+    assert [r["step"] for r in train_records] == [3, 6, 7]
+    assert all("pe_cos" in r and "pe_spread" in r for r in train_records)
     assert len(calls) == 3
 
 
@@ -220,7 +231,7 @@ def test_cli_train_eval_and_compare_end_to_end(tmp_path: Path, capsys: pytest.Ca
     run_dir = tmp_path / "run"
     assert main(["train", str(config), "--run-dir", str(run_dir), "--set", "train.steps=4"]) == 0
     bar = capsys.readouterr().err
-    assert "loss_delta=" in bar and "loss_ood=" in bar and "pe_cos=" in bar  # SeqPE's health on the progress bar
+    assert "loss_delta=" in bar and "loss_ood=" in bar and "pe_spread=" in bar  # SeqPE's health on the progress bar
     assert main(["eval", str(run_dir), "--lengths", "16", "32"]) == 0
     assert "test perplexity" in capsys.readouterr().out
     assert json.loads((run_dir / "eval.json").read_text())["lengths"].keys() == {"16", "32"}
@@ -255,3 +266,86 @@ def test_a_run_saved_before_new_fields_existed_still_loads_and_resumes(tmp_path:
     assert "16" in lm.LMRecipe.evaluate(run, lengths=[16], quiet=True, write=False)["lengths"]
     more = lm.LMConfig.parse({**config, "train": {**config["train"], "steps": 3}})
     assert train(lm.LMRecipe.build_task(more, run), more.train, run, resume=True)["step"] == 3
+
+
+# --- the stock GPT-2 control (model.arch: gpt2_stock) ---------------------------------------------------
+
+def stock_config(tmp_path: Path, **train: object) -> dict:
+    config = tiny_config(tmp_path, pe={"method": "nope"}, **train)
+    return {**config, "model": {**config["model"], "arch": "gpt2_stock"}, "random_shift": False}
+
+
+def test_stock_gpt2_is_transformers_own_at_init(tmp_path: Path) -> None:
+    """Same config and seed: the same weights and logits as ``GPT2LMHeadModel``, position ids honoured."""
+    from transformers import GPT2LMHeadModel
+
+    from seqpe_nd.tasks.backbones.language_model import gpt2_config
+
+    cfg = lm.LMConfig.parse(stock_config(tmp_path))
+    torch.manual_seed(0)
+    ours = lm.build_model(cfg, vocab_size=300, eos_id=0).eval()
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(gpt2_config(cfg.model, vocab_size=300, eos_id=0, n_positions=64)).eval()
+    assert ours.transformer.wpe.weight.shape == (64, 32)  # a row per position up to the longest eval length
+    want, got = stock.state_dict(), ours.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ids = torch.randint(0, 300, (2, 16))
+    for start in (0, 40):  # the recipe's (b, n, 1) positions and GPT-2's (b, n) ones, from 0 and shifted
+        pos = torch.arange(start, start + 16).expand(2, 16)
+        ref = stock(input_ids=ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(ours(input_ids=ids, position_ids=pos, use_cache=False).logits, ref, rtol=0, atol=0)
+        out = ours(input_ids=ids, position_ids=pos[..., None], use_cache=False)
+        torch.testing.assert_close(out.logits, ref, rtol=0, atol=0)
+        assert out.pe_aux_loss is None
+    at0 = ours(input_ids=ids, position_ids=torch.arange(16).expand(2, 16)).logits
+    assert not torch.equal(at0, ref)  # shifted positions read other wpe rows
+
+
+def test_stock_gpt2_config_is_checked(tmp_path: Path) -> None:
+    cfg = stock_config(tmp_path)
+    with pytest.raises(ValueError, match=r"gpt2_stock .* pe: \{method: nope\} \(got 'rope'\)"):
+        lm.LMConfig.parse({**cfg, "pe": {"method": "rope"}})
+    with pytest.raises(ValueError, match="random_shift: false"):
+        lm.LMConfig.parse({**cfg, "random_shift": True})
+    with pytest.raises(ValueError, match=r"length\(s\) \[128\] not allowed: the stock GPT-2 learned 64 positions"):
+        lm.eval_settings(lm.LMConfig.parse(cfg), lengths=[16, 128])
+
+
+def test_stock_gpt2_trains_and_evaluates(tmp_path: Path) -> None:
+    """A few steps through the LM recipe; positions past the training length keep their init (no decay either)."""
+    config = stock_config(tmp_path, steps=3, save_every=0, weight_decay=0.1)
+    cfg = lm.LMConfig.parse(config)
+    run = tmp_path / "stock"
+    task = lm.LMRecipe.build_task(cfg, run)
+    torch.manual_seed(cfg.train.seed)  # as the loop builds its model
+    init = task.build_model().transformer.wpe.weight.detach().clone()
+    train(task, cfg.train, run)
+    res = lm.LMRecipe.evaluate(run, quiet=True)
+    assert res["lengths"].keys() == {"16", "32", "64"} and all(math.isfinite(r["ppl"]) for r in res["lengths"].values())
+    wpe = lm.LMRecipe.from_run(run).load_trained().transformer.wpe.weight
+    assert torch.equal(wpe[16:], init[16:]) and not torch.equal(wpe[:16], init[:16])
+
+
+# --- several seeds ------------------------------------------------------------------------------------------
+
+def fake_result(ppl: dict[str, float], seconds: float = 1.0) -> dict:
+    return {"lengths": {k: {"ppl": v} for k, v in ppl.items()}, "train_seconds": seconds, "eval_seconds": seconds}
+
+
+def test_seed_summary_is_the_mean_and_sample_std() -> None:
+    results = {s: {"a": fake_result({"16": 10.0 + s, "32": 20.0 * (s + 1)}, s)} for s in (0, 1, 2)}
+    row = lm.LMRecipe.summarize_seeds(results)["a"]
+    assert row["seeds"] == [0, 1, 2] and row["ppl"]["16"] == pytest.approx(11.0) and row["std"]["16"] == pytest.approx(1.0)
+    assert row["std"]["32"] == pytest.approx(20.0)  # 20, 40, 60: sample std (n - 1)
+    assert row["avg"] == pytest.approx((15 + 25.5 + 36) / 3) and row["train_seconds"] == pytest.approx(1.0)
+    assert row["by_seed"]["2"]["ppl"] == {"16": 12.0, "32": 60.0}
+    md = lm.LMRecipe.print_summary({"a": row}, "t", reference="16")
+    assert "| a | 11.00 ± 1.00 | 40.00 ± 20.00 |" in md and "std % at 16" in md and "| 9.1 |" in md
+    one = lm.LMRecipe.summarize_seeds({0: results[0]})["a"]
+    assert one["std"]["16"] is None and "| a | 10.00 | 20.00 | 15.00 | - |" in lm.LMRecipe.print_summary({"a": one}, "t", reference="16")
+
+
+def test_seed_summary_refuses_a_missing_seed() -> None:
+    results = {0: {"a": fake_result({"16": 1.0}), "b": fake_result({"16": 2.0})}, 1: {"a": fake_result({"16": 1.5})}}
+    with pytest.raises(ValueError, match=r"no evaluated run for b \(seed 1\)"):
+        lm.LMRecipe.summarize_seeds(results)

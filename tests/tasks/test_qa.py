@@ -203,7 +203,7 @@ def test_ood_loss_only_on_unshifted_steps(lm_run: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(model.pe.regularizer, "step", record)
     batch = task.train_batch(0, 0, 0, 1)
     for applied in (True, False):
-        monkeypatch.setattr(GridSpace, "sample_shift", lambda self, g, extent=None, a=applied: Shift(a, torch.tensor([500 if a else 0])))
+        monkeypatch.setattr(GridSpace, "sample_shift", lambda self, g, extent=None, rows=1, pool=None, a=applied: Shift(a, torch.tensor([[500 if a else 0]] * rows)))
         _, metrics = task.loss(model, batch, generator=torch.Generator().manual_seed(0))
         assert metrics["shifted"] == float(applied)
     assert seen[0][0] is True and seen[0][1] == 0.0
@@ -241,3 +241,16 @@ def test_qa_configs_validate() -> None:
         assert config.task == "qa" and isinstance(config, qa.QAConfig)
         assert config.init_from
     assert recipes.get_recipe("qa") is qa.QARecipe
+
+
+def test_stock_gpt2_run_is_refused_as_a_starting_point(tmp_path: Path) -> None:
+    """Table 1's stock GPT-2 control learned a wpe of the LM run's evaluation lengths: not a QA starting point."""
+    config = {**_lm_config(tmp_path, {"method": "nope"}), "random_shift": False}
+    config["model"] = {**config["model"], "arch": "gpt2_stock"}
+    run = tmp_path / "stock"
+    task = lm.LMRecipe.build_task(lm.LMConfig.parse(config), run)
+    full = {**task.config_dict(), "train": TrainConfig(**config["train"]).model_dump(mode="json")}
+    qa.ckpt.save_checkpoint(run, 1, model=task.build_model(), optimizer={}, rng={}, state={"world": 1}, config=full)
+    qa.ckpt.atomic_write_text(run / "config.json", json.dumps(full))
+    with pytest.raises(ValueError, match="is a gpt2_stock run .* allowed: LM runs of arch gpt2 or llama"):
+        qa.QARecipe.build_task(qa.QAConfig.parse(_qa_config(run)), tmp_path / "qa")

@@ -242,6 +242,120 @@ def test_compiled_model_trains_and_saves_bare_weights(tmp_path: Path, monkeypatc
     assert final_weights(tmp_path / "compiled").keys() == final_weights(tmp_path / "eager").keys()
 
 
+class SeqPEToyTask(ToyTask):
+    """ToyTask with one SeqPE attention layer (or SeqPE added to the input), logging the PE's logs as the recipes
+    do. ``collapsed``: the encoder's output weight zeroed and frozen, so every position gets the same embedding;
+    otherwise the encoder and W_PE are scaled up so position clearly steers attention from the first step."""
+
+    def __init__(self, integration: str, *, collapsed: bool) -> None:
+        super().__init__()
+        self.integration, self.collapsed = integration, collapsed
+
+    def build_model(self) -> nn.Module:
+        from seqpe_nd.encodings import build_position_encoding
+
+        model = ToyLM()
+        model.qkv = nn.Linear(16, 3 * 16)
+        model.pe = build_position_encoding(
+            {"method": "seqpe", "integration": self.integration, "hidden": 16, "layers": 1, "dropout": 0.0,
+             "alpha": 0.0, "beta": 0.0},
+            space={"L": LENGTH, "L_max": 64}, num_heads=2, head_dim=8, num_layers=1, d_model=16,
+        )
+        proj = model.pe.encoder.proj
+        with torch.no_grad():
+            if self.collapsed:
+                proj.weight.zero_()
+                proj.bias.fill_(0.5)
+                proj.requires_grad_(False)
+            else:
+                proj.weight.normal_()
+                if self.integration != "input_add":
+                    model.pe.w_pe[0].weight.normal_(std=2.0)
+        self.model = model
+        return model
+
+    def loss(
+        self, model: nn.Module, batch: Any, *, generator: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        m, tokens = unwrap(model), batch["tokens"]
+        b, n = tokens.shape[0], tokens.shape[1] - 1
+        state = m.pe.prepare(torch.arange(n)[None, :, None].expand(b, -1, -1), generator=generator)
+        x = m.emb(tokens[:, :-1])
+        added = m.pe.embed(state)
+        x = x if added is None else x + added
+        q, k, v = m.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)  # 3 × (b, h, n, e)
+        y = m.pe.attend(q, k, v, state, 0, causal=True).transpose(1, 2).reshape(b, n, 16)
+        logits = m.head(m.norm(x + y))
+        main = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        return main, {"main": main.detach(), **state.logs}
+
+
+SEQPE_CFG = TrainConfig(
+    steps=8, batch_size=4, lr=1e-3, warmup_steps=2, log_every=1, eval_every=0, save_every=0, seed=0,
+    device="cpu", precision="fp32",
+)
+
+
+@pytest.mark.parametrize("integration", ["attn_sum", "attn_mul", "attn_bias", "input_add"])
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_a_collapsed_seqpe_is_warned_once_and_recorded(
+    integration: str, collapsed: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pe_spread below COLLAPSED_SPREAD on COLLAPSE_LOGS (4) logs in a row after warmup (steps 3-6 here): one
+    line, and ``"pe_collapsed": true`` on the train record that completed the run; a healthy encoder: neither."""
+    from seqpe_nd.encodings.seqpe import COLLAPSED_SPREAD
+
+    result = train(SeqPEToyTask(integration, collapsed=collapsed), SEQPE_CFG, tmp_path / "run")
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in lines if r["split"] == "train"]
+    assert len(train_records) == 8 and all("pe_spread" in r and "pe_cos" in r for r in train_records)
+    flagged = [r["step"] for r in train_records if "pe_collapsed" in r]
+    warned = (captured.out + captured.err).count("position channel looks collapsed")
+    if collapsed:
+        assert all(r["pe_spread"] < 1e-6 and r["pe_cos"] == pytest.approx(1.0) for r in train_records)
+        assert warned == 1 and "for 4 logs since step 3" in captured.out
+        assert flagged == [6] and train_records[5]["pe_collapsed"] is True
+    else:
+        assert all(r["pe_spread"] > 10 * COLLAPSED_SPREAD for r in train_records)
+        assert warned == 0 and flagged == []
+    assert "train/pe_spread" in result and "train/pe_collapsed" not in result
+
+
+def test_collapse_watch_counts_consecutive_low_logs_after_warmup_and_warns_once() -> None:
+    from seqpe_nd.tasks.engine.collapse import COLLAPSE_LOGS, CollapseWatch
+
+    watch = CollapseWatch(warmup_steps=10, steps=30)
+    low, high = {"pe_spread": 0.001}, {"pe_spread": 0.5}
+    assert COLLAPSE_LOGS == 4
+    assert [watch.update(s, low) for s in range(0, 10, 2)] == [None] * 5  # warmup logs do not count
+    assert [watch.update(s, m) for s, m in [(10, low), (12, low), (14, low), (16, high)]] == [None] * 4  # reset
+    assert watch.update(18, {"pe_spread": float("nan")}) is None  # NaN is not a collapse (and resets)
+    assert [watch.update(s, low) for s in (20, 22, 24)] == [None] * 3
+    message = watch.update(26, low)
+    assert message is not None and "pe_spread 0.001 < 0.05 for 4 logs since step 21" in message
+    assert watch.update(28, low) is None and watch.update(100, low) is None  # once per run
+    assert CollapseWatch(0, 30).update(0, {"loss": 1.0}) is None  # no SeqPE: nothing to watch
+    # the watch starts after warmup and a third of the run: a healthy encoder needs a few hundred steps to grow
+    assert CollapseWatch(150, 1500).start == 500 and CollapseWatch(150, 300).start == 150
+    late = CollapseWatch(150, 1500)
+    assert [late.update(s, low) for s in range(150, 500, 25)] == [None] * 14
+    assert [late.update(s, low) for s in (500, 525, 550)] == [None] * 3 and late.update(575, low) is not None
+    skip = CollapseWatch(0, 2)  # a log without pe_spread (a shifted step) neither counts nor resets
+    assert [skip.update(s, m) for s, m in [(0, low), (1, low), (2, {"loss": 1.0}), (3, low)]] == [None] * 4
+    assert skip.update(4, low) is not None
+
+
+def test_a_collapsed_seqpe_is_not_warned_before_four_logs_after_warmup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A short run: 3 logs after warmup are not yet a trend."""
+    train(SeqPEToyTask("attn_bias", collapsed=True), SEQPE_CFG.model_copy(update={"steps": 5}), tmp_path / "run")
+    captured = capsys.readouterr()
+    assert "looks collapsed" not in captured.out + captured.err
+    assert "pe_collapsed" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
 def test_lr_schedule(schedule: str) -> None:
     cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1)
@@ -292,6 +406,45 @@ def test_module_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) 
     assert sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in groups) == [
         (0.25, 0.0, 2), (1.0, 0.0, 2), (1.0, 0.1, 1)  # norm.{weight,bias}; emb.weight + head.bias; head.weight
     ]
+
+
+def test_module_lr_max_caps_its_peak_rate(tmp_path: Path) -> None:
+    """``lr_max`` (a SeqPE encoder's ``encoder_lr_max``): the module's scale becomes min(lr_scale, lr_max / lr),
+    so its first Adam step is ≈ lr_max when the run's rate is higher, and ≈ lr when it is lower."""
+    class CappedToyTask(ToyTask):
+        def build_model(self) -> nn.Module:
+            model = super().build_model()
+            model.norm.lr_max = 1e-3  # type: ignore[assignment]
+            return model
+
+    for lr, want in ((4e-3, 1e-3), (5e-4, 5e-4)):
+        task = CappedToyTask()
+        torch.manual_seed(CFG.seed)
+        before = {k: v.clone() for k, v in ToyLM().state_dict().items()}
+        cfg = CFG.model_copy(update={"steps": 1, "warmup_steps": 0, "grad_accum": 1, "weight_decay": 0.0,
+                                     "clip_grad": 0.0, "lr": lr})
+        train(task, cfg, tmp_path / f"run-{lr}")
+        after = final_weights(tmp_path / f"run-{lr}")
+        assert (after["norm.weight"] - before["norm.weight"]).abs().max().item() == pytest.approx(want, rel=0.05)
+        assert (after["head.weight"] - before["head.weight"]).abs().max().item() == pytest.approx(lr, rel=0.05)
+    groups = param_groups(task.model, task, 0.0, 4e-3)
+    assert sorted(g["lr_scale"] for g in groups if g["params"]) == [0.25, 1.0, 1.0]
+    assert all(g["lr_scale"] == 1.0 for g in param_groups(task.model, task, 0.0, None))  # no peak: no cap
+
+
+def test_seqpe_encoder_trains_at_most_at_encoder_lr_max() -> None:
+    """The PE config's default cap reaches the encoder's parameter group (and W_PE stays at the run's rate)."""
+    from seqpe_nd.encodings import build_position_encoding
+
+    pe = build_position_encoding({"method": "seqpe", "hidden": 16, "layers": 1}, space={"L": 8, "L_max": 64},
+                                 num_heads=2, head_dim=4, num_layers=1, d_model=8)
+    model = nn.ModuleDict({"pe": pe})
+    task = ToyTask()
+    scales = {id(p): g["lr_scale"] for g in param_groups(model, task, 0.0, 3e-3) for p in g["params"]}
+    assert [round(scales[id(p)], 9) for p in pe.encoder.parameters()] == [0.1] * len(list(pe.encoder.parameters()))
+    assert {scales[id(p)] for p in pe.w_pe.parameters()} == {1.0}
+    scales = {id(p): g["lr_scale"] for g in param_groups(model, task, 0.0, 2e-4) for p in g["params"]}
+    assert {scales[id(p)] for p in pe.encoder.parameters()} == {1.0}  # below the cap: the run's rate
 
 
 def test_train_or_reuse_resumes_reuses_and_refuses_another_config(tmp_path: Path) -> None:
@@ -438,3 +591,39 @@ def test_every_checkpoint_corrupt_is_one_error_naming_them(tmp_path: Path) -> No
         state.write_text('{"step": ')
     with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"no checkpoint of .* can be read: .*state.json is torn"):
         train(ToyTask(), CFG, tmp_path / "cut", resume=True)
+
+
+def test_clip_grad_pe_clips_the_encoder_and_the_rest_apart_as_released() -> None:
+    """train.clip_grad_pe: SeqPE's encoder on its own norm, everything else (W_PE included) on another, as the
+    released code's two clip_grad_norm_ calls (model, then pe_model); without it, one global norm."""
+    from seqpe_nd.encodings import build_position_encoding
+    from seqpe_nd.tasks.engine.clipping import clip_gradients, split_for_clipping
+
+    def model_with_grads() -> nn.Module:
+        torch.manual_seed(0)
+        pe = build_position_encoding({"method": "seqpe", "hidden": 16, "layers": 1}, space={"L": 8, "L_max": 64},
+                                     num_heads=2, head_dim=4, num_layers=1, d_model=8)
+        model = nn.ModuleDict({"body": nn.Linear(8, 8), "pe": pe})
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.full_like(p, 0.5 + i)  # norms far above the limits
+        return model
+
+    def norm(params: list[nn.Parameter]) -> float:
+        return math.sqrt(sum(float(p.grad.pow(2).sum()) for p in params))
+
+    cfg = TrainConfig(steps=1, clip_grad=5.0, clip_grad_pe=2.0)
+    model = model_with_grads()
+    pe = model["pe"]
+    encoder = list(pe.encoder.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("pe.encoder.")]
+    assert any(p is pe.w_pe[0].weight for p in rest)  # W_PE is clipped with the backbone, as released
+    before_rest, before_enc = norm(rest), norm(encoder)
+    got, got_pe = clip_gradients(split_for_clipping(model, [pe], separate=True), cfg.clip_grad, cfg.clip_grad_pe)
+    assert float(got) == pytest.approx(before_rest, rel=1e-5) and float(got_pe) == pytest.approx(before_enc, rel=1e-5)
+    assert norm(rest) == pytest.approx(5.0, rel=1e-4) and norm(encoder) == pytest.approx(2.0, rel=1e-4)
+
+    model = model_with_grads()  # default: one norm over every parameter
+    params = list(model.parameters())
+    before = norm(params)
+    got, got_pe = clip_gradients(split_for_clipping(model, [model["pe"]], separate=False), cfg.clip_grad, None)
+    assert got_pe is None and float(got) == pytest.approx(before, rel=1e-5) and norm(params) == pytest.approx(5.0, rel=1e-4)

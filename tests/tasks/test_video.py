@@ -37,7 +37,7 @@ def tiny_config(pe: dict, **train: object) -> dict:
         "space": {
             "kind": "grid",
             "L": [3, 2, 2],
-            "L_max": [64, 64, 64],
+            "L_max": [12, 12, 12],
             "contrastive": {"batch": 4, "num_candidates": 8, "local_window": [3, 3, 3]},
             "ood": {"num_starts": 4, "num_teachers": 8},
         },

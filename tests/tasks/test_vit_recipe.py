@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 SPACE = {
     "kind": "grid",
     "L": [4, 4],
-    "L_max": [100, 100],
+    "L_max": [28, 28],
     "contrastive": {"batch": 4, "num_candidates": 8},
     "ood": {"num_starts": 2, "num_teachers": 4},
     "shift": {"prob": 0.5},
