@@ -180,12 +180,13 @@ class SeqPEConfig(Frozen):
     """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike)."""
     encoder_lr_max: float | None = Field(3e-4, gt=0.0)
     """The encoder's peak learning rate at most (its scale becomes ``min(encoder_lr_scale, encoder_lr_max /
-    train.lr)``; None: no cap). The encoder cannot learn even its own objective under Adam above ~5e-4: trained
-    on α·L_δ + β·L_OOD alone (no task), L_δ stays at chance from the first step at 1e-3 and 3e-3 — not helped
-    by warmup, QK-LayerNorm, 4× larger regularizer batches or Adam's eps, while [CLS]'s first-layer attention
-    turns one-hot onto itself — and learns at 3e-4 (benchmarks/results/encoder_lr.md). The paper's runs were
-    below it for text (5e-5) and at 1.2e-3 with batch 1024 and 25k warmup steps for images; a small model's
-    3e-4 … 3e-3 keeps the encoder at 3e-4 without a per-run value."""
+    train.lr)``; None: no cap). Under Adam the encoder learns even its own objective worse as its rate rises:
+    trained on α·L_δ + β·L_OOD alone (no task, 600 steps), L_δ reaches 1.35 of a 2.74 chance at 3e-4, 1.76 at
+    1e-3 and stays at chance at 3e-3, where [CLS]'s first-layer attention sits entirely on itself; warmup,
+    QK-LayerNorm, 4× larger regularizer batches, Adam's eps or β₂ leave it at 2.28-2.74
+    (benchmarks/results/encoder_lr.md). The paper's runs were below the cap for text (5e-5) and at 1.2e-3
+    with batch 1024 and 25k warmup steps for images; a small model's 3e-4 … 3e-3 keeps the encoder at 3e-4
+    without a per-run value."""
     alpha: float = Field(0.1, ge=0.0)
     """Weight of L_δ (Eq. 9, 15); 0 disables it."""
     beta: float = Field(0.1, ge=0.0)
