@@ -159,6 +159,8 @@ class SeqPEConfig(Frozen):
     """One W_PE^{q,k} per layer, or one shared by all layers (the paper's LM setting)."""
     w_pe_bias: bool = True
     """W_PE^{q,k} with a bias, as released (text ``bias=True``; images ``bias=qkv_bias``, True in timm's ViT)."""
+    w_pe_std: float = Field(0.02, gt=0.0)
+    """Std of W_PE^{q,k}'s init (normal or trunc_normal, as ``init``; bias zero): the released 0.02."""
     hidden: PositiveInt = 768
     """Encoder width (768 text, 384 images in the paper)."""
     layers: PositiveInt = 2
@@ -383,6 +385,7 @@ def _build_seqpe(
         integration=cfg.integration,
         per_layer=cfg.per_layer,
         w_pe_bias=cfg.w_pe_bias,
+        w_pe_std=cfg.w_pe_std,
         num_heads=num_heads,
         head_dim=head_dim,
         num_layers=num_layers,

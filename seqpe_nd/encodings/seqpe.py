@@ -121,6 +121,7 @@ class SeqPEEncoding(PositionEncoding):
         head_dim: int,
         num_layers: int,
         w_pe_bias: bool = True,
+        w_pe_std: float = 0.02,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=encoder.space.width)
         if integration not in INTEGRATIONS:
@@ -131,11 +132,17 @@ class SeqPEEncoding(PositionEncoding):
             depth = num_layers if per_layer else 1
             # Eq. 11: W_PE^{q,k} ∈ R^{d × 2·h·e}; rows [:h·e] give E^q, rows [h·e:] give E^k. As released
             # (text: nn.Linear(bias=True) under GPT-2's init; images: bias=qkv_bias under timm's): a bias, and
-            # the encoder's N(0, 0.02) init with a zero bias, not PyTorch's kaiming-uniform (std 0.05 at d = 128).
+            # the encoder's N(0, 0.02) init (w_pe_std) with a zero bias, not PyTorch's kaiming-uniform (std 0.05 at d = 128).
             self.w_pe = nn.ModuleList(
                 nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=w_pe_bias) for _ in range(depth)
             )
-            self.w_pe.apply(encoder._init_weights)
+            for lin in self.w_pe:
+                if encoder.config["init"] == "normal":
+                    nn.init.normal_(lin.weight, mean=0.0, std=w_pe_std)
+                else:  # the encoder's trunc_normal, cut at ±2 absolute as released
+                    nn.init.trunc_normal_(lin.weight, mean=0.0, std=w_pe_std, a=-2.0, b=2.0)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The encoder network's parameters: the released code's ``pe_model``, clipped on its own (W_PE sits in
