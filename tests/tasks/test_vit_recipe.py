@@ -182,6 +182,20 @@ def test_paper_config_is_the_deit_recipe() -> None:
     assert cfg.eval.resolutions == [224, 320, 384, 448, 512, 640, 672]
 
 
+@pytest.mark.parametrize("name", ["nope", "ape_sin", "ape_learn", "rope_axial", "rope_mixed", "seqpe_attn_mul",
+                                  "seqpe_attn_sum", "seqpe_attn_bias"])
+def test_paper_configs_clip_and_drop_path_as_released(name: str) -> None:
+    """image main.py clips every model at TRAIN.CLIP_GRAD = 5 and the SeqPE encoder apart at PE_CLIP_GRAD = 5;
+    runs/ours_vit.sh trains SeqPE's ViT-S with drop_path 0 (the baselines keep DeiT's 0.1)."""
+    cfg = load_config(REPO / "configs" / "vit" / "paper" / f"{name}.yaml")
+    assert cfg.train.clip_grad == 5.0
+    seqpe = name.startswith("seqpe")
+    assert cfg.train.clip_grad_pe == (5.0 if seqpe else None)
+    assert cfg.model.drop_path_rate == (0.0 if seqpe else 0.1)
+    if seqpe:
+        assert cfg.space.shift.starts == 32 and cfg.space.shift.pool == 320  # 32 shifted grids a shifted step
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="model.img_szie"):
         parse_config({"task": "vit", "model": {"img_szie": 32}})
