@@ -133,14 +133,19 @@ def lm_rows(runs: Path | None) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--only", nargs="*", default=None, help="case names to run (default all)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="case names to run (default all); the others keep the results of the last run")
     parser.add_argument("--lm-runs", type=Path, default=None, help="folder of `seqpe-nd compare` outputs, one per LM case")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    previous = args.results / "encoder_lr.json"  # cases left out with --only keep their last results
+    kept = {r["case"]: r for r in json.loads(previous.read_text())["regularizers_alone"]} if previous.is_file() else {}
     rows = []
     for name, (lr, options) in CASES.items():
         if args.only is not None and name not in args.only:
+            if name in kept:
+                rows.append(kept[name])
             continue
         rows.append({"case": name, **run(lr, options, args.steps)})
         r = rows[-1]
