@@ -104,3 +104,49 @@ def test_vit_table3_over_seeds_runs(tmp_path: Path) -> None:
         assert result["runs"]["0"][method]["final_train_loss"] != result["runs"]["1"][method]["final_train_loss"]
     table = (tmp_path / "out" / "vit_table3.md").read_text()
     assert "std % at 24" in table and " ± " in table and (tmp_path / "out" / "vit_table3.png").is_file()
+
+
+@pytest.mark.slow
+def test_encoder_lr_benchmark_runs(tmp_path: Path) -> None:
+    """Two cases at 3 steps (one with QK-LayerNorm, the option the script patches in); the LM part reads
+    `seqpe-nd compare` outputs and lists the cases not run."""
+    lm_runs = tmp_path / "lm"
+    (lm_runs / "gpt2-s0.15").mkdir(parents=True)
+    ppl = {"128": 95.0, "2048": 100.0}
+    (lm_runs / "gpt2-s0.15" / "compare.json").write_text(json.dumps({"rows": {"seqpe": {"ppl": ppl}}}))
+    run("encoder_lr.py", "--steps", "3", "--only", "Adam 3e-4", "3e-3, QK-LayerNorm", "--lm-runs", str(lm_runs),
+        "--results", str(tmp_path))
+    result = json.loads((tmp_path / "encoder_lr.json").read_text())
+    rows = {r["case"]: r for r in result["regularizers_alone"]}
+    assert set(rows) == {"Adam 3e-4", "3e-3, QK-LayerNorm"}
+    for r in rows.values():
+        assert 0 < r["l_delta"] and 0 < r["chance"] and len(r["cls_attention"]) == 2
+        assert abs(sum(r["cls_attention"][0]["mean"]) - 1) < 1e-5  # [CLS]'s attention over its slots sums to 1
+    lm = {r["case"]: r for r in result["lm"]}
+    assert lm["gpt2-s0.15"]["ppl"] == ppl and "ppl" not in lm["gpt2-s1.0"]
+    text = (tmp_path / "encoder_lr.md").read_text()
+    assert "| 95.0 | 100.0 |" in text and "not run" in text
+
+
+def test_collapse_signal_replays_the_trainers_warning(tmp_path: Path) -> None:
+    """A run whose pe_spread stays low after warmup and a third of the run is warned where the trainer would;
+    a shifted step's record (no pe_spread) neither counts nor resets."""
+    def fake_run(name: str, spread: float) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps({"pe": {"encoder_lr_max": 3e-4}, "train": {
+            "lr": 2e-3, "warmup_steps": 10, "steps": 90}}))
+        lines = [{"step": s, "split": "train", "shifted": 0.0, "pe_spread": spread, "pe_cos": 1.0} for s in range(5, 95, 5)]
+        lines.insert(7, {"step": 37, "split": "train", "shifted": 1.0})
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (run_dir / "eval.json").write_text(json.dumps({"lengths": {"128": {"ppl": 100.0}, "2048": {"ppl": 110.0}}}))
+        return run_dir
+
+    low, high = fake_run("low", 0.001), fake_run("high", 1.0)
+    run("collapse_signal.py", "--run", f"collapsed={low}", "--run", f"healthy={high}", "--results", str(tmp_path))
+    result = json.loads((tmp_path / "collapse_signal.json").read_text())["runs"]
+    assert result["collapsed"]["watch_from"] == 30 and result["collapsed"]["warned_at"] == 50  # logs 35-50 (30 is loop step 29)
+    assert result["healthy"]["warned_at"] is None and 37 not in result["healthy"]["steps"]
+    assert result["collapsed"]["encoder_lr"] == 3e-4
+    assert (tmp_path / "collapse_signal.png").stat().st_size > 0
+    assert "| collapsed | 3e-04 | 100.0 → 110.0 | 30 | 50 |" in (tmp_path / "collapse_signal.md").read_text()
