@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import seqpe_nd.encoder as encoder_module
 from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.positions import load_space
 from seqpe_nd.regularizers import probe_contrastive
@@ -81,13 +80,8 @@ def run(lr: float, options: dict[str, Any], steps: int) -> dict[str, Any]:
         space = load_space({**fields, **{k: {**fields[k], **v} for k, v in options["space"].items()}})
     d, h = config.model.n_embd, config.model.n_head
     torch.manual_seed(0)
-    init = encoder_module.SeqPE.__init__
-    if options.get("qk_norm"):  # the option is the encoder's; the PE config keeps its default
-        encoder_module.SeqPE.__init__ = lambda self, *a, **k: init(self, *a, **{**k, "qk_norm": True})  # type: ignore[method-assign]
-    try:
-        pe = build_position_encoding(config.pe.model_dump(), space=space, num_heads=h, head_dim=d // h, num_layers=1, d_model=d)
-    finally:
-        encoder_module.SeqPE.__init__ = init  # type: ignore[method-assign]
+    pe_config = {**config.pe.model_dump(), "qk_norm": bool(options.get("qk_norm"))}
+    pe = build_position_encoding(pe_config, space=space, num_heads=h, head_dim=d // h, num_layers=1, d_model=d)
     enc, reg = pe.encoder, pe.regularizer
     assert reg is not None
     frozen = options.get("freeze", ())

@@ -165,13 +165,14 @@ class SeqPE(nn.Module):
         self._table: _Table | None = None
         self._param_list: list[nn.Parameter] | None = None
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module, std: float = 0.02) -> None:
+        """The released init of a Linear or Embedding: ``normal`` or ``trunc_normal`` weights at ``std``, zero bias."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             if self.config["init"] == "normal":
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             else:
                 # timm/torch defaults a=-2, b=2 are absolute: at std 0.02 the cut is at ±100σ, as released.
-                nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02, a=-2.0, b=2.0)
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-2.0, b=2.0)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 

@@ -137,12 +137,7 @@ class SeqPEEncoding(PositionEncoding):
                 nn.Linear(encoder.d_model, 2 * num_heads * head_dim, bias=w_pe_bias) for _ in range(depth)
             )
             for lin in self.w_pe:
-                if encoder.config["init"] == "normal":
-                    nn.init.normal_(lin.weight, mean=0.0, std=w_pe_std)
-                else:  # the encoder's trunc_normal, cut at ±2 absolute as released
-                    nn.init.trunc_normal_(lin.weight, mean=0.0, std=w_pe_std, a=-2.0, b=2.0)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
+                encoder._init_weights(lin, std=w_pe_std)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The encoder network's parameters: the released code's ``pe_model``, clipped on its own (W_PE sits in
