@@ -3,9 +3,11 @@
 A small stack of timm ``Block``s whose attention is the ViT adapter's
 :class:`~seqpe_nd.tasks.backbones.vit.PEAttention` (timm's ``Attention`` with ``pe.attend`` in
 place of SDPA), over ``[text token embeddings | timm PatchEmbed patches]`` placed in layout
-order. Each image's answer score is read at its ``[image]`` marker word (or from the mean of its
-patches) through one linear layer, so any number of images can be scored. The positions the PE
-sees are the caller's: hybrid ones, or a flat 1-D index.
+order. Each image's answer score (a match logit of its own) is read at the text token right after
+its patches, the ``[/image]`` marker (:func:`readout_slots`), or from the mean of its patches,
+through one linear layer, so any number of images can be scored. The markers are identical
+tokens: which image a marker reads out must come from the positions the PE sees, which are the
+caller's (hybrid ones, or a flat 1-D index).
 
 Legend: b batch, k images, c channels, y/x pixels, n text tokens, s sequence tokens, w position
 width, d model dim.
@@ -25,11 +27,21 @@ from seqpe_nd.tasks.backbones.vit import ForwardContext, PEAttention, PEHub
 
 class HybridOutput(NamedTuple):
     logits: Tensor
-    """(b, k): one score per image."""
+    """(b, k): one match logit per image."""
     aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
     logs: dict[str, Any] | None = None
     """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
+    classes: Tensor | None = None
+    """(b, k, C): per-image class logits read at the same readout (``num_classes > 0``), else None."""
+
+
+def readout_slots(is_image: Bool[Tensor, " s"]) -> Int[Tensor, " k"]:
+    """The sequence slot of each image's readout: the text token right after its last patch."""
+    ends = torch.nonzero(is_image & ~torch.cat([is_image[1:], is_image.new_ones(1)]))[:, 0]  # last patch of each image
+    if bool(is_image[-1]) or bool(is_image[ends + 1].any()):
+        raise ValueError("every image must be followed by a text token (its [/image] readout) in the layout")
+    return ends + 1
 
 
 class InterleavedTransformer(nn.Module):
@@ -46,6 +58,7 @@ class InterleavedTransformer(nn.Module):
         num_heads: int,
         mlp_ratio: float,
         readout: Literal["marker", "mean"] = "marker",
+        num_classes: int = 0,
         in_chans: int = 3,
         drop_path_rate: float = 0.0,
     ) -> None:
@@ -74,6 +87,7 @@ class InterleavedTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.score = nn.Linear(embed_dim, 1)
+        self.classify = nn.Linear(embed_dim, num_classes) if num_classes else None  # an auxiliary label per image
         self.apply(init_weights_vit_timm)
         nn.init.trunc_normal_(self.text_embed.weight, std=0.02)
         self.pe = pe
@@ -126,7 +140,7 @@ class InterleavedTransformer(nn.Module):
             self._hub.current = None
         if self.readout == "mean":  # each image's own patches, averaged
             pooled = x[:, is_image].reshape(B, K, per_image, -1).mean(2)  # (b, k, d)
-        else:  # the [image] word just before each image, which must find its image through positions
-            starts = is_image & ~torch.cat([is_image.new_zeros(1), is_image[:-1]])
-            pooled = x[:, torch.nonzero(starts)[:, 0] - 1]  # (b, k, d)
-        return HybridOutput(self.score(pooled).squeeze(-1), state.aux_loss, state.logs)
+        else:  # the [/image] word just after each image, which must find its image through positions
+            pooled = x[:, readout_slots(is_image)]  # (b, k, d)
+        classes = None if self.classify is None else self.classify(pooled)  # (b, k, C)
+        return HybridOutput(self.score(pooled).squeeze(-1), state.aux_loss, state.logs, classes)

@@ -1,21 +1,39 @@
 """Interleaved text + image data for the hybrid recipe: questions over a run of images.
 
-One example is a question followed by images, each announced by an ``[image]`` word. Every
-image holds one coloured shape in one cell of a 3 × 3 layout (top/middle/bottom ×
-left/center/right). Three questions (``data.question``); the first two are about a reference
-image shown first, the answer being one of the ``K`` candidates after it::
+One example is a question followed by images, each wrapped in two marker words, ``[image]``
+before its patches and ``[/image]`` after them. Every image holds one coloured shape in one cell
+of a 3 × 3 layout (top/middle/bottom × left/center/right). Three questions (``data.question``);
+the first two are about a reference image shown first, the answer being one of the ``K``
+candidates after it::
 
-    find the same colour as [image] <reference> [image] <candidate 1> [image] <candidate 2> ...
+    find the same colour as [image] <reference> [/image] [image] <candidate 1> [/image] ...
 
 * ``colour`` (default): exactly one candidate's shape has the reference's colour; by default
   half of the others copy the reference's shape and cell in another colour. The answer needs
   which image each patch belongs to (the timeline): each candidate is read out at its
-  ``[image]`` word, which must gather its own image's patches and compare them with the
+  ``[/image]`` word, which must gather its own image's patches and compare them with the
   reference's, the first image.
 * ``place`` (``find the same place as ...``): exactly one candidate has its shape in the
   reference's cell; also needs where each patch lies inside its image (local coordinates).
-* ``sentence`` (``find red square top left [image] <image 1> ...``): exactly one image shows
-  the described colour, shape and cell.
+* ``sentence`` (``find red square top left [image] <image 1> [/image] ...``): exactly one image
+  shows the described colour, shape and cell.
+
+**Why the readout comes after its image** (:func:`segments`). The markers are identical tokens,
+so which image a ``[/image]`` belongs to must follow from positions alone. On the timeline an
+image takes three steps: ``[image]`` at ``t``, its patches anchored at ``t + 1``, ``[/image]``
+at ``t + 2``, the next ``[image]`` at ``t + 3``. The readout is then one step from its own
+image and two or more from any other, so under the hybrid metric ``|Δt| + gap + ‖(r, c)‖``
+every patch of its own image is strictly nearer than the same patch of any other image, and in
+the flat 1-D index its own patches are the ``P`` nearest (``1 … P``) against ``2 … P + 1`` for
+the next image. (A readout before its image, at ``t``, would be exactly as far from the
+previous image's patches as from its own: a tie no distance-based encoding can break.)
+
+**Labels.** Besides the answer, every shown image's colour (``colours``): the recipe's
+auxiliary label, which each readout can only name by finding its own image's patches.
+
+**Targets** are balanced: example ``i`` has its answer at candidate ``i mod K``, so guessing
+by order (e.g. an encoding without positions, whose identical markers score every candidate
+alike and whose argmax is then the first) scores exactly the chance level ``1 / K``.
 
 At smoke scale (a few hundred CPU steps) only ``colour`` leaves the chance level; ``place`` and
 ``sentence`` need far longer training.
@@ -50,12 +68,21 @@ SHAPES: tuple[str, ...] = ("square", "disk")
 ROWS: tuple[str, ...] = ("top", "middle", "bottom")
 COLS: tuple[str, ...] = ("left", "center", "right")
 IMAGE_WORD = "[image]"
+"""The marker before each image."""
+IMAGE_END = "[/image]"
+"""The marker after each image: where the image is read out (scored)."""
+MARKERS_PER_IMAGE = 2
+"""Text tokens per image: ``[image]`` and ``[/image]``."""
+STEPS_PER_IMAGE = 3
+"""Timeline steps per image: ``[image]``, the patches' anchor, ``[/image]``."""
 PROMPTS: dict[str, tuple[str, ...]] = {
     "colour": ("find", "the", "same", "colour", "as"),
     "place": ("find", "the", "same", "place", "as"),
 }
 """Questions about a reference: the first image is the reference, the answer is among the others."""
-VOCAB: tuple[str, ...] = ("find", "the", "same", "colour", "place", "as", *COLORS, *SHAPES, *ROWS, *COLS, IMAGE_WORD)
+VOCAB: tuple[str, ...] = (
+    "find", "the", "same", "colour", "place", "as", *COLORS, *SHAPES, *ROWS, *COLS, IMAGE_WORD, IMAGE_END
+)
 """The word list; a token id is an index into it."""
 SENTENCE_LEN = 5
 """``find <colour> <shape> <row> <col>`` or ``find the same place as``."""
@@ -78,7 +105,7 @@ class HybridDataConfig(Frozen):
     """Largest offset of a shape from its cell's centre, in image widths."""
     noise: float = Field(0.03, ge=0.0, le=0.5)
     """Std of per-pixel noise (drawn per image and size)."""
-    val_size: PositiveInt = 256
+    val_size: PositiveInt = 1024
     """Examples in the validation split (also the evaluation split)."""
 
 
@@ -138,7 +165,7 @@ def make_example(seed: int, split: str, index: int, num_images: int, cfg: Hybrid
         raise ValueError(f"num_images = {num_images} must be at least 1")
     rng = _rng(seed, split, index, num_images)
     wanted = _random_description(rng)
-    target = int(rng.integers(num_images))
+    target = index % num_images  # balanced: no candidate slot is likelier than another
     descs = []
     for j in range(num_images):
         desc = wanted
@@ -190,33 +217,42 @@ def tokenize(words: list[str]) -> list[int]:
 def example_batch(
     cfg: HybridDataConfig, seed: int, split: str, indices: range | list[int], num_images: int, size: int
 ) -> dict[str, Tensor]:
-    """``text`` (b, 5 + I) ids in sequence order (question, then one ``[image]`` per image),
-    ``images`` (b, I, 3, size, size) normalised (I = K, or K + 1 with the reference first), ``targets`` (b,)."""
+    """``text`` (b, 5 + 2I) ids in sequence order (question, then ``[image] [/image]`` per image),
+    ``images`` (b, I, 3, size, size) normalised (I = K, or K + 1 with the reference first), ``targets`` (b,),
+    ``colours`` (b, I) the index in :data:`COLORS` of each shown image's shape."""
     examples = [make_example(seed, split, int(i), num_images, cfg) for i in indices]
     shown = len(examples[0].images)
-    text = torch.tensor([tokenize([*e.words, *[IMAGE_WORD] * shown]) for e in examples], dtype=torch.int64)
+    text = torch.tensor(
+        [tokenize([*e.words, *[IMAGE_WORD, IMAGE_END] * shown]) for e in examples], dtype=torch.int64
+    )
     pixels = np.stack(
         [np.stack([render(s, size, noise=cfg.noise) for s in e.images]) for e in examples]
     )  # (b, k, y, x, 3)
     images = (torch.from_numpy(pixels).permute(0, 1, 4, 2, 3) - MEAN) / STD  # (b, k, 3, y, x)
+    colors = list(COLORS)
     return {
         "text": text,
         "images": images.contiguous(),
         "targets": torch.tensor([e.target for e in examples], dtype=torch.int64),
+        "colours": torch.tensor([[colors.index(d.color) for d in e.descriptions] for e in examples], dtype=torch.int64),
     }
 
 
 def segments(num_images: int, grid: tuple[int, int]) -> list[tuple[str, int | tuple[int, int]]]:
-    """The interleaved layout: ``text:5`` then ``text:1, image:HxW`` per image (for ``HybridSpace.layout``)."""
+    """The interleaved layout: ``text:5`` then ``text:1, image:HxW, text:1`` per image (for ``HybridSpace.layout``)."""
     out: list[tuple[str, int | tuple[int, int]]] = [("text", SENTENCE_LEN)]
     for _ in range(num_images):
-        out += [("text", 1), ("image", grid)]
+        out += [("text", 1), ("image", grid), ("text", 1)]
     return out
 
 
+def timeline_length(num_images: int) -> int:
+    """Timeline steps of a sequence with ``num_images`` images shown: the question, then 3 per image."""
+    return SENTENCE_LEN + STEPS_PER_IMAGE * num_images
+
+
 def check_batch(text: Int[Tensor, "b n"], images: Float[Tensor, "b i c y x"]) -> None:
-    """Text and images agree: one ``[image]`` word per image after the sentence."""
-    if text.shape[1] != SENTENCE_LEN + images.shape[1]:
-        raise ValueError(
-            f"text has {text.shape[1]} tokens, expected {SENTENCE_LEN} + one per image = {SENTENCE_LEN + images.shape[1]}"
-        )
+    """Text and images agree: ``[image]`` and ``[/image]`` per image after the sentence."""
+    want = SENTENCE_LEN + MARKERS_PER_IMAGE * images.shape[1]
+    if text.shape[1] != want:
+        raise ValueError(f"text has {text.shape[1]} tokens, expected {SENTENCE_LEN} + two per image = {want}")

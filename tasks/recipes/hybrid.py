@@ -1,12 +1,28 @@
-"""The interleaved text + image recipe (``task: hybrid``): which image matches the sentence?
+"""The interleaved text + image recipe (``task: hybrid``): which image matches the reference?
 
 Beyond the paper: one sequence interleaves text tokens and image patches
 (:mod:`seqpe_nd.tasks.data.interleaved`), and every method sees the same sequence through the same
 PositionEncoding interface. The backbone is
 :class:`~seqpe_nd.tasks.backbones.interleaved.InterleavedTransformer`: timm ``Block``s whose
 attention is the ViT adapter's ``PEAttention``, over text token embeddings and timm
-``PatchEmbed`` patches placed in layout order; each image is scored at its ``[image]`` word (or
-from the mean of its patches), so any number of images can be scored.
+``PatchEmbed`` patches placed in layout order.
+
+**Readout, loss, metric.** Each image is read out at its ``[/image]`` word, the text token right
+after its patches (or from the mean of its patches, ``model.readout: mean``), one logit per
+image, so any number of images can be scored. The markers are identical tokens, so which image
+a readout belongs to is decidable from positions alone, and unambiguously so: the readout is
+strictly nearer its own image's patches than any other image's, under the hybrid metric and in
+the flat index (see the data module). Every candidate carries its own binary label, "does it
+match the reference?", trained with a per-candidate binary cross-entropy (``match_loss``). That
+label is an interaction of two images (own colour × reference colour) and gives no first-order
+gradient, so training alone on it sits on a plateau whose length depends on the schedule; an
+auxiliary label per readout, the colour of its own image (``colour_loss``, weight
+``colour_weight``, reference included), depends on one image only and leads every readout to its
+own patches from the first step. Both are decidable only from positions.
+Reported: ``top1``, the share of examples whose highest-scoring candidate is the answer (chance
+``1/K``: targets are balanced over candidate slots), and ``per_image``, the share of candidates
+whose own decision (logit > 0) is right (chance ``max(1/K, 1 - 1/K)``, always answering the
+majority label).
 
 Positions come from the hybrid space's layout (``HybridSpace.layout``): a text token at
 timeline step ``t`` is ``(text, t, 0, 0)``, a patch of the image anchored at ``t`` is
@@ -21,21 +37,31 @@ Legend: b batch, k images, c channels, y/x pixels, n text tokens, s sequence tok
 width, d model dim.
 """
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
 from seqpe_nd.positions import Frozen, GridSpace, HybridSpace
 from seqpe_nd.tasks.backbones.interleaved import HybridOutput, InterleavedTransformer
-from seqpe_nd.tasks.data.interleaved import SENTENCE_LEN, VOCAB, HybridDataConfig, check_batch, example_batch, segments
-from seqpe_nd.tasks.engine.evaluation import classify
+from seqpe_nd.tasks.data.interleaved import (
+    COLORS,
+    MARKERS_PER_IMAGE,
+    SENTENCE_LEN,
+    VOCAB,
+    HybridDataConfig,
+    check_batch,
+    example_batch,
+    segments,
+    timeline_length,
+)
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
 from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
 
@@ -60,7 +86,7 @@ class HybridModelSettings(Frozen):
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """Stochastic depth."""
     readout: Literal["marker", "mean"] = "marker"
-    """Score each image at its ``[image]`` word (marker) or from the mean of its patches (mean)."""
+    """Score each image at its ``[/image]`` word after its patches (marker) or from the mean of its patches (mean)."""
 
     @model_validator(mode="after")
     def _check(self) -> "HybridModelSettings":
@@ -84,7 +110,7 @@ class HybridEvalSettings(Frozen):
     """Evaluate only the first this many validation examples (None: the whole split)."""
     batch_size: PositiveInt = 64
     """Examples per evaluation forward."""
-    val_examples: PositiveInt = 256
+    val_examples: PositiveInt = 1024
     """Validation during training: the first this many examples at the training size."""
 
 
@@ -96,13 +122,17 @@ class HybridConfig(RunConfig):
     data: HybridDataConfig = HybridDataConfig()
     space: Space
     """Hybrid space with a 1-D ``text`` and a 2-D ``image`` modality (inline or a YAML path); its
-    timeline L is the training sequence's (5 + 2 × images shown) and its image L the training patch grid."""
+    timeline L is the training sequence's (5 + 3 × images shown) and its image L the training patch grid."""
     positions: Literal["hybrid", "flat"] = "hybrid"
     """What the PE sees: hybrid positions, or each token's index in the flattened sequence (1-D)."""
     pe: PEConfig = Field(
         default_factory=lambda: SeqPEConfig(integration="attn_mul", per_layer=True, hidden=64, heads=2)
     )
     """Position encoding; ``method`` picks one (nope, seqpe, mrope, alibi_nd on hybrid; rope, ape_sin, ape_learn on flat)."""
+    colour_weight: float = Field(1.0, ge=0.0)
+    """Weight of the auxiliary loss in which every readout (reference included) names its own image's colour:
+    a label that depends on one image alone, so its gradient leads each readout to its own patches from the
+    first step (the match label alone is an interaction of two images, with a long plateau). 0: off."""
     random_shift: bool = False
     """Shift a whole step's positions with the space's ``shift.prob`` (App. A.5; one timeline shift for all modalities)."""
     eval: HybridEvalSettings = HybridEvalSettings()
@@ -119,27 +149,28 @@ class HybridConfig(RunConfig):
         if names.get("text") != 1 or names.get("image") != 2:
             raise ValueError(f"space: the hybrid recipe needs modalities 'text' (1-D) and 'image' (2-D), got {names}")
         image = space.modalities[space.modality_id("image")].space
-        timeline = SENTENCE_LEN + 2 * self.shown
+        timeline = timeline_length(self.shown)
         if space.timeline is None or tuple(image.L) != m.grid or space.timeline.L != timeline:
             got = None if space.timeline is None else space.timeline.L
             raise ValueError(
                 f"space: image L = {list(image.L)} and timeline L = {got} must be the training patch grid "
-                f"{list(m.grid)} and timeline {timeline} (question {SENTENCE_LEN} + 2 × {self.shown} images shown)"
+                f"{list(m.grid)} and timeline {timeline} (question {SENTENCE_LEN} + 3 × {self.shown} images shown)"
             )
         return self
 
 
 def sequence_length(num_images: int, grid: Sequence[int]) -> int:
-    return SENTENCE_LEN + num_images * (1 + grid[0] * grid[1])
+    """Tokens of a sequence with ``num_images`` images shown: the question, then ``[image]``, patches, ``[/image]``."""
+    return SENTENCE_LEN + num_images * (MARKERS_PER_IMAGE + grid[0] * grid[1])
 
 
 class HybridRecipe(Recipe[HybridConfig]):
-    """Which image matches the sentence; evaluated with more and larger images."""
+    """Which image matches the reference (or sentence); evaluated with more and larger images."""
 
     task = "hybrid"
     config_type = HybridConfig
     strict_sections = ("task", "model", "space", "pe", "positions")
-    main_loss = "match_loss"
+    main_loss = "task_loss"  # match_loss + colour_weight · colour_loss, each logged too
     no_decay_names = ("text_embed.weight",)
     eval_options = ("sizes", "max_examples", "batch_size")
 
@@ -194,6 +225,7 @@ class HybridRecipe(Recipe[HybridConfig]):
             num_heads=m.num_heads,
             mlp_ratio=m.mlp_ratio,
             readout=m.readout,
+            num_classes=len(COLORS) if self.cfg.colour_weight > 0 else 0,
             drop_path_rate=m.drop_path_rate,
         )
 
@@ -216,7 +248,7 @@ class HybridRecipe(Recipe[HybridConfig]):
             pos = self.pe_space.apply_shift(pos, shift.to(images.device, non_blocking=True)[:, None])
         out = model(text, images, pos, is_image, pe_generator=generator, pe_shifted=shift is not None)
         if self.cfg.data.question != "sentence":  # the reference is shown, not a candidate answer
-            out = HybridOutput(out.logits[:, 1:], out.aux_loss, out.logs)
+            out = HybridOutput(out.logits[:, 1:], out.aux_loss, out.logs, out.classes)
         return out
 
     def step(
@@ -224,16 +256,22 @@ class HybridRecipe(Recipe[HybridConfig]):
     ) -> StepOutput:
         out = self.forward(model, batch, shift=shift, generator=generator)
         targets = batch["targets"]
-        main = F.cross_entropy(out.logits.float(), targets)
-        top1 = 100.0 * (out.logits.argmax(-1) == targets).float().mean()
-        return StepOutput(main, out.aux_loss, out.logs, {"train_top1": top1})
+        main = match_loss(out.logits.float(), targets)
+        metrics: dict[str, float | Tensor] = {
+            "match_loss": main.detach(), "train_top1": 100.0 * (out.logits.argmax(-1) == targets).float().mean()
+        }
+        if out.classes is not None:  # every shown image's readout names its own image's colour
+            colour = F.cross_entropy(out.classes.float().flatten(0, 1), batch["colours"].flatten())
+            main = main + self.cfg.colour_weight * colour
+            metrics["colour_loss"] = colour.detach()
+        return StepOutput(main, out.aux_loss, out.logs, metrics)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Accuracy on the first ``eval.val_examples`` validation examples at the training size."""
         m, e = self.cfg.model, self.cfg.eval
         count = min(e.val_examples, self.cfg.data.val_size)
         res = accuracy(self, model, m.num_images, m.img_size, count, batch_size=e.batch_size, device=self.device_of(model))
-        return {"top1": res["top1"], "loss": res["loss"]}
+        return {"top1": res["top1"], "per_image": res["per_image"], "loss": res["loss"]}
 
     def batch_tokens(self, batch: dict[str, Tensor]) -> int:
         return int(batch["text"].shape[0])  # examples, for examples/s
@@ -260,33 +298,54 @@ class HybridRecipe(Recipe[HybridConfig]):
     def eval_table(self, result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
         K, R = result["train_size"]
         title = f"{result['run_dir']} — matching accuracy (trained with {K} images of {R} px; {result['positions']} positions)"
-        columns = ["images", "pixels", "patch grid", "tokens", "examples", "top-1 %", "chance %", "loss", "seconds"]
+        columns = ["images", "pixels", "patch grid", "tokens", "examples", "top-1 %", "chance %", "per-image %",
+                   "chance %", "match loss", "seconds"]
         cells = [
             [str(r["images"]), str(r["pixels"]), "×".join(map(str, r["grid"])), str(r["tokens"]), str(r["examples"]),
-             f"{r['top1']:.2f}", f"{r['chance']:.1f}", f"{r['loss']:.3f}", f"{r['seconds']:.1f}"]
+             f"{r['top1']:.2f}", f"{r['chance']:.1f}", f"{r['per_image']:.2f}", f"{r['per_image_chance']:.1f}",
+             f"{r['loss']:.3f}", f"{r['seconds']:.1f}"]
             for r in result["sizes"].values()
         ]
         return title, columns, cells
+
+
+def match_loss(logits: Float[Tensor, "b k"], targets: Int[Tensor, " b"]) -> Float[Tensor, ""]:
+    """Binary cross-entropy of every candidate's own label (does it match?), averaged over candidates."""
+    labels = F.one_hot(targets, logits.shape[-1]).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
 @torch.no_grad()
 def accuracy(
     task: HybridRecipe, model: nn.Module, num_images: int, size: int, count: int, *, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """Matching accuracy and loss of the first ``count`` validation examples with ``num_images`` images of ``size`` px."""
+    """Top-1 and per-image accuracy (%, with their chance levels) and the match loss of the first ``count``
+    validation examples with ``num_images`` candidates of ``size`` px."""
     cfg = task.cfg
-
-    def batches() -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        for s in range(0, count, batch_size):
-            batch = example_batch(
-                cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), num_images, size
-            )
-            batch = {k: v.to(device) for k, v in batch.items()}
-            yield batch, batch["targets"]
-
+    top1 = right = loss = seen = 0.0
+    compute, t0 = 0.0, time.perf_counter()
+    for s in range(0, count, batch_size):
+        batch = example_batch(cfg.data, cfg.train.seed, "validation", range(s, min(count, s + batch_size)), num_images, size)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        t = time.perf_counter()
+        logits = task.forward(model, batch).logits.float()  # (b, k)
+        compute += time.perf_counter() - t
+        y = batch["targets"]
+        top1 += float((logits.argmax(-1) == y).sum())
+        right += float(((logits > 0) == F.one_hot(y, num_images).bool()).float().mean(-1).sum())
+        loss += float(match_loss(logits, y)) * len(y)
+        seen += len(y)
+    if seen == 0:
+        raise ValueError("no examples to evaluate; raise the number of evaluation examples")
     return {
-        **classify(lambda b: task.forward(model, b).logits, batches(), unit="examples"),
+        "top1": 100.0 * top1 / seen,
+        "per_image": 100.0 * right / seen,
+        "loss": loss / seen,
+        "examples": int(seen),
+        "seconds": time.perf_counter() - t0,
+        "examples_per_s": seen / max(compute, 1e-9),
         "chance": 100.0 / num_images,
+        "per_image_chance": 100.0 * max(1.0 / num_images, 1.0 - 1.0 / num_images),
     }
 
 
