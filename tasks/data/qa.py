@@ -17,8 +17,10 @@ Sources, both feeding the same builder:
 
 - :class:`EmbeddedQA` (default, no download): paragraphs of the LM recipe's embedded text
   (:func:`seqpe_nd.tasks.data.text.embedded_documents`, split by document exactly as the LM corpus
-  is), each with one planted fact about a made-up name ("The code of Marlow is 4821."). Names are
-  distinct within a prompt, so exactly one document answers the question; answers are short.
+  is), each with one planted fact ("The colour of the horse is red."). Keys and answers come from
+  closed sets of words that are one token each under the run's tokenizer, so exact match measures
+  retrieval, not spelling; keys are distinct within a prompt, so exactly one document answers the
+  question, and every document records the answer its fact gives (the "copy some document" baseline).
 - :class:`SquadQA`: SQuAD through ``datasets`` (hub, or SQuAD-format JSON files), paragraphs as
   documents, as RULER and the paper do. Our ``test`` split is SQuAD's validation split (RULER's
   evaluation set); our ``validation`` split holds out a fraction of the training paragraphs.
@@ -28,7 +30,7 @@ Shapes: ``b`` examples, ``n`` tokens.
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -65,6 +67,13 @@ def render_prompt(documents: Sequence[str], question: str) -> str:
 
 # --- examples ---------------------------------------------------------------------------------------
 
+class Passage(NamedTuple):
+    """One document of a prompt, with the answer its planted fact gives (None: no planted fact, e.g. SQuAD)."""
+
+    text: str
+    answer: str | None = None
+
+
 @dataclass(frozen=True)
 class QAItem:
     """A question with its gold document and a stream of distractor documents (seeded, lazily drawn)."""
@@ -74,7 +83,7 @@ class QAItem:
     answers: tuple[str, ...]
     """Gold answers; the first is the training target (SQuAD lists several)."""
     gold: str
-    distractors: Iterator[str]
+    distractors: Iterator[Passage]
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class QAExample:
     answer_ids: list[int]
     """Tokens of ``" " + answers[0]`` followed by the end-of-text token: the only ones with a loss."""
     documents: tuple[str, ...]
+    document_answers: tuple[str | None, ...]
+    """The answer each document's planted fact gives (the gold one's is ``answers[0]``), aligned with ``documents``."""
     gold_index: int
     """0-based index of the gold document in ``documents``."""
     depth: float
@@ -98,6 +109,13 @@ class QAExample:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.answer_ids)
+
+    @property
+    def copy_rate(self) -> float | None:
+        """Chance that copying a uniformly drawn document's answer is right (None: documents carry no answer)."""
+        if any(a is None for a in self.document_answers):
+            return None
+        return sum(a in self.answers for a in self.document_answers) / len(self.document_answers)
 
 
 class PromptTooLong(ValueError):
@@ -133,14 +151,15 @@ class PromptBuilder:
         tail = tok.encode(PROMPT_TAIL.format(question=item.question))
         answer = tok.encode(ANSWER.format(answer=item.answers[0])) + [tok.eos_id]
         bodies = [tok.encode(item.gold)]
-        texts = [item.gold]
+        texts: list[str] = [item.gold]
+        given: list[str | None] = [item.answers[0]]
         used = len(self.head) + len(tail) + len(answer) + len(self.header(1)) + len(bodies[0])
         if used > budget:
             raise PromptTooLong(
                 f"example {item.id}: template, question, answer and gold document need {used} tokens, "
                 f"more than the budget of {budget}"
             )
-        for text in item.distractors:
+        for text, gives in item.distractors:
             body = tok.encode(text)
             # The header numbers are 1..k whatever the order, so their total only depends on k.
             extra = len(self.separator) + len(self.header(len(bodies) + 1)) + len(body)
@@ -149,6 +168,7 @@ class PromptBuilder:
             used += extra
             bodies.append(body)
             texts.append(text)
+            given.append(gives)
         k = len(bodies)
         gold_index = round(depth * (k - 1))
         order = list(range(1, k))
@@ -167,7 +187,8 @@ class PromptBuilder:
         assert len(ids) + len(answer) == used, "token accounting drifted"
         return QAExample(
             id=item.id, question=item.question, answers=item.answers, prompt_ids=ids, answer_ids=answer,
-            documents=tuple(texts[j] for j in order), gold_index=gold_index,
+            documents=tuple(texts[j] for j in order), document_answers=tuple(given[j] for j in order),
+            gold_index=gold_index,
             depth=(gold_start - docs_start) / span if span > 0 else 0.0, budget=budget,
         )
 
@@ -214,6 +235,9 @@ def collate_prompts(examples: Sequence[QAExample], pad_id: int) -> dict[str, Int
 @runtime_checkable
 class QASource(Protocol):
     """Questions per split; an item is a pure function of ``(split, index, rng)``."""
+
+    answer_set: tuple[str, ...] | None
+    """The closed set every answer is drawn from (chance = 1 / its size); None: open answers (SQuAD)."""
 
     def num_items(self, split: str) -> int: ...
 

@@ -13,37 +13,48 @@ from typing import Any
 
 import numpy as np
 
-from seqpe_nd.tasks.data.qa import QADataConfig, QAItem, QASource
-from seqpe_nd.tasks.data.text import SPLITS, embedded_documents, split_documents
+from seqpe_nd.tasks.data.qa import Passage, QADataConfig, QAItem, QASource
+from seqpe_nd.tasks.data.text import SPLITS, TextTokenizer, embedded_documents, split_documents
 
 
-def build_source(cfg: QADataConfig, *, documents: Sequence[str] | None = None) -> QASource:
+def build_source(cfg: QADataConfig, tokenizer: TextTokenizer, *, documents: Sequence[str] | None = None) -> QASource:
     """The source a ``data:`` section names; ``documents`` replaces the embedded text (tests)."""
     if cfg.source == "embedded":
-        return EmbeddedQA(cfg, documents=documents)
+        return EmbeddedQA(cfg, tokenizer, documents=documents)
     return SquadQA(cfg)
-
-
-# --- embedded: planted facts ------------------------------------------------------------------------
 
 
 # --- embedded: planted facts ------------------------------------------------------------------------
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"“*(])")
 _PROSE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:'()-\"“”’")
-_ONSETS = ("b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "w", "z")
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ou")
-_CODAS = ("", "", "n", "r", "l", "s", "th", "x")
-CITIES = (
-    "Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Dublin", "Quito", "Tunis", "Riga", "Perth", "Kyoto", "Porto",
-    "Accra", "Bergen", "Cusco", "Dakar", "Graz", "Harbin", "Izmir", "Jaipur", "Krakow", "Lagos", "Malmo", "Nantes",
+KEY_WORDS: tuple[str, ...] = (
+    "aircraft", "airplane", "apple", "bag", "ball", "band", "basket", "bat", "bear", "bed", "bee", "bell", "bird",
+    "boat", "book", "bottle", "box", "bread", "bridge", "bus", "butter", "button", "cab", "candle", "canvas", "car",
+    "carriage", "cat", "cattle", "chain", "cheese", "chicken", "church", "clock", "coat", "coffee", "corn", "cotton",
+    "crab", "cup", "dish", "dog", "door", "drum", "duck", "eagle", "egg", "fern", "fish", "flag", "flower", "frog",
+    "fruit", "garden", "glass", "goat", "gun", "hammer", "hat", "horse", "house", "iron", "jacket", "kettle",
+    "ladder", "lamp", "leaf", "lion", "lizard", "mailbox", "meat", "milk", "mirror", "mouse", "mushroom", "nut",
+    "orchid", "owl", "paper", "pencil", "piano", "pig", "pine", "pipe", "plane", "plate", "potato", "rabbit",
+    "radio", "ring", "river", "rock", "roof", "rope", "sail", "sauce", "school", "shark", "sheep", "shell", "ship",
+    "shoe", "shrub", "snake", "socket", "spider", "stone", "sugar", "tent", "tiger", "tomato", "tower", "tree",
+    "truck", "tube", "turtle", "vine", "violin", "wagon", "wall", "whale", "wheel", "window", "wine", "wire", "wolf",
+    "wool", "worm",
 )
-# (fact sentence, question, answer kind): one fact per document, about a name unique in the prompt.
-RELATIONS: tuple[tuple[str, str, str], ...] = (
-    ("The code of {name} is {value}.", "What is the code of {name}?", "code"),
-    ("{name} was founded in {value}.", "In which year was {name} founded?", "year"),
-    ("{name} lives in {value}.", "Which city does {name} live in?", "city"),
+"""Candidate keys (what a question asks about); those one token long under the run's tokenizer are used."""
+VALUE_WORDS: tuple[str, ...] = (
+    "red", "blue", "green", "yellow", "white", "black", "brown", "orange", "pink", "purple", "grey", "violet",
+    "gold", "scarlet", "silver", "cyan",
 )
+"""Candidate answers; those one token long under the run's tokenizer form the closed answer set."""
+FACT = "The colour of the {key} is {value}."
+QUESTION = "What is the colour of the {key}?"
+MIN_KEYS, MIN_VALUES = 16, 4
+
+
+def single_token_words(tokenizer: TextTokenizer, words: Sequence[str]) -> tuple[str, ...]:
+    """The words that are exactly one token after a space (as they appear in facts, questions and answers)."""
+    return tuple(w for w in words if len(tokenizer.encode(" " + w)) == 1)
 
 
 def prose_paragraphs(documents: Sequence[str], *, min_chars: int, max_chars: int) -> list[str]:
@@ -88,22 +99,6 @@ def _split_paragraphs(
     return {s: prose_paragraphs([docs[i] for i in idx[s]], min_chars=min_chars, max_chars=max_chars) for s in SPLITS}
 
 
-def make_name(rng: np.random.Generator) -> str:
-    """A pronounceable made-up name such as ``Marlow`` or ``Tesvin``."""
-    parts = [_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))] for _ in range(int(rng.integers(2, 4)))]
-    return ("".join(parts) + _CODAS[rng.integers(len(_CODAS))]).capitalize()
-
-
-def make_value(kind: str, rng: np.random.Generator) -> str:
-    if kind == "code":
-        return str(int(rng.integers(1000, 10000)))
-    if kind == "year":
-        return str(int(rng.integers(1500, 2025)))
-    if kind == "city":
-        return CITIES[rng.integers(len(CITIES))]
-    raise ValueError(f"unknown answer kind {kind!r}; allowed: code, year, city")
-
-
 def plant(paragraph: str, fact: str, rng: np.random.Generator) -> str:
     """``paragraph`` with ``fact`` inserted at a random sentence boundary (start and end included)."""
     sentences = _SENTENCE_END.split(paragraph)
@@ -112,9 +107,13 @@ def plant(paragraph: str, fact: str, rng: np.random.Generator) -> str:
 
 
 class EmbeddedQA:
-    """Seeded multi-document QA over the embedded text: one planted fact per document, names unique per prompt."""
+    """Seeded multi-document QA over the embedded text: one planted fact per document, keys unique per prompt.
 
-    def __init__(self, cfg: QADataConfig, *, documents: Sequence[str] | None = None) -> None:
+    Every fact is ``FACT`` with a key from ``keys`` and an answer from ``answer_set`` (single tokens of the
+    run's tokenizer); a prompt uses each key at most once, so its distractor stream ends when the keys do.
+    """
+
+    def __init__(self, cfg: QADataConfig, tokenizer: TextTokenizer, *, documents: Sequence[str] | None = None) -> None:
         self.cfg = cfg
         args = (cfg.valid_fraction, cfg.test_fraction, cfg.split_seed, cfg.min_chars, cfg.max_chars)
         self.paragraphs = _embedded_paragraphs(*args) if documents is None else _split_paragraphs(documents, *args)
@@ -124,34 +123,38 @@ class EmbeddedQA:
                     f"the {split} split has {len(self.paragraphs[split])} paragraphs of {cfg.min_chars}-{cfg.max_chars} "
                     "characters; a prompt needs a gold document and distractors (widen data.min_chars/max_chars)"
                 )
+        self.keys = single_token_words(tokenizer, KEY_WORDS)
+        self.answer_set: tuple[str, ...] | None = single_token_words(tokenizer, VALUE_WORDS)
+        for what, found, need in (("keys", self.keys, MIN_KEYS), ("answers", self.answer_set, MIN_VALUES)):
+            if len(found) < need:
+                raise ValueError(
+                    f"lm_data.tokenizer: only {len(found)} of the embedded QA {what} are one token long under this "
+                    f"tokenizer ({', '.join(found) or 'none'}); need at least {need} (use data.source 'hf' or 'files')"
+                )
 
     def num_items(self, split: str) -> int:
         return self.cfg.train_items if split == "train" else self.cfg.eval_items
 
     def item(self, split: str, index: int, rng: np.random.Generator) -> QAItem:
-        paragraphs = self.paragraphs[split]
-        fact, question, kind = RELATIONS[rng.integers(len(RELATIONS))]
-        name, value = make_name(rng), make_value(kind, rng)
+        paragraphs, values = self.paragraphs[split], self.answer_set
+        assert values is not None
+        keys = [self.keys[int(i)] for i in rng.permutation(len(self.keys))]  # distinct per prompt, gold first
+        value = values[int(rng.integers(len(values)))]
         gold_at = int(rng.integers(len(paragraphs)))
-        gold = plant(paragraphs[gold_at], fact.format(name=name, value=value), rng)
+        gold = plant(paragraphs[gold_at], FACT.format(key=keys[0], value=value), rng)
         return QAItem(
-            id=f"{split}-{index}", question=question.format(name=name), answers=(value,), gold=gold,
-            distractors=self._distractors(paragraphs, gold_at, name, rng),
+            id=f"{split}-{index}", question=QUESTION.format(key=keys[0]), answers=(value,), gold=gold,
+            distractors=self._distractors(paragraphs, gold_at, keys[1:], values, rng),
         )
 
     @staticmethod
-    def _distractors(paragraphs: Sequence[str], gold_at: int, gold_name: str, rng: np.random.Generator) -> Iterator[str]:
-        names = {gold_name}
-        order = rng.permutation(len(paragraphs))
-        for j in order:
-            if j == gold_at:
-                continue
-            fact, _, kind = RELATIONS[rng.integers(len(RELATIONS))]
-            name = make_name(rng)
-            while name in names:  # the question must be answerable from exactly one document
-                name = make_name(rng)
-            names.add(name)
-            yield plant(paragraphs[j], fact.format(name=name, value=make_value(kind, rng)), rng)
+    def _distractors(
+        paragraphs: Sequence[str], gold_at: int, keys: Sequence[str], values: Sequence[str], rng: np.random.Generator
+    ) -> Iterator[Passage]:
+        order = (int(j) for j in rng.permutation(len(paragraphs)) if j != gold_at)
+        for key, j in zip(keys, order):  # the question must be answerable from exactly one document
+            value = values[int(rng.integers(len(values)))]
+            yield Passage(plant(paragraphs[j], FACT.format(key=key, value=value), rng), value)
 
 
 # --- SQuAD ------------------------------------------------------------------------------------------
@@ -177,6 +180,8 @@ class _SquadSplit:
 
 class SquadQA:
     """SQuAD through ``datasets``: every question with its paragraph, other paragraphs as distractors."""
+
+    answer_set: tuple[str, ...] | None = None  # open answers: no chance level
 
     def __init__(self, cfg: QADataConfig) -> None:
         import datasets  # heavy import, only on this path
@@ -231,9 +236,9 @@ class SquadQA:
         part = self.splits[split]
         question, answers, c = part.rows[index]
 
-        def distractors() -> Iterator[str]:
+        def distractors() -> Iterator[Passage]:
             for j in rng.permutation(len(part.contexts)):
                 if j != c:
-                    yield part.contexts[j]
+                    yield Passage(part.contexts[j])
 
         return QAItem(id=f"{split}-{index}", question=question, answers=answers, gold=part.contexts[c], distractors=distractors())

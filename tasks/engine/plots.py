@@ -116,19 +116,31 @@ def plot_similarity(sim: Tensor, grid: Sequence[int], path: Path, *, title: str)
 
 
 def plot_qa(
-    runs: dict[str, dict[str, dict[str, Any]]], path: Path, *, title: str, train_length: int | None = None
+    runs: dict[str, dict[str, dict[str, Any]]], path: Path, *, title: str, train_length: int | None = None,
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Path:
-    """EM (solid) and strict EM (dashed) and answer perplexity (log) against context length, one colour per run."""
+    """EM (solid) and strict EM (dashed) and answer perplexity (log) against context length, one colour per run.
+
+    A row may carry ``em_std``/``ppl_std`` (spread over seeds, drawn as error bars); ``baselines`` are
+    reference EM levels per length (chance, copying a random document's answer), drawn in grey.
+    """
     path = Path(path)
     fig, (ax_em, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for i, (name, rows) in enumerate(runs.items()):
         xs = sorted(int(k) for k in rows)
         colour = f"C{i}"
-        ax_em.plot(xs, [rows[str(x)]["em"] for x in xs], marker="o", color=colour, label=name)
-        ax_em.plot(xs, [rows[str(x)]["strict_em"] for x in xs], marker="x", linestyle="--", color=colour)
-        ax_ppl.plot(xs, [rows[str(x)]["ppl"] for x in xs], marker="o", color=colour, label=name)
+        cells = [rows[str(x)] for x in xs]
+        ax_em.errorbar(xs, [c["em"] for c in cells], yerr=[c.get("em_std", 0.0) for c in cells], marker="o",
+                       color=colour, label=name, capsize=3)
+        ax_em.plot(xs, [c["strict_em"] for c in cells], marker="x", linestyle="--", color=colour)
+        ax_ppl.errorbar(xs, [c["ppl"] for c in cells], yerr=[c.get("ppl_std", 0.0) for c in cells], marker="o",
+                        color=colour, label=name, capsize=3)
+    for j, (name, levels) in enumerate((baselines or {}).items()):
+        xs = sorted(int(k) for k in levels)
+        ax_em.plot(xs, [levels[str(x)] for x in xs], color="grey", linestyle=(":", "-.", "--")[j % 3], label=name)
     lengths = sorted({int(k) for rows in runs.values() for k in rows})
-    top = max([rows[k]["em"] for rows in runs.values() for k in rows] + [0.0])
+    top = max([rows[k]["em"] + rows[k].get("em_std", 0.0) for rows in runs.values() for k in rows] + [0.0])
+    top = max([top, *(v for levels in (baselines or {}).values() for v in levels.values())])
     ax_em.set_ylim(-2, max(10.0, 1.15 * top))
     for ax in (ax_em, ax_ppl):
         if train_length is not None:

@@ -238,7 +238,7 @@ class QARecipe(Recipe[QAConfig]):
         self.context_length: int = cfg.context_length
         self.space: GridSpace = cfg.grid_space(1)
         self.tokenizer = load_tokenizer(cfg.lm_data)
-        self.source: QASource = build_source(cfg.data, documents=documents)
+        self.source: QASource = build_source(cfg.data, self.tokenizer, documents=documents)
         self.builder = PromptBuilder(self.tokenizer)
         self._val: list[QAExample] | None = None
         self._step = 0  # optimizer steps done, seen through train_batch; names the best checkpoint
@@ -405,8 +405,13 @@ class QARecipe(Recipe[QAConfig]):
         res = score_examples(model, examples, self.tokenizer, batch_size=self._batch(size),
                              max_new_tokens=self.cfg.eval.max_new_tokens, device=device)
         samples = res.pop("samples")
+        answers = self.source.answer_set
+        rates = [e.copy_rate for e in examples]
         return {
             **res, "skipped": skipped,
+            # What a score means: a uniform guess from the closed answer set, and copying a random document's answer.
+            "chance": None if answers is None else 100.0 / len(answers),
+            "copy_baseline": None if None in rates else 100.0 * float(np.mean(rates)),
             "mean_tokens": float(np.mean([e.num_tokens for e in examples])),
             "mean_docs": float(np.mean([len(e.documents) for e in examples])),
             "samples": samples[:5],
@@ -420,10 +425,11 @@ class QARecipe(Recipe[QAConfig]):
     def eval_table(self, result: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
         L = result["context_length"]
         title = f"{result['run_dir']} — {result['split']} QA (fine-tuned at {L} tokens)"
-        columns = ["length", "× train", "questions", "docs", "answer PPL", "EM", "strict EM", "seconds"]
+        columns = ["length", "× train", "questions", "docs", "answer PPL", "EM", "strict EM", "chance", "copy", "seconds"]
+        pct = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
         cells = [
             [n, f"{int(n) / L:g}", str(r["examples"]), f"{r['mean_docs']:.1f}", f"{r['ppl']:.2f}", f"{r['em']:.1f}",
-             f"{r['strict_em']:.1f}", f"{r['seconds']:.1f}"]
+             f"{r['strict_em']:.1f}", pct(r.get("chance")), pct(r.get("copy_baseline")), f"{r['seconds']:.1f}"]
             for n, r in result["lengths"].items()
         ]
         return title, columns, cells

@@ -150,3 +150,44 @@ def test_collapse_signal_replays_the_trainers_warning(tmp_path: Path) -> None:
     assert result["collapsed"]["encoder_lr"] == 3e-4
     assert (tmp_path / "collapse_signal.png").stat().st_size > 0
     assert "| collapsed | 3e-04 | 100.0 → 110.0 | 30 | 50 |" in (tmp_path / "collapse_signal.md").read_text()
+
+
+@pytest.mark.slow
+def test_qa_table2_over_seeds_runs(tmp_path: Path) -> None:
+    """Two seeds x two methods at toy size (LM runs trained here): mean ± std cells, chance and copy rows."""
+    run("qa_table2.py", "--methods", "rope-1e6", "alibi", "--seeds", "0", "1", "--jobs", "2",
+        "--lm-runs", str(tmp_path / "lm"), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "out"),
+        "--name", "toy", "--lm-set", "train.steps=2", "--lm-set", "train.batch_size=2", "--lm-set", "train.save_every=0",
+        "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.eval_every=1",
+        "--set", "eval.lengths=[256,512]", "--set", "eval.num_examples=3", "--set", "eval.val_examples=2")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy.json", "toy.md", "toy.png"]
+    result = json.loads((tmp_path / "out" / "toy.json").read_text())
+    assert result["setup"]["seeds"] == [0, 1] and list(result["table2"]) == ["rope-1e6", "alibi"]
+    for method, row in result["table2"].items():
+        for length in ("256", "512"):
+            per_seed = [result["runs"][method][s]["lengths"][length]["ppl"] for s in ("0", "1")]
+            mean, std = naive_mean_std(per_seed)
+            assert row["lengths"][length]["ppl"] == pytest.approx(mean)
+            assert row["lengths"][length]["ppl_std"] == pytest.approx(std)
+    chance = result["baselines"]["chance"]
+    assert chance["256"] == pytest.approx(100 / 14) or 0 < chance["256"] < 50  # one over the closed answer set
+    copy = result["baselines"]["copy a random document's answer"]
+    assert copy["256"] > copy["512"] > chance["512"]  # more documents, fewer right by copying one
+    table = (tmp_path / "out" / "toy.md").read_text()
+    assert "*chance*" in table and "| RoPE-10⁶ | " in table and " ± " in table
+
+
+@pytest.mark.slow
+def test_video_hybrid_bench_over_seeds_runs(tmp_path: Path) -> None:
+    """Hybrid, two seeds x two methods at toy size: mean ± std cells that match the seeds' numbers, a chance row."""
+    run("video_hybrid_bench.py", "--recipes", "hybrid", "--only", "nope", "rope_flat", "--seeds", "0", "1",
+        "--set", "train.steps=2", "--set", "train.log_every=1", "--set", "eval.max_examples=8",
+        "--set", "eval.val_examples=8", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "hybrid_bench.json").read_text())
+    assert result["seeds"] == [0, 1] and list(result["table"]) == ["nope", "rope_flat"]
+    for method, row in result["table"].items():
+        for size, value in row["top1"].items():
+            mean, std = naive_mean_std([result["runs"][method][s]["eval"]["sizes"][size]["top1"] for s in ("0", "1")])
+            assert value == pytest.approx(mean) and row["std"][size] == pytest.approx(std)
+    table = (tmp_path / "out" / "hybrid_bench.md").read_text()
+    assert "| chance | 50.0 |" in table and "| NoPE | 50.0 ± 0.0 |" in table and (tmp_path / "out" / "hybrid_bench.png").is_file()

@@ -19,7 +19,7 @@ from seqpe_nd.tasks.data.qa import IGNORE_INDEX, QAExample, collate_prompts, col
 from seqpe_nd.tasks.engine.decoding import answer_loss, greedy_generate
 from seqpe_nd.tasks.data.text import train_bpe
 from seqpe_nd.tasks.engine.trainer import TrainConfig, train
-from tests.tasks.test_qa_data import DOCS
+from tests.tasks.test_qa_data import CORPUS, DOCS
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = {
@@ -72,7 +72,7 @@ def _tiny_model(pe: dict, vocab: int = 97, seed: int = 0):
 
 
 def _example(prompt: list[int], answer: list[int] | None = None) -> QAExample:
-    return QAExample(id="x", question="q", answers=("a",), prompt_ids=prompt, answer_ids=answer or [0], documents=("d",),
+    return QAExample(id="x", question="q", answers=("a",), prompt_ids=prompt, answer_ids=answer or [0], documents=("d",), document_answers=("a",),
                      gold_index=0, depth=0.0, budget=len(prompt) + len(answer or [0]))
 
 
@@ -118,7 +118,7 @@ def test_answer_loss_equals_full_cross_entropy_on_answer_tokens_only() -> None:
 def _lm_config(tmp: Path, pe: dict) -> dict:
     corpus = tmp / "corpus.txt"
     if not corpus.exists():
-        corpus.write_text("\n\n".join(DOCS))
+        corpus.write_text("\n\n".join(CORPUS))
     return {
         "task": "lm",
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0},

@@ -13,26 +13,32 @@ from seqpe_nd.tasks.data.qa import (
     PromptBuilder,
     PromptTooLong,
     QADataConfig,
+    Passage,
     QAItem,
     collate_prompts,
     collate_train,
     make_example,
     render_prompt,
 )
-from seqpe_nd.tasks.data.qa_sources import build_source, plant
+from seqpe_nd.tasks.data.qa_sources import FACT, KEY_WORDS, MIN_KEYS, VALUE_WORDS, build_source, plant
 from seqpe_nd.tasks.data.text import TextTokenizer, train_bpe
 
+GLOSSARY = " ".join(KEY_WORDS + VALUE_WORDS)
+"""Repeated in the test corpus so that a 2048-token BPE makes every key and colour one token (as the
+embedded corpus's 4096-token BPE does for most); not prose, so never a QA document."""
 DOCS = [topics[k] for k in sorted(topics)]  # part of the embedded text, available instantly
+CORPUS = DOCS + [GLOSSARY] * 200
+"""What the test tokenizers are trained on."""
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> TextTokenizer:
-    return train_bpe(DOCS, 2048)
+    return train_bpe(CORPUS, 2048)
 
 
 @pytest.fixture(scope="module")
-def source():
-    return build_source(QADataConfig(), documents=DOCS)
+def source(tokenizer: TextTokenizer):
+    return build_source(QADataConfig(), tokenizer, documents=DOCS)
 
 
 def test_render_prompt_matches_fig4_by_hand() -> None:
@@ -55,7 +61,7 @@ def test_render_prompt_matches_fig4_by_hand() -> None:
 
 
 def _item(gold: str, distractors: list[str], question: str = "What is the code of Marlow?", answer: str = "4821") -> QAItem:
-    return QAItem(id="x", question=question, answers=(answer,), gold=gold, distractors=iter(distractors))
+    return QAItem(id="x", question=question, answers=(answer,), gold=gold, distractors=iter(map(Passage, distractors)))
 
 
 def test_token_ids_decode_to_the_rendered_prompt(tokenizer: TextTokenizer) -> None:
@@ -102,13 +108,40 @@ def test_embedded_prompts_hit_budget_and_keep_question_and_depth_across_lengths(
 
 def test_embedded_question_is_answerable_from_exactly_one_document(tokenizer, source) -> None:
     builder = PromptBuilder(tokenizer)
+    fact = re.compile(FACT.replace(".", r"\.").format(key=r"(\w+)", value=r"(\w+)"))
     for i in range(50):
         ex = make_example(source, builder, "validation", i, budget=1024, seed=0)
-        name = re.search(r"(?:of|was|does) ([A-Z][a-z]+)", ex.question).group(1)
-        holders = [j for j, d in enumerate(ex.documents) if re.search(rf"\b{name}\b", d)]
-        assert holders == [ex.gold_index]
-        assert ex.answers[0] in ex.documents[ex.gold_index]
-        assert len(tokenizer.encode(" " + ex.answers[0])) <= 6  # short answers
+        key = re.fullmatch(r"What is the colour of the (\w+)\?", ex.question).group(1)
+        facts = [fact.findall(d) for d in ex.documents]
+        assert all(len(f) == 1 for f in facts)  # one planted fact per document
+        keys = [f[0][0] for f in facts]
+        assert len(set(keys)) == len(keys) and keys.index(key) == ex.gold_index
+        assert [f[0][1] for f in facts] == list(ex.document_answers)  # each document records what its fact gives
+        assert ex.document_answers[ex.gold_index] == ex.answers[0] and ex.answers[0] in source.answer_set
+        # Closed sets of single tokens: exact match measures retrieval, not spelling.
+        assert len(tokenizer.encode(" " + ex.answers[0])) == 1 and len(tokenizer.encode(" " + key)) == 1
+        assert ex.copy_rate == sum(a == ex.answers[0] for a in ex.document_answers) / len(ex.documents)
+
+
+def test_embedded_sets_are_the_single_token_words_and_too_few_is_a_clear_error(tokenizer) -> None:
+    src = build_source(QADataConfig(min_chars=40, max_chars=100), tokenizer, documents=DOCS)
+    assert set(src.keys) <= set(KEY_WORDS) and set(src.answer_set) <= set(VALUE_WORDS)
+    assert not set(src.keys) & set(src.answer_set) and len(src.keys) >= MIN_KEYS
+    assert all(len(tokenizer.encode(" " + w)) == 1 for w in src.keys + src.answer_set)
+    plain = train_bpe(DOCS, 512)  # no glossary: few of the words are single tokens
+    with pytest.raises(ValueError, match=r"lm_data.tokenizer: only \d+ of the embedded QA keys are one token long"):
+        build_source(QADataConfig(), plain, documents=DOCS)
+
+
+def test_distractors_end_when_the_keys_do(tokenizer) -> None:
+    """A prompt never repeats a key: past len(keys) documents it stops short of its budget."""
+    docs = [f"Passage number {i} says very little. It is only here to fill the prompt." for i in range(4000)]
+    source = build_source(QADataConfig(min_chars=40), tokenizer, documents=docs)
+    assert len(source.paragraphs["test"]) > len(source.keys)
+    passages = list(source.item("test", 0, np.random.default_rng(0)).distractors)
+    assert len(passages) == len(source.keys) - 1
+    ex = PromptBuilder(tokenizer).build(source.item("test", 0, np.random.default_rng(0)), budget=100_000, depth=0.5)
+    assert len(ex.documents) == len(source.keys) and ex.num_tokens < 100_000
 
 
 def test_embedded_examples_are_seeded_and_splits_disjoint(tokenizer, source) -> None:
@@ -183,7 +216,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
 def test_squad_files_feed_the_same_builder(tmp_path: Path, tokenizer: TextTokenizer) -> None:
     files = {"train": [_write_jsonl(tmp_path / "train.jsonl", _squad_rows("tr", 40))],
              "validation": [_write_jsonl(tmp_path / "dev.jsonl", _squad_rows("dev", 10))]}
-    src = build_source(QADataConfig(source="files", data_files=files, valid_fraction=0.1))
+    src = build_source(QADataConfig(source="files", data_files=files, valid_fraction=0.1), tokenizer)
     assert src.num_items("test") == 20
     assert src.num_items("train") + src.num_items("validation") == 80
     assert src.num_items("validation") == 8  # 4 of 40 paragraphs held out, 2 questions each
@@ -196,10 +229,10 @@ def test_squad_files_feed_the_same_builder(tmp_path: Path, tokenizer: TextTokeni
     assert all(d.startswith("dev ") for d in ex.documents)  # distractors come from the same split
 
 
-def test_squad_errors_name_the_field(tmp_path: Path) -> None:
+def test_squad_errors_name_the_field(tmp_path: Path, tokenizer: TextTokenizer) -> None:
     with pytest.raises(ValueError, match="data_files"):
         QADataConfig(source="files")
     rows = [{"q": "x", "context": "y", "answers": {"text": ["z"]}}] * 3
     files = {"train": [_write_jsonl(tmp_path / "t.jsonl", rows)], "validation": [_write_jsonl(tmp_path / "v.jsonl", rows)]}
     with pytest.raises(ValueError, match=r"data field 'question' is not a column; columns: \['q', 'context', 'answers'\]"):
-        build_source(QADataConfig(source="files", data_files=files))
+        build_source(QADataConfig(source="files", data_files=files), tokenizer)
