@@ -243,6 +243,8 @@ def train_or_reuse(
     t0 = time.perf_counter()
     train(build(), cfg, run_dir, resume=True)  # a finished run of another config: refused, or nothing to do
     seconds = time.perf_counter() - t0 if saved is None else float(saved["seconds"])
+    if saved is None and (done := ckpt.latest_checkpoint(run_dir)) is not None:  # an interrupted run: all its parts
+        seconds = float(ckpt.read_json(done / "state.json").get("elapsed_seconds", seconds))
     ckpt.atomic_write_text(timing, json.dumps({"seconds": seconds, "config": config}) + "\n")
     return seconds
 
@@ -295,7 +297,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
 
         # --- config and resume ---
         config = {**task.config_dict(), "train": cfg.model_dump(mode="json")}
-        start = 0
+        start, elapsed = 0, 0.0  # elapsed: training seconds of the parts of this run before a resume
         sections = getattr(task, "strict_sections", STRICT_SECTIONS)  # a recipe may add its own (hybrid: positions)
         readable = ckpt.newest_readable(
             run_dir, lambda p: ckpt.load_checkpoint(p, expected_config=config, strict_sections=tuple(sections),
@@ -314,6 +316,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             optimizer.load_state_dict(state.optimizer)
             restore_rng(state.rng, generator, rank, device)
             start = state.step
+            elapsed = float(state.state.get("elapsed_seconds", 0.0))
             if master:
                 changed = f" (changed: {'; '.join(other)})" if other else ""
                 tqdm.write(f"resuming {run_dir} from step {start}{changed}")
@@ -347,6 +350,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                         "world": world, "seed": cfg.seed,
                         "data_position": {"step": step},  # batches are a pure function of the step
                         "scheduler": {"schedule": cfg.schedule, "next_lr": lr_at(step, cfg)},  # lr = lr_at(step)
+                        "elapsed_seconds": elapsed + time.perf_counter() - loop_start,  # over every resume
                     },
                     keep_last=cfg.keep_last,
                 )
@@ -356,6 +360,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         raw.train()
         bar = tqdm(total=cfg.steps, initial=start, disable=not master, dynamic_ncols=True, desc="train")
         window_tokens, window_start = 0, time.perf_counter()
+        loop_start = window_start
         encodings = [m for m in raw.modules() if isinstance(m, PositionEncoding)]
         clip_groups = split_for_clipping(raw, encodings, separate=cfg.clip_grad_pe is not None)
         collapse = CollapseWatch(cfg.warmup_steps, cfg.steps)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 import sys
 import types
 from pathlib import Path
@@ -464,6 +465,26 @@ def test_train_or_reuse_resumes_reuses_and_refuses_another_config(tmp_path: Path
     other = {**config, "pe": {"base": 500.0}}
     with pytest.raises(ValueError, match="pe.base"):  # a finished run of another config is not taken for this one
         train_or_reuse(lambda: build(other), cfg, run, config=other)
+
+
+class SlowTask(ToyTask):
+    """Each batch takes a known minimum time, so a run's recorded seconds can be bounded from below."""
+
+    def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        time.sleep(0.05)
+        return super().train_batch(step, micro, rank, world)
+
+
+def test_interrupted_run_reports_the_seconds_of_every_part(tmp_path: Path) -> None:
+    """A benchmark resumed after a kill reports the whole run's training time, not only the part after the resume."""
+    run, cfg = tmp_path / "run", CFG.model_copy(update={"steps": 6, "grad_accum": 1, "eval_every": 0, "save_every": 1})
+    config = {"task": "toy", "pe": {"base": 10000.0}, "model": {"width": 16}}
+    with pytest.raises(Interrupt):  # 5 slow steps, then killed
+        train_or_reuse(lambda: SlowTask(config, crash_at=5), cfg, run, config=config)
+    before = json.loads((run / "checkpoints" / "step_00000005" / "state.json").read_text())["elapsed_seconds"]
+    assert before >= 5 * 0.05
+    seconds = train_or_reuse(lambda: SlowTask(config), cfg, run, config=config)  # the sixth step only
+    assert seconds >= before + 0.05 and seconds < before + 5 * 0.05  # both parts, the first counted once
 
 
 def test_train_config_errors_name_the_field() -> None:
