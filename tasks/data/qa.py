@@ -17,10 +17,11 @@ Sources, both feeding the same builder:
 
 - :class:`EmbeddedQA` (default, no download): paragraphs of the LM recipe's embedded text
   (:func:`seqpe_nd.tasks.data.text.embedded_documents`, split by document exactly as the LM corpus
-  is), each with one planted fact ("The colour of the horse is red."). Keys and answers come from
-  closed sets of words that are one token each under the run's tokenizer, so exact match measures
+  is), each with one planted fact: the gold one "The colour of the horse is red.", a distractor
+  "The size of the boat is tall." (``data.distractor_facts``). Keys and answers come from closed
+  sets of words that are one token each under the run's tokenizer, so exact match measures
   retrieval, not spelling; keys are distinct within a prompt, so exactly one document answers the
-  question, and every document records the answer its fact gives (the "copy some document" baseline).
+  question, and every document records the value its fact gives (the "copy some document" baseline).
 - :class:`SquadQA`: SQuAD through ``datasets`` (hub, or SQuAD-format JSON files), paragraphs as
   documents, as RULER and the paper do. Our ``test`` split is SQuAD's validation split (RULER's
   evaluation set); our ``validation`` split holds out a fraction of the training paragraphs.
@@ -290,6 +291,11 @@ class QADataConfig(Frozen):
     """``embedded`` only: questions per training epoch (each a fresh draw of facts and distractors)."""
     eval_items: PositiveInt = 2_000
     """``embedded`` only: questions in the validation and in the test split."""
+    distractor_facts: Literal["other", "same"] = "other"
+    """``embedded`` only: what a distractor's planted fact says about its (other) key. ``other``: its size or
+    texture, so the one colour in the prompt is the gold document's (finding it is the task; a 2-layer smoke
+    model learns it); ``same``: its colour, so only the key tells the gold document apart (key matching: at
+    smoke scale, 4000 fine-tuning steps leave RoPE at the level of copying a random document's colour)."""
 
     @model_validator(mode="after")
     def _check(self) -> "QADataConfig":

@@ -49,6 +49,11 @@ VALUE_WORDS: tuple[str, ...] = (
 """Candidate answers; those one token long under the run's tokenizer form the closed answer set."""
 FACT = "The colour of the {key} is {value}."
 QUESTION = "What is the colour of the {key}?"
+OTHER_FACTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("The size of the {key} is {value}.", ("large", "small", "tall", "short", "long", "wide", "narrow", "thick", "thin")),
+    ("The texture of the {key} is {value}.", ("soft", "hard", "smooth", "rough", "sharp", "flat", "dry", "warm", "fresh")),
+)
+"""Distractor facts of ``data.distractor_facts: other``: another property of another key (never a colour)."""
 MIN_KEYS, MIN_VALUES = 16, 4
 
 
@@ -109,8 +114,11 @@ def plant(paragraph: str, fact: str, rng: np.random.Generator) -> str:
 class EmbeddedQA:
     """Seeded multi-document QA over the embedded text: one planted fact per document, keys unique per prompt.
 
-    Every fact is ``FACT`` with a key from ``keys`` and an answer from ``answer_set`` (single tokens of the
-    run's tokenizer); a prompt uses each key at most once, so its distractor stream ends when the keys do.
+    The gold document's fact is ``FACT``: the colour (from ``answer_set``) of the key the question asks
+    about. A distractor's fact is about another key: its size or texture (``distractor_facts: other``,
+    so only the gold document names a colour) or its colour (``same``: only the key tells the gold
+    document apart). Keys and values are single tokens of the run's tokenizer; a prompt uses each key
+    at most once, so its distractor stream ends when the keys do.
     """
 
     def __init__(self, cfg: QADataConfig, tokenizer: TextTokenizer, *, documents: Sequence[str] | None = None) -> None:
@@ -125,7 +133,11 @@ class EmbeddedQA:
                 )
         self.keys = single_token_words(tokenizer, KEY_WORDS)
         self.answer_set: tuple[str, ...] | None = single_token_words(tokenizer, VALUE_WORDS)
-        for what, found, need in (("keys", self.keys, MIN_KEYS), ("answers", self.answer_set, MIN_VALUES)):
+        self.other = tuple((fact, single_token_words(tokenizer, values)) for fact, values in OTHER_FACTS)
+        needs = [("keys", self.keys, MIN_KEYS), ("answers", self.answer_set, MIN_VALUES)]
+        if cfg.distractor_facts == "other":
+            needs += [(f"{fact.split()[1]} values", values, 2) for fact, values in self.other]
+        for what, found, need in needs:
             if len(found) < need:
                 raise ValueError(
                     f"lm_data.tokenizer: only {len(found)} of the embedded QA {what} are one token long under this "
@@ -144,17 +156,19 @@ class EmbeddedQA:
         gold = plant(paragraphs[gold_at], FACT.format(key=keys[0], value=value), rng)
         return QAItem(
             id=f"{split}-{index}", question=QUESTION.format(key=keys[0]), answers=(value,), gold=gold,
-            distractors=self._distractors(paragraphs, gold_at, keys[1:], values, rng),
+            distractors=self._distractors(paragraphs, gold_at, keys[1:], rng),
         )
 
-    @staticmethod
     def _distractors(
-        paragraphs: Sequence[str], gold_at: int, keys: Sequence[str], values: Sequence[str], rng: np.random.Generator
+        self, paragraphs: Sequence[str], gold_at: int, keys: Sequence[str], rng: np.random.Generator
     ) -> Iterator[Passage]:
+        assert self.answer_set is not None
+        kinds = [(FACT, self.answer_set)] if self.cfg.distractor_facts == "same" else list(self.other)
         order = (int(j) for j in rng.permutation(len(paragraphs)) if j != gold_at)
         for key, j in zip(keys, order):  # the question must be answerable from exactly one document
+            fact, values = kinds[int(rng.integers(len(kinds)))]
             value = values[int(rng.integers(len(values)))]
-            yield Passage(plant(paragraphs[j], FACT.format(key=key, value=value), rng), value)
+            yield Passage(plant(paragraphs[j], fact.format(key=key, value=value), rng), value)
 
 
 # --- SQuAD ------------------------------------------------------------------------------------------

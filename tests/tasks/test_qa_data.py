@@ -20,10 +20,10 @@ from seqpe_nd.tasks.data.qa import (
     make_example,
     render_prompt,
 )
-from seqpe_nd.tasks.data.qa_sources import FACT, KEY_WORDS, MIN_KEYS, VALUE_WORDS, build_source, plant
+from seqpe_nd.tasks.data.qa_sources import KEY_WORDS, MIN_KEYS, OTHER_FACTS, VALUE_WORDS, build_source, plant
 from seqpe_nd.tasks.data.text import TextTokenizer, train_bpe
 
-GLOSSARY = " ".join(KEY_WORDS + VALUE_WORDS)
+GLOSSARY = " ".join(KEY_WORDS + VALUE_WORDS + tuple(w for _, values in OTHER_FACTS for w in values))
 """Repeated in the test corpus so that a 2048-token BPE makes every key and colour one token (as the
 embedded corpus's 4096-token BPE does for most); not prose, so never a QA document."""
 DOCS = [topics[k] for k in sorted(topics)]  # part of the embedded text, available instantly
@@ -106,21 +106,27 @@ def test_embedded_prompts_hit_budget_and_keep_question_and_depth_across_lengths(
         assert 0.0 <= long.depth <= 1.0
 
 
-def test_embedded_question_is_answerable_from_exactly_one_document(tokenizer, source) -> None:
+@pytest.mark.parametrize("distractor_facts", ["other", "same"])
+def test_embedded_question_is_answerable_from_exactly_one_document(tokenizer, distractor_facts: str) -> None:
+    source = build_source(QADataConfig(distractor_facts=distractor_facts), tokenizer, documents=DOCS)
     builder = PromptBuilder(tokenizer)
-    fact = re.compile(FACT.replace(".", r"\.").format(key=r"(\w+)", value=r"(\w+)"))
+    fact = re.compile(r"The (colour|size|texture) of the (\w+) is (\w+)\.")
     for i in range(50):
         ex = make_example(source, builder, "validation", i, budget=1024, seed=0)
         key = re.fullmatch(r"What is the colour of the (\w+)\?", ex.question).group(1)
         facts = [fact.findall(d) for d in ex.documents]
         assert all(len(f) == 1 for f in facts)  # one planted fact per document
-        keys = [f[0][0] for f in facts]
+        relations, keys, values = zip(*(f[0] for f in facts))
         assert len(set(keys)) == len(keys) and keys.index(key) == ex.gold_index
-        assert [f[0][1] for f in facts] == list(ex.document_answers)  # each document records what its fact gives
+        assert relations[ex.gold_index] == "colour" and list(values) == list(ex.document_answers)
+        others = [r for j, r in enumerate(relations) if j != ex.gold_index]
+        assert set(others) <= ({"size", "texture"} if distractor_facts == "other" else {"colour"})
         assert ex.document_answers[ex.gold_index] == ex.answers[0] and ex.answers[0] in source.answer_set
         # Closed sets of single tokens: exact match measures retrieval, not spelling.
         assert len(tokenizer.encode(" " + ex.answers[0])) == 1 and len(tokenizer.encode(" " + key)) == 1
         assert ex.copy_rate == sum(a == ex.answers[0] for a in ex.document_answers) / len(ex.documents)
+        if distractor_facts == "other":  # only the gold document names a colour
+            assert ex.copy_rate == 1 / len(ex.documents)
 
 
 def test_embedded_sets_are_the_single_token_words_and_too_few_is_a_clear_error(tokenizer) -> None:
