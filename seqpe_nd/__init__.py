@@ -14,6 +14,7 @@ _LAZY = {
     "KVCache": "seqpe_nd.encodings",
     "build_position_encoding": "seqpe_nd.encodings",
     "load_pe_config": "seqpe_nd.encodings",
+    "PESpec": "seqpe_nd.encodings",
 }
 __all__ = ["__version__", *_LAZY]
 

@@ -148,8 +148,8 @@ class SeqPE(nn.Module):
         self.tok = nn.Embedding(space.vocab_size, hidden)
         self.place = nn.Embedding(space.num_places, hidden)
         self.dim = nn.Embedding(space.num_dims, hidden) if space.num_dims > 0 else None  # 1-D: D = 0 (App. A.1)
-        self.register_buffer("place_ids", space.place_ids.clone(), persistent=False)
-        self.register_buffer("dim_ids", space.dim_ids.clone(), persistent=False)
+        self.register_buffer("place_ids", torch.empty_like(space.place_ids), persistent=False)
+        self.register_buffer("dim_ids", torch.empty_like(space.dim_ids), persistent=False)
         # No dropout on the summed T + O + D inputs: the released encoder has none there (only residual dropout).
         self.blocks = nn.ModuleList(Block(hidden, heads, mlp_ratio, dropout, causal, qk_norm) for _ in range(layers))
         self.ln_f = nn.LayerNorm(hidden)
@@ -160,8 +160,22 @@ class SeqPE(nn.Module):
         self._radix = _radix(space)
         self._strides = _strides(self._radix) if math.prod(self._radix) < 2**62 else None
         if self._strides is not None:  # on the module's device: a GPU step copies no list to the device (a sync)
-            self.register_buffer("key_strides", torch.tensor(self._strides, dtype=torch.int64), persistent=False)
-            self.register_buffer("key_radix", torch.tensor(self._radix, dtype=torch.int64), persistent=False)
+            self.register_buffer("key_strides", torch.empty(len(self._strides), dtype=torch.int64), persistent=False)
+            self.register_buffer("key_radix", torch.empty(len(self._radix), dtype=torch.int64), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """The digit-slot ids and position-key radices, recomputed from the space, and the inference table dropped.
+
+        They are non-persistent buffers (derived, never saved); a meta-device build or Hugging Face's
+        ``from_pretrained`` leaves them uninitialised, and the constructor fills them through this method too.
+        """
+        with torch.no_grad(), torch.device("cpu"):
+            self.place_ids.copy_(self.space.place_ids)
+            self.dim_ids.copy_(self.space.dim_ids)
+            if self._strides is not None:
+                self.key_strides.copy_(torch.tensor(self._strides, dtype=torch.int64))
+                self.key_radix.copy_(torch.tensor(self._radix, dtype=torch.int64))
         self._table: _Table | None = None
         self._param_list: list[nn.Parameter] | None = None
 

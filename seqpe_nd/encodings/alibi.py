@@ -27,7 +27,13 @@ class ALiBi(PositionEncoding):
     def __init__(self, *, backend: ScoreBackend, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=width)
         self.score_backend = backend
-        self.register_buffer("slopes", alibi_slopes(num_heads), persistent=False)
+        self.register_buffer("slopes", torch.empty(num_heads), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Press et al.'s slopes, recomputed (a non-persistent buffer: see ``PositionEncoding.reset_buffers``)."""
+        with torch.no_grad(), torch.device("cpu"):
+            self.slopes.copy_(alibi_slopes(self.num_heads))
 
     def distance(self, a: Int[Tensor, "*#b w"], b: Int[Tensor, "*#b w"]) -> Float[Tensor, "*#b"]:
         # Subtract the integers, then cast the small difference: casting first rounds positions

@@ -247,9 +247,22 @@ class PositionEncoding(nn.Module):
     """Where ``score_mod`` runs: FlexAttention (``flex``), one dense bias (``bias``), or
     ``auto`` = FlexAttention on CUDA, the dense bias elsewhere (CPU FlexAttention has no backward)."""
 
+    spec: Any = None
+    """The ``PESpec`` (config and position space) this encoding was built from; ``build_position_encoding`` sets
+    it, and a model saved with ``save_pretrained`` records it. None for an encoding constructed by hand."""
+
     def __init__(self, *, num_heads: int, head_dim: int, num_layers: int, width: int) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.num_layers, self.width = num_heads, head_dim, num_layers, width
+
+    def reset_buffers(self) -> None:
+        """Recompute this module's non-persistent buffers (derived from its arguments, never saved).
+
+        A meta-device build, ``to_empty`` or Hugging Face's ``from_pretrained`` (which replaces every non-persistent
+        buffer by uninitialised memory and re-fills only those its ``_init_weights`` knows) leave them empty; the
+        constructor fills them through this same method. None here; ALiBi's slopes, RoPE's frequencies and SeqPE's
+        digit tables override it.
+        """
 
     # -- per forward ----------------------------------------------------------------------
     def prepare(

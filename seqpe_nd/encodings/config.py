@@ -15,7 +15,7 @@ from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
-from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, get_distance, load_space
+from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace, get_distance, load_space
 from seqpe_nd.positions.errors import format_validation_error
 from seqpe_nd.positions.spaces import read_yaml_mapping
 
@@ -234,6 +234,19 @@ METHODS: tuple[str, ...] = (
 )
 
 
+class PESpec(Frozen):
+    """What a PositionEncoding is built from, besides the backbone's sizes: its config and its position space.
+
+    ``build_position_encoding`` records it on the encoding (``pe.spec``); a Hugging Face model with a PE saves
+    ``spec.model_dump(mode="json")`` in its ``config.json`` and rebuilds the encoding from it on loading.
+    """
+
+    config: PEConfig
+    """The position-encoding config, as validated (``method`` picks the variant)."""
+    space: PositionSpace
+    """The position space positions come from (``kind`` picks grid or hybrid)."""
+
+
 def load_pe_config(source: str | Path | Mapping[str, Any] | BaseModel) -> PEConfig:
     """A validated config from a YAML file, a dict or a config model."""
     if isinstance(source, BaseModel):
@@ -277,10 +290,20 @@ def build_position_encoding(
         config: a config model, a dict or a YAML path (validated by ``load_pe_config``).
         space: the position space positions come from (fixes their width and dimensionality).
         d_model: width of the input embeddings (``embed``'s output, SeqPE's encoder output).
+
+    The returned encoding's ``spec`` records ``config`` and ``space`` (a :class:`PESpec`).
     """
     cfg = load_pe_config(config)
     if isinstance(space, (str, Path, Mapping)):
         space = load_space(space)  # a YAML path or a mapping, as everywhere else
+    pe = _build(cfg, space=space, num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, d_model=d_model)
+    pe.spec = PESpec(config=cfg, space=space)  # what save_pretrained records
+    return pe
+
+
+def _build(
+    cfg: Any, *, space: Any, num_heads: int, head_dim: int, num_layers: int, d_model: int
+) -> PositionEncoding:
     if not isinstance(space, (GridSpace, HybridSpace)):
         raise ValueError(f"space must be a position space, a YAML path or a mapping, got {type(space).__name__}")
     for name, value in (

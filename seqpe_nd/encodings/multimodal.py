@@ -107,13 +107,20 @@ class MultimodalRoPE(PositionEncoding):
                 f"head_dim/2 = {f} frequencies and sum to {f}"
             )
         self.base = base
-        self.register_buffer("inv_freq", rope_inv_freq(f, base), persistent=False)
-        nd = (
+        self._local_ndims = (
             [m.space.ndim if m.space.ndim > 1 else 0 for m in space.modalities]
             if isinstance(space, HybridSpace)
             else [0]
         )
-        self.register_buffer("local_ndims", torch.tensor(nd, dtype=torch.int64), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(f), persistent=False)
+        self.register_buffer("local_ndims", torch.empty(len(self._local_ndims), dtype=torch.int64), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """``inv_freq`` and ``local_ndims``, recomputed (non-persistent: see ``PositionEncoding.reset_buffers``)."""
+        with torch.no_grad(), torch.device("cpu"):
+            self.inv_freq.copy_(rope_inv_freq(self.inv_freq.shape[0], self.base))
+            self.local_ndims.copy_(torch.tensor(self._local_ndims, dtype=torch.int64))
 
     def ids(self, pos: Int[Tensor, "b n w"], context: Int[Tensor, "b m w"]) -> Int[Tensor, "b n a"]:
         """Per-axis rotary ids of ``pos`` in a sequence whose positions are ``context``."""

@@ -90,8 +90,14 @@ class RoPEAxial(_Rotary):
                 f"{self.method} in {width}-D needs head_dim divisible by {2 * width}, got head_dim = {head_dim}"
             )
         self.base = base
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim // (2 * width), base), persistent=False)
+        self.register_buffer("inv_freq", torch.empty(head_dim // (2 * width)), persistent=False)
+        self.reset_buffers()
         self._set_scaling(scaling, original_length)
+
+    def reset_buffers(self) -> None:
+        """``inv_freq``, recomputed (a non-persistent buffer: see ``PositionEncoding.reset_buffers``)."""
+        with torch.no_grad(), torch.device("cpu"):
+            self.inv_freq.copy_(rope_inv_freq(self.inv_freq.shape[0], self.base))
 
     def angles(self, pos: Int[Tensor, "b n w"], layer: int) -> Float[Tensor, "b 1 n f"]:
         return axial_angles(pos, self.inv_freq)[:, None]  # (b, 1, n, e/2): same for every head

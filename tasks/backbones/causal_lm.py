@@ -14,8 +14,16 @@ of cached keys are recorded on the cache object itself, so incremental decoding,
 and left-padded batches see exactly the positions of the full forward; the keys a PE transforms
 are kept transformed beside the cache, so a decoding step does PE work only for its new tokens.
 
-:func:`attach_position_encoding` puts a PE into a stock Llama-family model; ``GPT2WithPE``
-(:mod:`seqpe_nd.tasks.backbones.gpt2`) is the GPT-2 one.
+A PE model saves and loads the Hugging Face way: its config is the stock config under a model type of
+its own (``seqpe_nd_<stock type>``, :func:`pe_config_class`) recording the PE's config and space
+under :data:`PE_CONFIG_KEY`; registered with ``AutoConfig`` and ``AutoModelForCausalLM`` (importing
+:mod:`seqpe_nd.tasks.backbones.huggingface` does it), ``from_pretrained`` builds the model, rebuilds
+its PE from that record and loads both. The PE's non-persistent buffers (RoPE frequencies, ALiBi
+slopes, SeqPE's digit tables), which transformers' loader leaves uninitialised, are recomputed in
+``_init_weights``, where it refills its own rotary buffers.
+
+:mod:`seqpe_nd.tasks.backbones.gpt2` is GPT-2 (``GPT2WithPE``); :mod:`seqpe_nd.tasks.backbones.huggingface`
+has ``attach_position_encoding`` (a GPT-2 or Llama-family instance) and registers every family on import.
 
 Tested against transformers 5.24 (pinned ``>=5.24,<5.25`` in pyproject: the attention interface
 and mask interface change between minors).
@@ -25,20 +33,25 @@ per position (1 for text), v vocabulary.
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
+from seqpe_nd.encodings import PESpec, build_position_encoding
 from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
 """Name under which the attention and mask functions are registered with transformers."""
+
+PE_CONFIG_KEY = "position_encoding"
+"""The entry of a PE model's config (and its ``config.json``) that records the PE: ``PESpec.model_dump(mode="json")``,
+i.e. ``{"config": <the PE config>, "space": <the position space>}``."""
 
 _KEY_POSITIONS = "_seqpe_nd_key_positions"  # attribute on a Cache: positions of its keys, (b, m, w)
 _TRANSFORMED_KEYS = "_seqpe_nd_transformed_keys"  # attribute on a Cache: a TransformedKeys
@@ -192,6 +205,89 @@ class PositionEncodingLM:
     """
 
     pe: PositionEncoding
+    config_class: ClassVar[type[PreTrainedConfig]]  # the stock config class under a model type of its own
+
+    # -- building, saving, loading --------------------------------------------------------
+    def __init__(self, config: PreTrainedConfig, pe: PositionEncoding | None = None) -> None:
+        """The stock model (stock init) with ``pe``; without ``pe``, the PE that ``config`` records (how loading
+        rebuilds it); with both, ``pe`` must be the recorded one."""
+        self.check_config(config)
+        config._attn_implementation = ATTN_IMPLEMENTATION
+        super().__init__(config)  # type: ignore[call-arg]
+        self.install_position_encoding(self.pe_from_config(config) if pe is None else pe)
+
+    @classmethod
+    def check_config(cls, config: PreTrainedConfig) -> None:
+        """Refuse stock options whose behaviour the PE's attention would silently drop (none by default)."""
+
+    @classmethod
+    def pe_sizes(cls, config: PreTrainedConfig) -> dict[str, int]:
+        """The model's ``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` (``build_position_encoding``'s)."""
+        raise NotImplementedError
+
+    def remove_own_positions(self) -> None:
+        """Replace the stock model's own position seam (rotary, learned lookup) by a stand-in that adds nothing."""
+        raise NotImplementedError
+
+    @classmethod
+    def pe_from_config(cls, config: PreTrainedConfig) -> PositionEncoding:
+        """The PE that ``config`` records under :data:`PE_CONFIG_KEY`, built for this model's sizes."""
+        record = getattr(config, PE_CONFIG_KEY, None)
+        if record is None:
+            raise ValueError(
+                f"the config records no position encoding ({PE_CONFIG_KEY!r}); pass pe=, built by "
+                "build_position_encoding, or load a stock checkpoint with its stock class and attach_position_encoding"
+            )
+        spec = PESpec.model_validate(record)
+        return build_position_encoding(spec.config, space=spec.space, **cls.pe_sizes(config))
+
+    @classmethod
+    def pe_record(cls, config: PreTrainedConfig, pe: PositionEncoding) -> dict[str, Any] | None:
+        """What ``config`` will record for ``pe``, once ``pe`` is checked against the model and any record there."""
+        sizes = cls.pe_sizes(config)
+        want = (sizes["num_layers"], sizes["num_heads"], sizes["head_dim"])
+        if (pe.num_layers, pe.num_heads, pe.head_dim) != want:
+            raise ValueError(
+                f"PE sized for {pe.num_layers} layers x {pe.num_heads} heads x {pe.head_dim} dims, the model has "
+                f"{want[0]} x {want[1]} x {want[2]}"
+            )
+        if not issubclass(cls.config_class, type(config)):
+            stock = cls.config_class.__mro__[1].__name__
+            raise ValueError(f"{cls.__name__} takes a {stock}, got {type(config).__name__}")
+        saved = getattr(config, PE_CONFIG_KEY, None)
+        if pe.spec is None:
+            return saved
+        record = pe.spec.model_dump(mode="json")
+        if saved is not None and saved != record:
+            raise ValueError(f"the PE differs from the one the config records: {_first_difference(saved, record)}")
+        return record
+
+    def install_position_encoding(self, pe: PositionEncoding) -> None:
+        """Put ``pe`` in place of the model's own positions; the config (now the PE model's config class) records it."""
+        config: Any = self.config  # type: ignore[attr-defined]
+        record = self.pe_record(config, pe)
+        config.__class__ = self.config_class  # the same fields under the PE model's own model_type
+        setattr(config, PE_CONFIG_KEY, record)
+        config._attn_implementation = ATTN_IMPLEMENTATION  # every layer reads the shared config
+        self.remove_own_positions()
+        self.pe = pe.train(self.training)  # type: ignore[attr-defined]  # the model's mode (eval after from_pretrained)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers' loader replaces every non-persistent buffer by uninitialised memory and refills it here
+        # (as it refills its own rotary inv_freq): the PE's buffers are derived from its arguments, recompute them.
+        super()._init_weights(module)  # type: ignore[misc]
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``; the config it writes records the PE (refused for a PE built by hand)."""
+        if getattr(self.config, PE_CONFIG_KEY, None) is None:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"{type(self.pe).__name__} was constructed directly, so its config and space are unknown and "
+                "from_pretrained could not rebuild it; build it with build_position_encoding to save it this way"
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)  # type: ignore[misc]
 
     # -- positions ------------------------------------------------------------------------
     @staticmethod
@@ -317,55 +413,28 @@ class PositionEncodingLM:
         )
 
 
-# --- Llama-family models ---------------------------------------------------------------------------
-
-class NoRotary(nn.Module):
-    """Stands in for a Llama-family ``rotary_emb``: cos = 1, sin = 0, so the model's own rotation is the identity
-    (exactly: ``q·1 + rotate_half(q)·0 = q``) and positions enter only through the PositionEncoding."""
-
-    def __init__(self, head_dim: int) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-
-    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (*position_ids.shape, self.head_dim)
-        return x.new_ones(shape), x.new_zeros(shape)
+def _first_difference(saved: Any, given: Any, path: str = "") -> str:
+    """The first field where two records differ, as ``path: saved != given``."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        for key in sorted(set(saved) | set(given), key=str):
+            if saved.get(key) != given.get(key):
+                return _first_difference(saved.get(key), given.get(key), f"{path}.{key}" if path else str(key))
+    return f"{path or 'record'}: recorded {saved!r}, given {given!r}"
 
 
-_ADAPTED: dict[type, type] = {}
+def pe_config_class(base: type[PreTrainedConfig], module: str) -> type[PreTrainedConfig]:
+    """``base`` (a stock config class) under the model type ``seqpe_nd_<base.model_type>``: what a PE model saves, so
+    that its directory does not load as the stock model without a word (``module``: where the class is bound)."""
+    return type(f"{base.__name__}WithPE", (base,), {
+        "model_type": f"seqpe_nd_{base.model_type}", "__module__": module,
+        "__doc__": f"{base.__name__} of a causal LM with a position encoding, recorded under {PE_CONFIG_KEY!r}.",
+    })
 
 
-def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> nn.Module:
-    """Put ``pe`` into a stock Hugging Face causal LM of the Llama family, in place; returns the model.
+def __getattr__(name: str) -> Any:
+    # attach_position_encoding and NoRotary lived here; they moved to the huggingface module (which imports this one).
+    if name in ("attach_position_encoding", "NoRotary"):
+        from seqpe_nd.tasks.backbones import huggingface
 
-    The model's rotary module gives way to :class:`NoRotary` (its rotation becomes the identity),
-    every layer's attention runs through ``pe.attend`` with explicit positions (grouped-query
-    attention included), ``pe.embed`` is added to the token embeddings, and the output carries the
-    PE's auxiliary loss (``pe_aux_loss``). Tested with ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` and
-    ``MistralForCausalLM``; any model whose attention uses transformers' attention interface and
-    applies the ``position_embeddings`` of ``model.model.rotary_emb`` inside its layers works alike.
-    """
-    inner = getattr(model, "model", None)
-    config = getattr(model, "config", None)
-    if inner is None or config is None or not isinstance(getattr(inner, "rotary_emb", None), nn.Module):
-        raise ValueError(
-            f"attach_position_encoding supports Llama-family causal LMs (a .model.rotary_emb seam, e.g. LlamaForCausalLM, "
-            f"Qwen2ForCausalLM, MistralForCausalLM); {type(model).__name__} has none (use GPT2WithPE for GPT-2)"
-        )
-    if isinstance(model, PositionEncodingLM):
-        raise ValueError(f"{type(model).__name__} already has a position encoding attached")
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if (pe.num_layers, pe.num_heads, pe.head_dim) != (config.num_hidden_layers, heads, head_dim):
-        raise ValueError(
-            f"PE sized for {pe.num_layers} layers x {pe.num_heads} heads x {pe.head_dim} dims, the model has "
-            f"{config.num_hidden_layers} x {heads} x {head_dim}"
-        )
-    inner.rotary_emb = NoRotary(head_dim)  # the rotary seam
-    config._attn_implementation = ATTN_IMPLEMENTATION  # every layer reads the shared config
-    cls = type(model)
-    if cls not in _ADAPTED:
-        _ADAPTED[cls] = type(f"{cls.__name__}WithPE", (PositionEncodingLM, cls), {"__module__": __name__})
-    model.__class__ = _ADAPTED[cls]
-    model.add_module("pe", pe)
-    return model
+        return getattr(huggingface, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

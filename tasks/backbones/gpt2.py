@@ -3,6 +3,9 @@
 GPT-2's own position seam is ``transformer.wpe``, the learned lookup by index: it becomes
 :class:`NoPositionLookup`, a zero, and the PE's ``embed`` hook (APE, SeqPE ``input_add``) is added
 to the token embeddings instead. :class:`StockGPT2` keeps ``wpe``: the stock model, as a control.
+``GPT2WithPE`` saves under the model type ``seqpe_nd_gpt2`` (:class:`GPT2ConfigWithPE`) and loads back with
+``GPT2WithPE.from_pretrained`` (or ``AutoModelForCausalLM`` after importing
+:mod:`seqpe_nd.tasks.backbones.huggingface`).
 
 Legend: b batch, n tokens, w coordinates per position.
 """
@@ -22,12 +25,15 @@ from seqpe_nd.tasks.backbones.causal_lm import (
     PEForward,
     PositionEncodingLM,
     TransformedKeys,
+    pe_config_class,
 )
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2WithPE", "NoPositionLookup", "PEForward", "StockGPT2",
-    "TransformedKeys",
+    "ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2ConfigWithPE", "GPT2WithPE", "NoPositionLookup", "PEForward",
+    "StockGPT2", "TransformedKeys",
 ]
+
+GPT2ConfigWithPE = pe_config_class(GPT2Config, __name__)
 
 
 class NoPositionLookup(nn.Module):
@@ -58,14 +64,27 @@ class GPT2WithPE(PositionEncodingLM, GPT2LMHeadModel):
     the real tokens of ``attention_mask`` (left padding), or start at 0. ``pe_shifted`` tells the
     PE that this training step uses shifted positions (the OOD loss is then skipped);
     ``pe_generator`` drives the PE's regularizer sampling.
+
+    ``GPT2WithPE(config, pe)`` is a fresh model; ``GPT2WithPE.from_pretrained(dir)`` rebuilds the PE its saved
+    config records (``from_pretrained(dir, pe=pe)`` checks that ``pe`` is that one).
     """
 
-    def __init__(self, config: GPT2Config, pe: PositionEncoding) -> None:
+    config_class = GPT2ConfigWithPE
+
+    def __init__(self, config: GPT2Config, pe: PositionEncoding | None = None) -> None:
+        super().__init__(config, pe)
+
+    @classmethod
+    def check_config(cls, config: GPT2Config) -> None:
         check_gpt2_config(config)
-        config._attn_implementation = ATTN_IMPLEMENTATION
-        super().__init__(config)
+
+    @classmethod
+    def pe_sizes(cls, config: GPT2Config) -> dict[str, int]:
+        return dict(num_heads=config.n_head, head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                    d_model=config.n_embd)
+
+    def remove_own_positions(self) -> None:
         self.transformer.wpe = NoPositionLookup()  # the wpe seam
-        self.pe = pe
 
 
 class StockGPT2(GPT2LMHeadModel):

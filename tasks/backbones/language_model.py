@@ -10,7 +10,7 @@ from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from seqpe_nd.encodings import APESinConfig, NoPEConfig, PEConfig, build_position_encoding
 from seqpe_nd.positions import Frozen, GridSpace
-from seqpe_nd.tasks.backbones.causal_lm import attach_position_encoding
+from seqpe_nd.tasks.backbones.huggingface import attach_position_encoding
 from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE, StockGPT2
 
 

@@ -3,19 +3,19 @@
 import pytest
 import torch
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from seqpe_nd.encodings import METHODS, build_position_encoding
 from seqpe_nd.positions import load_space
-from seqpe_nd.tasks.backbones.causal_lm import attach_position_encoding
+from seqpe_nd.tasks.backbones.huggingface import attach_position_encoding
 
 VOCAB, LAYERS, HEADS, KV_HEADS, WIDTH, BASE = 97, 2, 4, 2, 64, 10_000.0
 SPACE = load_space({"L": 64, "L_max": 2000})
@@ -97,13 +97,17 @@ def test_a_seqpe_training_step_reaches_the_encoder() -> None:
 
 
 def test_unsupported_models_and_sizes_are_named() -> None:
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16))
+    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=64))
     pe = build_position_encoding({"method": "rope"}, space=SPACE, num_heads=2, head_dim=8, num_layers=1, d_model=16)
-    with pytest.raises(ValueError, match="GPT2LMHeadModel has none"):
-        attach_position_encoding(gpt2, pe)
+    families = (r"GPT-2 family \(GPT2LMHeadModel\) and the Llama family "
+                r"\(LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM")
+    with pytest.raises(ValueError, match=rf"supports .* {families}.*got OPTForCausalLM"):
+        attach_position_encoding(opt, pe)
     llama = LlamaForCausalLM(config("llama"))
     with pytest.raises(ValueError, match="PE sized for 1 layers x 2 heads x 8 dims, the model has 2 x 4 x 16"):
         attach_position_encoding(llama, pe)
+    assert type(llama) is LlamaForCausalLM and type(llama.config) is LlamaConfig  # refused before any change
     _, model = pair("llama", {"method": "rope"})
     with pytest.raises(ValueError, match="already has a position encoding"):
         attach_position_encoding(model, pe)

@@ -1,0 +1,139 @@
+"""Hugging Face causal LMs with a position encoding: attach one to a model you have, save it, load it back.
+
+``attach_position_encoding(model, pe)`` puts ``pe`` into a stock ``GPT2LMHeadModel`` or a Llama-family model
+(``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``, or any whose layers apply the
+``position_embeddings`` of ``model.model.rotary_emb``), in place and keeping its weights. The model then saves
+with ``save_pretrained`` under a model type of its own, ``seqpe_nd_<stock type>``, its ``config.json`` recording
+the PE's config and position space under ``"position_encoding"``.
+
+Importing this module registers those model types with transformers' ``AutoConfig`` and
+``AutoModelForCausalLM`` (:func:`register_causal_lm`), so that afterwards
+``AutoModelForCausalLM.from_pretrained(dir)`` returns the model with its PE rebuilt and loaded. Without the
+import, the Auto classes refuse the unknown model type; the stock class (``LlamaForCausalLM.from_pretrained``)
+warns that the checkpoint's model type is ``seqpe_nd_…``, not its own, and lists the ``pe.*`` weights it drops.
+
+Legend: b batch, n tokens, e head dim.
+"""
+
+from typing import Any
+
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2ForCausalLM,
+)
+
+from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.tasks.backbones.causal_lm import PositionEncodingLM, pe_config_class
+from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
+
+__all__ = [
+    "LlamaForCausalLMWithPE", "MistralForCausalLMWithPE", "NoRotary", "Qwen2ForCausalLMWithPE", "RotaryPositionLM",
+    "adapted_class", "attach_position_encoding", "register_causal_lm", "register_rotary_lm",
+]
+
+
+class NoRotary(nn.Module):
+    """Stands in for a Llama-family ``rotary_emb``: cos = 1, sin = 0, so the model's own rotation is the identity
+    (exactly: ``q·1 + rotate_half(q)·0 = q``) and positions enter only through the PositionEncoding."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (*position_ids.shape, self.head_dim)
+        return x.new_ones(shape), x.new_zeros(shape)
+
+
+class RotaryPositionLM(PositionEncodingLM):
+    """The seam of a Llama-family model: its ``model.rotary_emb`` gives way to :class:`NoRotary`."""
+
+    @classmethod
+    def pe_sizes(cls, config: PreTrainedConfig) -> dict[str, int]:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return dict(num_heads=heads, head_dim=head_dim, num_layers=config.num_hidden_layers, d_model=config.hidden_size)
+
+    def remove_own_positions(self) -> None:
+        self.model.rotary_emb = NoRotary(self.pe_sizes(self.config)["head_dim"])  # type: ignore[attr-defined]
+
+
+_ADAPTED: dict[type, type] = {}  # stock causal LM class -> its PE class
+
+
+def register_causal_lm(stock: type[PreTrainedModel], adapted: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """Register ``adapted`` (``stock`` with a PE) with ``AutoConfig`` and ``AutoModelForCausalLM`` under its config
+    class's model type, and as the class :func:`attach_position_encoding` turns a ``stock`` model into."""
+    config_class = adapted.config_class
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModelForCausalLM.register(config_class, adapted, exist_ok=True)
+    _ADAPTED[stock] = adapted
+    return adapted
+
+
+def adapted_class(stock: type) -> type[PreTrainedModel] | None:
+    """The registered PE class of a stock causal LM class, if any."""
+    return _ADAPTED.get(stock)
+
+
+def register_rotary_lm(stock: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The PE class of a Llama-family causal LM class (``<Stock>WithPE``), created and registered once.
+
+    Llama, Qwen2 and Mistral are registered on import; call this for another family before loading its saved
+    directory in a fresh process (``attach_position_encoding`` calls it when it first meets the family).
+    """
+    if (known := adapted_class(stock)) is not None:
+        return known
+    config_class = pe_config_class(stock.config_class, __name__)
+    adapted = type(f"{stock.__name__}WithPE", (RotaryPositionLM, stock), {
+        "__module__": __name__, "config_class": config_class,
+        "__doc__": f"``{stock.__name__}`` whose positions come from a PositionEncoding ``pe`` (see RotaryPositionLM).",
+    })
+    return register_causal_lm(stock, adapted)
+
+
+register_causal_lm(GPT2LMHeadModel, GPT2WithPE)
+LlamaForCausalLMWithPE = register_rotary_lm(LlamaForCausalLM)
+Qwen2ForCausalLMWithPE = register_rotary_lm(Qwen2ForCausalLM)
+MistralForCausalLMWithPE = register_rotary_lm(MistralForCausalLM)
+# Bound by name, so the classes and their configs pickle.
+LlamaConfigWithPE = LlamaForCausalLMWithPE.config_class
+Qwen2ConfigWithPE = Qwen2ForCausalLMWithPE.config_class
+MistralConfigWithPE = MistralForCausalLMWithPE.config_class
+
+
+def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> Any:
+    """Put ``pe`` into a stock Hugging Face causal LM, in place, keeping its weights; returns the model.
+
+    GPT-2 (``GPT2LMHeadModel``): ``transformer.wpe`` gives way to the PE, as in ``GPT2WithPE`` (whose class the
+    model takes). Llama family: the rotary module gives way to :class:`NoRotary` (its rotation becomes the
+    identity). Either way every layer's attention runs through ``pe.attend`` with explicit positions
+    (grouped-query attention included), ``pe.embed`` is added to the token embeddings, the output carries the
+    PE's auxiliary loss (``pe_aux_loss``), and the config records the PE (when ``build_position_encoding`` built
+    it), so ``save_pretrained`` and ``AutoModelForCausalLM.from_pretrained`` give the same model back.
+    """
+    if isinstance(model, PositionEncodingLM):
+        raise ValueError(f"{type(model).__name__} already has a position encoding attached")
+    cls = adapted_class(type(model))
+    inner = getattr(model, "model", None)
+    if cls is None and isinstance(getattr(inner, "rotary_emb", None), nn.Module) and isinstance(model, PreTrainedModel):
+        cls = register_rotary_lm(type(model))  # another Llama-family model: the same seam
+    if cls is None:
+        raise ValueError(
+            f"attach_position_encoding supports Hugging Face causal LMs of the GPT-2 family (GPT2LMHeadModel) and the "
+            f"Llama family (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, or any with a .model.rotary_emb "
+            f"seam); got {type(model).__name__}"
+        )
+    assert issubclass(cls, PositionEncodingLM)
+    cls.check_config(model.config)
+    cls.pe_record(model.config, pe)  # every check before the model changes
+    model.__class__ = cls
+    model.install_position_encoding(pe)
+    return model
