@@ -49,6 +49,8 @@ VALUE_WORDS: tuple[str, ...] = (
 """Candidate answers; those one token long under the run's tokenizer form the closed answer set."""
 FACT = "The colour of the {key} is {value}."
 QUESTION = "What is the colour of the {key}?"
+SENTENCE = FACT
+"""The answer of ``data.answer_form: sentence``: the gold fact restated."""
 OTHER_FACTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("The size of the {key} is {value}.", ("large", "small", "tall", "short", "long", "wide", "narrow", "thick", "thin")),
     ("The texture of the {key} is {value}.", ("soft", "hard", "smooth", "rough", "sharp", "flat", "dry", "warm", "fresh")),
@@ -115,9 +117,9 @@ class EmbeddedQA:
     """Seeded multi-document QA over the embedded text: one planted fact per document, keys unique per prompt.
 
     The gold document's fact is ``FACT``: the colour (from ``answer_set``) of the key the question asks
-    about. A distractor's fact is about another key: its size or texture (``distractor_facts: other``,
-    so only the gold document names a colour) or its colour (``same``: only the key tells the gold
-    document apart). Keys and values are single tokens of the run's tokenizer; a prompt uses each key
+    about. A distractor's fact is about another key: its colour (``distractor_facts: same``: only the key
+    tells the gold document apart) or its size or texture (``other``: only the gold document names a
+    colour). The answer trained on is the gold fact restated (``answer_form: sentence``) or its colour. Keys and values are single tokens of the run's tokenizer; a prompt uses each key
     at most once, so its distractor stream ends when the keys do.
     """
 
@@ -154,9 +156,10 @@ class EmbeddedQA:
         value = values[int(rng.integers(len(values)))]
         gold_at = int(rng.integers(len(paragraphs)))
         gold = plant(paragraphs[gold_at], FACT.format(key=keys[0], value=value), rng)
+        sentence = SENTENCE.format(key=keys[0], value=value) if self.cfg.answer_form == "sentence" else None
         return QAItem(
             id=f"{split}-{index}", question=QUESTION.format(key=keys[0]), answers=(value,), gold=gold,
-            distractors=self._distractors(paragraphs, gold_at, keys[1:], rng),
+            distractors=self._distractors(paragraphs, gold_at, keys[1:], rng), target=sentence,
         )
 
     def _distractors(

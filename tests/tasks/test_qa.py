@@ -72,7 +72,7 @@ def _tiny_model(pe: dict, vocab: int = 97, seed: int = 0):
 
 
 def _example(prompt: list[int], answer: list[int] | None = None) -> QAExample:
-    return QAExample(id="x", question="q", answers=("a",), prompt_ids=prompt, answer_ids=answer or [0], documents=("d",), document_answers=("a",),
+    return QAExample(id="x", question="q", answers=("a",), prompt_ids=prompt, answer_ids=answer or [0], documents=("d",), document_answers=("a",), target="a",
                      gold_index=0, depth=0.0, budget=len(prompt) + len(answer or [0]))
 
 

@@ -127,6 +127,15 @@ def test_embedded_question_is_answerable_from_exactly_one_document(tokenizer, di
         assert ex.copy_rate == sum(a == ex.answers[0] for a in ex.document_answers) / len(ex.documents)
         if distractor_facts == "other":  # only the gold document names a colour
             assert ex.copy_rate == 1 / len(ex.documents)
+        # Trained on the gold fact restated, whose last word is the answer (strict EM compares with it).
+        assert ex.target == f"The colour of the {key} is {ex.answers[0]}." and ex.target in ex.documents[ex.gold_index]
+        assert tokenizer.decode(ex.answer_ids[:-1]) == " " + ex.target and ex.answer_ids[-1] == tokenizer.eos_id
+
+
+def test_value_answers_train_on_the_colour_alone(tokenizer) -> None:
+    source = build_source(QADataConfig(answer_form="value"), tokenizer, documents=DOCS)
+    ex = make_example(source, PromptBuilder(tokenizer), "test", 0, budget=512, seed=0)
+    assert ex.target == ex.answers[0] and tokenizer.decode(ex.answer_ids) == f" {ex.answers[0]}<|endoftext|>"
 
 
 def test_embedded_sets_are_the_single_token_words_and_too_few_is_a_clear_error(tokenizer) -> None:
