@@ -1,6 +1,8 @@
-"""User-facing errors, written once for every room: YAML files that name themselves when they are
-broken, and pydantic validation errors as one line per problem with the dotted field path, the
-bad value, what is allowed and, for a near miss, a "did you mean".
+"""User-facing errors and files, written once for every room: config files found the same way
+everywhere (:func:`find_config_file`, falling back to the configs shipped with the package), YAML
+files that name themselves when they are broken, and pydantic validation errors as one line per
+problem with the dotted field path, the bad value, what is allowed and, for a near miss, a "did
+you mean" (:func:`validated` turns them into one ValueError for the Python API and the CLI alike).
 """
 
 import difflib
@@ -11,7 +13,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+SHIPPED_ROOT = Path(__file__).resolve().parents[1]
+"""The folder holding the shipped ``configs/``: the checkout, or ``site-packages/seqpe_nd`` when installed."""
+
+
+def find_config_file(name: str | Path, config_dir: Path | None = None, *, what: str = "config") -> Path:
+    """A file a user or a config names: absolute, or relative to ``config_dir`` (the naming config's folder),
+    the working directory, then the configs shipped with the package; the first that exists wins.
+
+    ``configs/positions/text-512.yaml`` thus works from any directory and from a non-editable install.
+    Nothing found is one FileNotFoundError listing every place looked.
+    """
+    p = Path(name)
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [*([Path(config_dir) / p] if config_dir is not None else []), p, SHIPPED_ROOT / p]
+    for candidate in candidates:
+        if candidate.exists():  # a directory too: read_yaml_file names it as one
+            return candidate
+    looked = ", ".join(dict.fromkeys(str(c.absolute()) for c in candidates))
+    raise FileNotFoundError(f"{what} file {str(name)!r} does not exist; looked for {looked}")
 
 
 def read_yaml_file(source: str | Path, *, what: str = "YAML", loader: type[Any] = yaml.SafeLoader) -> Any:
@@ -82,12 +106,42 @@ def fields_at(root: Any, loc: Sequence[Any]) -> list[str] | None:
     return sorted(candidates[0].model_fields)
 
 
+def shown_loc(root: Any, loc: Sequence[Any]) -> tuple[Any, ...]:
+    """``loc`` as the user wrote it: the tags pydantic inserts for a discriminated union (``pe.rope.base``,
+    ``grid.L_max``) dropped, so the path is the file's own (``pe.base``, ``L_max``)."""
+    candidates, shown = _models(root), []
+    for part in loc:
+        if candidates and not isinstance(part, int):
+            tagged = [m for m in candidates if str(part) in _tag(m) and part not in m.model_fields]
+            if tagged and len(candidates) > 1:
+                candidates = tagged
+                continue
+            candidates = [m for c in candidates if part in c.model_fields for m in _models(c.model_fields[part].annotation)]
+        shown.append(part)
+    return tuple(shown)
+
+
+def _suggested_fields(errors: Sequence[Mapping[str, Any]], model: Any) -> set[tuple[Any, ...]]:
+    """The locations a near-miss unknown field points to (``Lmax`` -> ``L_max``): their "Field required" is noise."""
+    out = set()
+    for e in errors:
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden" and loc and model is not None:
+            close = difflib.get_close_matches(str(loc[-1]), fields_at(model, loc[:-1]) or [], n=1, cutoff=0.6)
+            out.update((*loc[:-1], c) for c in close)
+    return out
+
+
 def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "", model: Any = None) -> str:
     """One line per problem: the dotted field path, what is wrong, the bad value, and what is allowed."""
     lines = []
+    errors = list(errors)
+    suggested = _suggested_fields(errors, model)
     for e in errors:
         loc = tuple(e["loc"])
-        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+        if e["type"] == "missing" and loc in suggested:
+            continue  # the unknown field's "did you mean" already says it
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + (shown_loc(model, loc) if model is not None else loc))
         if e["type"] == "extra_forbidden" and loc:
             allowed = fields_at(model, loc[:-1]) if model is not None else None
             hint = did_you_mean(str(loc[-1]), allowed or [])
@@ -108,10 +162,20 @@ def format_errors(errors: Iterable[Mapping[str, Any]], prefix: str = "", model: 
             continue
         msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages, without pydantic's label
         shown = "input" in e and e["type"] not in ("missing", "value_error") and loc and not isinstance(e["input"], dict)
-        lines.append(f"{path or '<root>'}: {msg}" + (f" (got {e['input']!r})" if shown else ""))
+        lines.append((f"{path}: {msg}" if path else msg) + (f" (got {e['input']!r})" if shown else ""))  # a whole-model check names its fields
     return "; ".join(lines)
 
 
 def format_validation_error(err: ValidationError, prefix: str = "", model: Any = None) -> str:
     """:func:`format_errors` of a pydantic ValidationError."""
     return format_errors(err.errors(), prefix, model)
+
+
+def validated(adapter: TypeAdapter, data: Any, *, model: Any, source: str | Path = "", context: Any = None) -> Any:  # type: ignore[type-arg]
+    """``adapter.validate_python(data)``; a ValidationError becomes one ValueError in the words of
+    :func:`format_errors`, prefixed with ``source`` (the file) when there is one."""
+    try:
+        return adapter.validate_python(data, context=context)
+    except ValidationError as err:
+        where = f"{source}: " if str(source) else ""
+        raise ValueError(where + format_validation_error(err, model=model)) from None

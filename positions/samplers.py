@@ -255,6 +255,15 @@ def _shift_range(space: BoxSpace, extent: Tensor, device: torch.device) -> Tenso
     return room.amin(0).clamp(min=0) * (digits > 0).any(0)
 
 
+def ood_reach(space: BoxSpace) -> float:
+    """The largest ``max_i z_i / L_i`` an OOD shift can reach inside L_max: ``ood.min_shift`` must not exceed it."""
+    lo, train_hi, _, _, digits = _tables(space, torch.device("cpu"))
+    extent = train_hi - lo
+    zmax = _shift_range(space, extent, lo.device)
+    ref = torch.where(digits > 0, extent, 0).amax(0).clamp(min=1)
+    return float((zmax.double() / ref).amax())
+
+
 def sample_ood(space: BoxSpace, generator: torch.Generator) -> OODBatch:
     """``num_starts`` regions: ``m`` teachers from D_train without replacement, students ``+ z``."""
     settings, dev = space.ood, generator.device
@@ -278,12 +287,19 @@ def sample_ood(space: BoxSpace, generator: torch.Generator) -> OODBatch:
     tries = 64
     z = _uniform(torch.zeros(settings.num_starts, tries, zmax.shape[0], dtype=torch.int64, device=dev), (zmax + 1).expand(settings.num_starts, tries, -1), generator)
     far = ((z.double() / ref).amax(-1) >= settings.min_shift) if settings.min_shift > 0 else torch.ones(z.shape[:2], dtype=torch.bool, device=dev)
-    if not bool(far.any(-1).all()):
+    reach = zmax.double() / ref
+    if float(reach.amax()) < settings.min_shift:
         raise ValueError(
             f"ood.min_shift = {settings.min_shift} cannot be met: the largest shift per axis is {zmax.tolist()} "
             f"for training extents {ref.tolist()}; lower min_shift or raise L_max"
         )
     z = z[torch.arange(settings.num_starts, device=dev), far.int().argmax(-1)]  # first far draw
+    missed = ~far.any(-1)
+    if bool(missed.any()):  # a far region too thin for 64 tries: put one far axis on it directly
+        axis = int(reach.argmax())
+        lo_far = min(math.ceil(settings.min_shift * int(ref[axis]) - 1e-9), int(zmax[axis]))
+        u = _uniform(torch.full((int(missed.sum()),), lo_far, device=dev), torch.full((int(missed.sum()),), int(zmax[axis]) + 1, device=dev), generator)
+        z[missed, axis] = u
     student = apply_shift(space, teacher, z.unsqueeze(1))
     return OODBatch(teacher=teacher, student=student, shift=z)
 

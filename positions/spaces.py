@@ -25,13 +25,13 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
-from pydantic import Field, PositiveInt, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import Field, PositiveInt, TypeAdapter, field_validator, model_validator
 from torch import Tensor
 
 from seqpe_nd.positions import samplers
 from seqpe_nd.positions.digits import from_digits, num_digits, to_digits
 from seqpe_nd.positions.distances import get_distance
-from seqpe_nd.positions.errors import format_validation_error, read_yaml_file
+from seqpe_nd.positions.errors import find_config_file, read_yaml_file, validated
 from seqpe_nd.positions.settings import ContrastiveSettings, Frozen, OODSettings, ShiftSettings
 
 NONE_ID = -1
@@ -125,6 +125,23 @@ class _SpaceMixin:
                 )
             object.__setattr__(self, section, settings.model_copy(update={field: floor}))
 
+    def check_ood_reach(self) -> None:
+        """Raise when no shift inside L_max reaches ``ood.min_shift`` (L_OOD could never draw a region)."""
+        reach = samplers.ood_reach(self)  # type: ignore[arg-type]
+        if self.ood.min_shift > reach:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"ood.min_shift = {self.ood.min_shift} is not allowed for this space: it must be in [0, {reach:.4g}], "  # type: ignore[attr-defined]
+                f"the largest shift L_max leaves room for (in training extents L); lower ood.min_shift or raise L_max"
+            )
+
+    def _check_regularizer_settings(self) -> None:
+        """Settings the samplers could never meet are errors at load, not at the first training step.
+
+        Only a ``min_shift`` the file sets: a space without room beyond L (L = L_max) is fine for methods
+        without L_OOD, and SeqPE checks the default when it is built with β > 0."""
+        if "min_shift" in self.ood.model_fields_set:  # type: ignore[attr-defined]
+            self.check_ood_reach()
+
     def _check_width(self, pos: Tensor) -> None:
         width: int = self.width  # type: ignore[attr-defined]
         if pos.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
@@ -196,6 +213,7 @@ class GridSpace(_SpaceMixin, Frozen):
         self.contrastive.window(self.ndim)  # validates the window's length
         self.ood.teachers(math.prod(self.L))
         self._balance_regularizer_batches()
+        self._check_regularizer_settings()
         return self
 
     # -- layout ---------------------------------------------------------------------------
@@ -430,6 +448,7 @@ class HybridSpace(_SpaceMixin, Frozen):
             raise ValueError(f"timeline.L = {self.timeline.L} exceeds timeline.L_max = {self.timeline.L_max}")
         self.ood.teachers(int(self.box_train_hi.sub(self.box_lo).prod(-1).sum()))
         self._balance_regularizer_batches()
+        self._check_regularizer_settings()
         return self
 
     # -- layout ---------------------------------------------------------------------------
@@ -698,8 +717,9 @@ _ADAPTER: TypeAdapter[GridSpace | HybridSpace] = TypeAdapter(PositionSpace)
 
 
 def read_yaml_mapping(source: str | Path, *, what: str, key: str) -> dict[str, Any]:
-    """The mapping in a YAML file describing ``what``; errors name the file and the ``key`` it needs."""
-    path = Path(source)
+    """The mapping in a YAML file describing ``what`` (found by :func:`find_config_file`: the path, else the
+    shipped configs); errors name the file and the ``key`` it needs."""
+    path = find_config_file(source, what=what)
     data = read_yaml_file(path, what=what)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping with a {key!r} field, got {type(data).__name__}")
@@ -707,14 +727,12 @@ def read_yaml_mapping(source: str | Path, *, what: str, key: str) -> dict[str, A
 
 
 def load_space(source: str | Path | Mapping[str, Any]) -> GridSpace | HybridSpace:
-    """A position space from a YAML file or a dict; a missing ``kind`` means ``grid``."""
+    """A position space from a YAML file (relative to the working directory, else the shipped configs) or a
+    dict; a missing ``kind`` means ``grid``. A mistake is one ValueError naming the field, the value and
+    what is allowed."""
     if isinstance(source, (str, Path)):
         data = read_yaml_mapping(source, what="position-space", key="kind")
-        data.setdefault("kind", "grid")
-        try:
-            return _ADAPTER.validate_python(data)
-        except ValidationError as err:  # a file: name it, with the fields allowed
-            raise ValueError(f"{source}: {format_validation_error(err, model=PositionSpace)}") from None
+        return validated(_ADAPTER, {"kind": "grid", **data}, model=PositionSpace, source=source)
     if not isinstance(source, Mapping):
         raise ValueError(f"a position space is a YAML path or a mapping, got {type(source).__name__}")
-    return _ADAPTER.validate_python({"kind": "grid", **source})
+    return validated(_ADAPTER, {"kind": "grid", **source}, model=PositionSpace)

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, PositiveInt, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, Field, PositiveInt, TypeAdapter, field_validator
 
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE, default_interpolation
 from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
@@ -16,7 +16,7 @@ from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace, get_distance, load_space
-from seqpe_nd.positions.errors import format_validation_error
+from seqpe_nd.positions.errors import validated
 from seqpe_nd.positions.spaces import read_yaml_mapping
 
 
@@ -248,16 +248,16 @@ class PESpec(Frozen):
 
 
 def load_pe_config(source: str | Path | Mapping[str, Any] | BaseModel) -> PEConfig:
-    """A validated config from a YAML file, a dict or a config model."""
+    """A validated config from a YAML file (relative to the working directory, else the shipped configs), a dict
+    or a config model; a mistake is one ValueError naming the field, the value and what is allowed."""
     if isinstance(source, BaseModel):
-        return _ADAPTER.validate_python(source.model_dump())
+        return validated(_ADAPTER, source.model_dump(), model=PEConfig)
     if isinstance(source, (str, Path)):
         data = read_yaml_mapping(source, what="position-encoding config", key="method")
-        try:
-            return _ADAPTER.validate_python(data)
-        except ValidationError as err:  # a file: name it, with the fields allowed
-            raise ValueError(f"{source}: {format_validation_error(err, model=PEConfig)}") from None
-    return _ADAPTER.validate_python(dict(source))
+        return validated(_ADAPTER, data, model=PEConfig, source=source)
+    if not isinstance(source, Mapping):
+        raise ValueError(f"a position-encoding config is a YAML path, a mapping or a config model, got {type(source).__name__}")
+    return validated(_ADAPTER, dict(source), model=PEConfig)
 
 
 _NO_HYBRID_RULE = (
@@ -371,6 +371,25 @@ def _build(
     return _build_seqpe(cfg, space=space, d_model=d_model, **sizes)
 
 
+def _check_regularizers(cfg: SeqPEConfig, *, space: GridSpace | HybridSpace, d_model: int, num_heads: int) -> None:
+    """What would make the first training step's regularizer sampling fail, named now (the field, the value, the
+    allowed range), before any weight is built."""
+    if cfg.beta > 0:
+        try:
+            space.check_ood_reach()
+        except ValueError as err:
+            raise ValueError(f"pe.beta = {cfg.beta} trains L_OOD, but space: {err} (or set pe.beta: 0)") from None
+        heads = cfg.ood_heads or num_heads
+        if d_model % heads:
+            field = "pe.ood_heads" if cfg.ood_heads else "the model's num_heads (pe.ood_heads unset)"
+            raise ValueError(f"{field} = {heads} must divide d_model = {d_model}: L_OOD splits the embeddings into that many heads")
+    if cfg.alpha > 0 and space.regularizer_volume() < 2:
+        raise ValueError(
+            f"pe.alpha = {cfg.alpha} trains L_δ, which needs at least 2 positions within L_max to contrast; this space has "
+            f"{space.regularizer_volume()} (raise L_max or set pe.alpha: 0)"
+        )
+
+
 def _build_seqpe(
     cfg: SeqPEConfig, *, space: GridSpace | HybridSpace, d_model: int, num_heads: int, head_dim: int, num_layers: int
 ) -> PositionEncoding:
@@ -379,6 +398,7 @@ def _build_seqpe(
     from seqpe_nd.encodings.seqpe import SeqPEEncoding
     from seqpe_nd.regularizers import SeqPERegularizer
 
+    _check_regularizers(cfg, space=space, d_model=d_model, num_heads=num_heads)
     encoder = SeqPE(
         space,
         d_model,

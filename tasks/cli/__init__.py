@@ -21,10 +21,21 @@ COMMANDS: tuple[tuple[str, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpe-nd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for _, module in COMMANDS:
         importlib.import_module(module).register(sub)
     return parser
+
+
+def package_version() -> str:
+    """The installed distribution's version (``pyproject.toml``'s, once installed, editable or not)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("seqpe-nd")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

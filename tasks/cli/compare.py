@@ -28,6 +28,7 @@ from typing import Any
 from seqpe_nd.tasks.recipes.config import (
     SHIPPED_ROOT,
     apply_override,
+    find_config_file,
     load_yaml,
     merge_sections,
     parse_run_config,
@@ -142,7 +143,7 @@ def method_configs(
     training, the evaluation options too (which would otherwise fail only after training)."""
     from seqpe_nd.tasks.recipes.lm import eval_settings  # heavy (transformers): when a comparison runs
 
-    config_path = Path(config_path)
+    config_path = find_config_file(config_path, what="config")  # the path, else the shipped configs
     config_dir = config_path.resolve().parent
     base = load_yaml(config_path)
     for item in overrides:

@@ -71,4 +71,6 @@ def run_eval(args: argparse.Namespace) -> int:
     results = {run_dir.name: recipe.evaluate(run_dir, device=args.device, **options) for run_dir in args.run_dirs}
     if len(results) > 1:
         recipe.write_comparison(results, args.out, title=f"{recipe.metric[1]} vs evaluation size")
+        if args.out is not None:
+            print("wrote " + ", ".join(str(args.out / name) for name in ("compare.json", "compare.md", "compare.png")))
     return 0

@@ -4,9 +4,10 @@ Legend: ``m`` positions, ``d`` model dim.
 
 Fig. 2 is the dot product ``e_i · e_j`` of 1-D positions ``0 … N-1``; Fig. 3 the dot product of
 five chosen positions of a 2-D grid (four corners and the centre) with every position of it.
-The encoder is either freshly built from a space YAML (optionally trained alone with L_δ for
-``--train-steps`` steps, to see the regularizer's effect) or loaded with ``--encoder`` from a
-folder written by :func:`seqpe_nd.encoder.save_encoder`.
+The encoder is freshly built from a space YAML (optionally trained alone with L_δ for
+``--train-steps`` steps, to see the regularizer's effect), loaded with ``--encoder`` from a
+folder written by :func:`seqpe_nd.encoder.save_encoder`, or taken with ``--run`` from a trained
+run's checkpoint (the latest, or the one ``--checkpoint`` names): the encoder the run trained.
 """
 
 import argparse
@@ -16,8 +17,14 @@ import torch
 from jaxtyping import Float
 
 from seqpe_nd.encoder import SeqPE, load_encoder, save_encoder
+from seqpe_nd.encodings import load_pe_config
 from seqpe_nd.positions import GridSpace, load_space
 from seqpe_nd.regularizers import SeqPERegularizer, train_regularizers_alone
+from seqpe_nd.tasks.engine import checkpoint as ckpt
+from seqpe_nd.tasks.engine.evaluation import read_run_config
+
+ENCODER_KWARGS = ("hidden", "layers", "heads", "mlp_ratio", "dropout", "causal", "init", "qk_norm")
+"""Fields of a SeqPE config that are the encoder's constructor arguments (besides the space and d_model)."""
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -26,6 +33,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     src = sim.add_mutually_exclusive_group(required=True)
     src.add_argument("--space", help="position-space YAML: build a fresh encoder for it")
     src.add_argument("--encoder", help="folder written by save_encoder (encoder.safetensors + encoder.json)")
+    src.add_argument("--run", help="training run directory of a SeqPE run: its trained encoder (latest checkpoint)")
+    sim.add_argument("--checkpoint", default=None, help="with --run: this checkpoint folder instead of the latest")
     sim.add_argument("--out", default="runs/plots", help="folder for the PNGs (default runs/plots)")
     sim.add_argument("--num", type=int, default=None, help="1-D: plot positions 0..NUM-1 (default min(L_max, 2048))")
     sim.add_argument("--extent", default=None, help="2-D: grid extent HxW (default the space's training extent L)")
@@ -37,6 +46,24 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     sim.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate for --train-steps (default 2e-3)")
     sim.add_argument("--save", default=None, help="also save the (trained) encoder to this folder")
     sim.set_defaults(func=run_similarity)
+
+
+def encoder_of_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> tuple[SeqPE, Path]:
+    """The SeqPE encoder a training run trained, with the weights of its latest checkpoint (or ``checkpoint``)."""
+    saved = read_run_config(Path(run_dir))
+    pe = load_pe_config(saved.get("pe") or {})
+    if pe.method != "seqpe":
+        raise ValueError(f"{run_dir} trained pe.method {pe.method!r}; plot similarity draws SeqPE encoders (method: seqpe)")
+    found = ckpt.resolve_checkpoint(Path(checkpoint) if checkpoint is not None else Path(run_dir))
+    ckpt.verify_checkpoint(found)
+    tensors = ckpt.read_tensors(found / "model.safetensors")
+    heads = [k for k in tensors if k.endswith("encoder.proj.weight")]
+    if len(heads) != 1:
+        raise ValueError(f"checkpoint {found} holds {len(heads)} SeqPE encoders (tensors '*encoder.proj.weight'); expected one")
+    prefix = heads[0].removesuffix("proj.weight")
+    encoder = SeqPE(load_space(saved["space"]), tensors[heads[0]].shape[0], **{k: getattr(pe, k) for k in ENCODER_KWARGS})
+    encoder.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    return encoder.eval(), found
 
 
 def train_l_delta(encoder: SeqPE, steps: int, *, lr: float, seed: int) -> list[float]:
@@ -65,7 +92,12 @@ def similarity_2d(encoder: SeqPE, extent: tuple[int, int]) -> tuple[list[tuple[i
 def run_similarity(args: argparse.Namespace) -> int:
     from seqpe_nd.tasks.engine.plots import plt, save_figure  # matplotlib only when a figure is drawn
 
-    if args.encoder is not None:
+    if args.checkpoint is not None and args.run is None:
+        raise ValueError("--checkpoint picks a checkpoint of --run RUN_DIR; pass --run too")
+    if args.run is not None:
+        encoder, found = encoder_of_run(args.run, args.checkpoint)
+        print(f"loaded the SeqPE encoder of {found}")
+    elif args.encoder is not None:
         encoder = load_encoder(args.encoder)
     else:
         torch.manual_seed(args.seed)
@@ -82,7 +114,7 @@ def run_similarity(args: argparse.Namespace) -> int:
         print(f"saved encoder to {save_encoder(encoder, args.save)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = "trained with L_δ" if args.train_steps else ("checkpoint" if args.encoder else "untrained")
+    title = "trained with L_δ" if args.train_steps else ("checkpoint" if args.encoder or args.run else "untrained")
 
     if space.ndim == 1:
         num = args.num if args.num is not None else min(space.L_max[0], 2048)

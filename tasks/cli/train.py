@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 from seqpe_nd.tasks.recipes import get_recipe, load_config
+from seqpe_nd.tasks.engine.checkpoint import latest_checkpoint
 from seqpe_nd.tasks.engine.trainer import run_dir_has_content, train
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("train", help="train a recipe from a YAML run config")
-    p.add_argument("config", type=Path, help="YAML run config (top-level 'task:' and 'train:')")
+    p.add_argument("config", type=Path, help="YAML run config (top-level 'task:' and 'train:'); a relative path not "
+                   "found here is looked up in the configs shipped with the package")
     p.add_argument(
         "--run-dir", type=Path, default=None, help="output directory (default runs/<config-stem>-<timestamp>)"
     )
@@ -51,4 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k != "step")
         print(f"{run_dir}: step {int(result['step'])}" + (f", {shown}" if shown else ""))
+        print(f"run directory: {run_dir}")
+        print(f"checkpoint: {latest_checkpoint(run_dir)}")
+        print(f"next: seqpe-nd eval {run_dir}")
     return 0

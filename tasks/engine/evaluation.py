@@ -98,6 +98,61 @@ def write_result(run_dir: Path, result: Mapping[str, Any]) -> Path:
     return path
 
 
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    """The saved ``run_dir/eval.json``; None when there is none or it is torn (it is then written anew)."""
+    path = Path(run_dir) / EVAL_JSON
+    if not path.is_file():
+        return None
+    try:
+        saved = ckpt.read_json(path)
+    except ckpt.CorruptFile:
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _size_order(key: str) -> tuple[int, ...] | tuple[float]:
+    """``"2048"`` < ``"4096"``, ``"8x32"`` < ``"8x64"``; a key that is not numbers sorts last."""
+    try:
+        return tuple(int(p) for p in key.split("x"))
+    except ValueError:
+        return (float("inf"),)
+
+
+def merge_results(
+    previous: Mapping[str, Any] | None, result: Mapping[str, Any], *, rows_key: str, same: Sequence[str]
+) -> tuple[dict[str, Any], list[str], list[str]]:
+    """``result`` plus the rows of ``previous`` it did not re-measure, when both measured alike.
+
+    ``same`` names the fields (checkpoint, split, PE, ...) that must agree for rows to sit in one file.
+    Returns (merged, the sizes kept from ``previous``, the fields that differed: then ``previous`` is
+    replaced, not merged).
+    """
+    if previous is None or not isinstance(previous.get(rows_key), dict):
+        return dict(result), [], []
+    differ = [k for k in same if previous.get(k) != result.get(k)]
+    if differ:
+        return dict(result), [], differ
+    rows = dict(result[rows_key])
+    kept = [k for k in previous[rows_key] if k not in rows]
+    rows.update({k: previous[rows_key][k] for k in kept})
+    return {**result, rows_key: dict(sorted(rows.items(), key=lambda kv: _size_order(kv[0])))}, kept, []
+
+
+def files_changed(folder: Path, before: Mapping[str, tuple[int, int, int]]) -> list[Path]:
+    """Files directly in ``folder`` written since ``before`` (from :func:`file_times`), by name."""
+    now = file_times(folder)
+    return [Path(folder) / name for name, t in sorted(now.items()) if before.get(name) != t]
+
+
+def file_times(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """(inode, modification time, size) of the files directly in ``folder``, to tell after what was written
+    (an atomic write is a new inode even within the clock's resolution)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {p.name: (st.st_ino, st.st_mtime_ns, st.st_size) for p in folder.iterdir() if p.is_file() and (st := p.stat())}
+
+
 def fmt(x: float | None, digits: int = 2) -> str:
     """A table cell: ``-`` for a missing value, 3 significant digits from 10 000 up."""
     if x is None:

@@ -29,12 +29,17 @@ from seqpe_nd.encodings import pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import (
+    EVAL_JSON,
+    file_times,
+    files_changed,
     fmt,
     fmt_spread,
     load_weights_checked,
     mean_std,
+    merge_results,
     pick_device,
     print_table,
+    read_result,
     read_run_config,
     reject_unknown_options,
     write_result,
@@ -248,7 +253,10 @@ class Recipe(ABC, Generic[ConfigT]):
     ) -> dict[str, Any]:
         """Evaluate a trained run at every size of its plan; writes ``eval.json`` (atomically) and figures.
 
-        With ``reuse``, a saved ``eval.json`` that answers the same plan is returned instead.
+        A saved ``eval.json`` measured alike (same checkpoint, PE and header) keeps the sizes this call does not
+        re-measure: the file grows by merging; one measured otherwise is replaced, and the message says why.
+        Returns this call's sizes. With ``reuse``, a saved ``eval.json`` that answers the same plan is returned
+        instead. Unless ``quiet``, prints the table and the files written.
         """
         reject_unknown_options(cls.task, options, cls.eval_options)
         run_dir = Path(run_dir)
@@ -257,7 +265,8 @@ class Recipe(ABC, Generic[ConfigT]):
         if reuse and (saved := recipe.reuse_result(plan)) is not None:
             return saved
         dev = pick_device(device)
-        model = recipe.load_trained(plan.checkpoint).to(dev)
+        found = ckpt.resolve_checkpoint(plan.checkpoint if plan.checkpoint is not None else run_dir)
+        model = recipe.load_trained(found).to(dev)
         rows: dict[str, dict[str, Any]] = {}
         t0 = time.perf_counter()
         for size in plan.sizes:
@@ -268,15 +277,22 @@ class Recipe(ABC, Generic[ConfigT]):
             "run_dir": str(run_dir),
             **plan.header,
             "pe": recipe.cfg.pe.model_dump(mode="json") if recipe.cfg.pe is not None else None,
+            "weights": _relative(found, run_dir),
             "device": str(dev),
             "seconds": time.perf_counter() - t0,
             cls.rows_key: rows,
         }
-        if write:
-            recipe.write_figures(result, model)
-            write_result(run_dir, result)
         if not quiet:
             print_table(*recipe.eval_table(result))
+        if write:
+            before = file_times(run_dir)
+            same = [*plan.header, "pe", "weights"]
+            result, kept, differ = merge_results(read_result(run_dir), result, rows_key=cls.rows_key, same=same)
+            recipe.write_figures(result, model)
+            write_result(run_dir, result)
+            if not quiet:
+                print(_written_note(run_dir, files_changed(run_dir, before), kept, differ))
+            result = {**result, cls.rows_key: rows}
         return result
 
     constructor_options: ClassVar[tuple[str, ...]] = ()
@@ -397,6 +413,24 @@ class Recipe(ABC, Generic[ConfigT]):
             ckpt.atomic_write_text(out / "compare.md", f"## {title}\n\n{md}")
             cls.plot_runs(results, out / "compare.png", title=title)
         return rows
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (``checkpoints/step_000004``), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _written_note(run_dir: Path, written: Sequence[Path], kept: Sequence[str], differ: Sequence[str]) -> str:
+    """``wrote RUN/eval.json, RUN/eval.png`` and what became of an earlier ``eval.json``."""
+    note = "wrote " + ", ".join(str(p) for p in written)
+    if kept:
+        note += f" ({EVAL_JSON} also keeps size(s) {', '.join(kept)} measured before)"
+    if differ:
+        note += f" (the earlier {EVAL_JSON} was replaced: its {', '.join(differ)} differed)"
+    return note
 
 
 def check_sizes(sizes: Sequence[Any], ok: Any, allowed: str, what: str = "evaluation size") -> None:

@@ -7,7 +7,9 @@ every recipe's config, discriminated on ``task``, so a recipe only ever receives
 
 A ``space:`` field holds a position space: inline, or a YAML path looked up relative to the
 config file, then the working directory, then the configs shipped with the package (so
-``configs/positions/text-512.yaml`` works from any directory and from a non-editable install).
+``configs/positions/text-512.yaml`` works from any directory and from a non-editable install). The
+config file itself is found the same way (:func:`~seqpe_nd.positions.errors.find_config_file`, one
+mechanism for run configs, spaces and PE configs).
 """
 
 import re
@@ -21,12 +23,15 @@ from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from seqpe_nd.encodings import PEConfig
 from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace, load_space
-from seqpe_nd.positions.errors import did_you_mean, format_errors, format_validation_error, read_yaml_file
+from seqpe_nd.positions.errors import (  # noqa: F401 (SHIPPED_ROOT: re-exported for the CLI)
+    SHIPPED_ROOT,
+    did_you_mean,
+    find_config_file,
+    format_errors,
+    format_validation_error,
+    read_yaml_file,
+)
 from seqpe_nd.tasks.engine.trainer import TrainConfig
-
-SHIPPED_ROOT = Path(__file__).resolve().parents[2]
-"""The folder holding the shipped ``configs/``: the checkout, or ``site-packages/seqpe_nd`` when installed."""
-
 
 # --- YAML ----------------------------------------------------------------------------------------
 
@@ -115,25 +120,11 @@ def check_multiples(**pairs: tuple[int, str, int]) -> None:
 
 # --- the space field ------------------------------------------------------------------------------
 
-def find_config_file(name: str | Path, config_dir: Path | None = None, *, what: str = "file") -> Path:
-    """A file a config names: absolute, or relative to ``config_dir``, the working directory, the shipped configs."""
-    p = Path(name)
-    if p.is_absolute():
-        candidates = [p]
-    else:
-        candidates = [*([config_dir / p] if config_dir is not None else []), Path.cwd() / p, SHIPPED_ROOT / p]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    looked = ", ".join(str(c.parent) for c in candidates)
-    raise FileNotFoundError(f"{what} {str(name)!r} not found (looked in {looked})")
-
-
 def _space_source(value: Any, info: Any) -> Any:  # info: pydantic ValidationInfo (a Protocol)
     """A path becomes the space's mapping (read relative to the config file); a mapping defaults to ``kind: grid``."""
     if isinstance(value, (str, Path)):
         config_dir = (info.context or {}).get("config_dir")
-        return load_space(find_config_file(value, config_dir, what="space file"))  # errors name the file
+        return load_space(find_config_file(value, config_dir, what="space"))  # errors name the file
     if isinstance(value, dict):
         return {"kind": "grid", **value}
     return value
@@ -217,9 +208,10 @@ def parse_run_config(data: dict[str, Any], *, config_dir: Path | None = None, so
         raise ValueError(where + format_errors(errors, model=get_recipe(task).config_type)) from None
 
 
-def load_config(path: Path, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run config, apply ``--set`` overrides and validate it into the recipe's typed model."""
-    path = Path(path)
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config (the path, else the shipped configs), apply ``--set`` overrides and validate it into the
+    recipe's typed model; a mistake is one ValueError naming the file, the field, the value and what is allowed."""
+    path = find_config_file(path, what="config")
     data = load_yaml(path)
     for item in overrides:
         apply_override(data, item)

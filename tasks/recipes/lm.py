@@ -26,7 +26,7 @@ from seqpe_nd.positions import Frozen, GridSpace
 from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, prepare_text, sample_blocks
 from seqpe_nd.tasks.engine import checkpoint as ckpt
-from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
+from seqpe_nd.tasks.engine.evaluation import read_result
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
 from seqpe_nd.tasks.recipes.config import RunConfig, Space
 
@@ -222,17 +222,15 @@ class LMRecipe(Recipe[LMConfig]):
         return EvalPlan(sizes, header, found, {"tokens": self.corpus.split(split)})
 
     def reuse_result(self, plan: EvalPlan) -> dict[str, Any] | None:
+        """The saved result when it measured every length of ``plan`` alike (only those lengths are returned)."""
         assert self.run_dir is not None
-        path = self.run_dir / EVAL_JSON
-        if not path.is_file():
+        saved = read_result(self.run_dir)  # None when missing or torn: evaluated again (and rewritten atomically)
+        if saved is None:
             return None
-        try:
-            saved = ckpt.read_json(path)
-        except ckpt.CorruptFile:
-            return None  # a torn result is evaluated again (and rewritten atomically)
-        h = plan.header
-        same = (saved.get("checkpoint"), saved.get("split"), saved.get("max_tokens"), list(saved.get("lengths", {})))
-        return saved if same == (h["checkpoint"], h["split"], h["max_tokens"], [str(x) for x in plan.sizes]) else None
+        h, lengths = plan.header, [str(x) for x in plan.sizes]
+        same = (saved.get("checkpoint"), saved.get("split"), saved.get("max_tokens")) == (h["checkpoint"], h["split"], h["max_tokens"])
+        rows = saved.get("lengths", {})
+        return {**saved, "lengths": {k: rows[k] for k in lengths}} if same and set(lengths) <= set(rows) else None
 
     def eval_size(self, model: nn.Module, size: int, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
         return perplexity(model, plan.context["tokens"], size, max_tokens=plan.header["max_tokens"], device=device)

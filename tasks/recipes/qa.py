@@ -204,7 +204,7 @@ def score_examples(
         gen = greedy_generate(model, **prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id).tolist()
         for e, g in zip(chunk, gen, strict=True):
             text = decode_answer(tokenizer, g)
-            hit, exact = contains_match(text, e.answers), strict_match(text, e.answers)
+            hit, exact = contains_match(text, e.answers), strict_match(text, [e.target])
             em, strict = em + hit, strict + exact
             samples.append({"id": e.id, "answers": list(e.answers), "generation": text, "em": hit, "strict_em": exact,
                             "depth": e.depth, "num_docs": len(e.documents), "tokens": e.num_tokens})

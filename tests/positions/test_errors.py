@@ -32,9 +32,38 @@ def test_bad_configs(config, needle):
 
 
 def test_unknown_field_names_its_path():
-    with pytest.raises(ValidationError) as err:
+    with pytest.raises(ValueError) as err:
         load_space({"L": 4, "L_max": 100, "ood": {"num_teacher": 3}})
-    assert "ood.num_teacher" in str(err.value)
+    assert "ood.num_teacher: unknown field 'num_teacher' (did you mean 'num_teachers'?)" in str(err.value)
+
+
+def test_a_mapping_speaks_as_the_cli():
+    """The union's tag is not shown, a near miss says what was meant, and its "Field required" is not repeated."""
+    with pytest.raises(ValueError) as err:
+        load_space({"L": 4, "Lmax": 100})
+    assert not isinstance(err.value, ValidationError)
+    assert str(err.value) == "Lmax: unknown field 'Lmax' (did you mean 'L_max'?); allowed: L, L_max, base, contrastive, distance, k, kind, ood, shift"
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ({"L": 10, "L_max": 12, "ood": {"min_shift": 1.0}}, "ood.min_shift = 1.0 is not allowed for this space: it must be in [0, 0.2]"),
+        ({"L": [4, 4], "L_max": [4, 4], "ood": {"min_shift": 0.25}}, "ood.min_shift = 0.25 is not allowed for this space: it must be in [0, 0]"),
+        ({"kind": "hybrid", "modalities": [{"name": "text", "space": {"L": 16, "L_max": 20}}], "ood": {"min_shift": 0.5}},
+         "ood.min_shift = 0.5 is not allowed for this space: it must be in [0, 0.25]"),
+    ],
+)
+def test_an_ood_shift_out_of_reach_fails_at_load(config, needle):
+    """Was accepted, then failed inside pe.prepare at the first training step."""
+    with pytest.raises(ValueError) as err:
+        load_space(config)
+    assert needle in str(err.value)
+
+
+def test_a_space_without_room_loads_when_min_shift_is_not_set():
+    """L = L_max is fine for a method without L_OOD; SeqPE with β > 0 refuses it when it is built."""
+    assert load_space({"L": 16, "L_max": 16}).ood.min_shift == 0.25
 
 
 @pytest.mark.parametrize(
@@ -82,13 +111,13 @@ def test_bad_hybrid_positions(pos, needle):
 
 def test_bad_hybrid_configs():
     text = {"name": "text", "space": {"L": 16, "L_max": 300}}
-    with pytest.raises(ValidationError, match="must be unique"):
+    with pytest.raises(ValueError, match="must be unique"):
         load_space({"kind": "hybrid", "modalities": [text, text]})
-    with pytest.raises(ValidationError, match="not a metric"):
+    with pytest.raises(ValueError, match="not a metric"):
         load_space({"kind": "hybrid", "modalities": [text, {"name": "im", "space": {"L": [2, 2], "L_max": [9, 9], "distance": "squared_euclidean"}}]})
-    with pytest.raises(ValidationError, match="timeline is required"):
+    with pytest.raises(ValueError, match="timeline is required"):
         load_space({"kind": "hybrid", "modalities": [{"name": "im", "space": {"L": [2, 2], "L_max": [9, 9]}}]})
-    with pytest.raises(ValidationError, match="share one base"):
+    with pytest.raises(ValueError, match="share one base"):
         load_space({"kind": "hybrid", "modalities": [text, {"name": "im", "space": {"L": [2, 2], "L_max": [9, 9], "base": 16}}]})
     with pytest.raises(ValueError, match="unknown modality 'audio'; this space has text"):
         load_space({"kind": "hybrid", "modalities": [text]}).layout("audio:3")

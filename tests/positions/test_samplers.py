@@ -138,9 +138,19 @@ def test_ood_regions(space):
 
 
 def test_ood_min_shift_that_cannot_be_met():
-    space = load_space({"L": 10, "L_max": 12, "ood": {"min_shift": 1.0, "num_teachers": 4}})
-    with pytest.raises(ValueError, match="min_shift = 1.0 cannot be met"):
+    with pytest.raises(ValueError, match=r"ood.min_shift = 1.0 is not allowed for this space: it must be in \[0, 0.2\]"):
+        load_space({"L": 10, "L_max": 12, "ood": {"min_shift": 1.0, "num_teachers": 4}})  # set: refused at load
+    space = load_space({"L": 10, "L_max": 12, "ood": {"num_teachers": 4}})  # the default 0.25: loads (no L_OOD may use it)
+    with pytest.raises(ValueError, match="min_shift = 0.25 cannot be met"):
         space.sample_ood(torch.Generator().manual_seed(0))
+
+
+def test_ood_min_shift_at_the_edge_of_reach_always_samples():
+    """Only z = 14 on some axis is far enough (1 in 15 per axis): 64 tries used to miss now and then."""
+    space = load_space({"L": [14, 14], "L_max": [28, 28], "ood": {"min_shift": 1.0, "num_starts": 64}})
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        assert bool((space.sample_ood(gen).shift.amax(-1) >= 14).all())
 
 
 def test_start_shift(space):

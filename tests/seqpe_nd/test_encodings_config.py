@@ -51,20 +51,21 @@ def test_every_field_is_documented() -> None:
 
 
 def test_unknown_names_list_the_valid_ones() -> None:
-    with pytest.raises(pydantic.ValidationError, match="'rope_axial'.*'seqpe'"):
+    with pytest.raises(ValueError, match="method: unknown method 'rope2d' .*allowed: .*rope_axial, .*seqpe"):
         load_pe_config({"method": "rope2d"})
-    with pytest.raises(pydantic.ValidationError, match="'attn_sum', 'attn_mul', 'attn_bias' or 'input_add'"):
+    with pytest.raises(ValueError, match="integration: 'attn_scalar' is not allowed.*; allowed: attn_sum, attn_mul, attn_bias, input_add"):
         load_pe_config({"method": "seqpe", "integration": "attn_scalar"})
-    with pytest.raises(pydantic.ValidationError, match="chebyshev, euclidean"):
+    with pytest.raises(ValueError, match="chebyshev, euclidean"):
         load_pe_config({"method": "alibi_nd", "distance": "cosine"})
-    with pytest.raises(pydantic.ValidationError, match="'auto', 'flex' or 'bias'"):
+    with pytest.raises(ValueError, match="backend: 'triton' is not allowed; allowed: auto, flex, bias"):
         load_pe_config({"method": "alibi", "backend": "triton"})
 
 
 def test_options_of_other_methods_are_rejected_with_the_field_path() -> None:
-    with pytest.raises(pydantic.ValidationError, match=r"rope\.backend\s+Extra inputs are not permitted"):
+    with pytest.raises(ValueError, match=r"^backend: unknown field 'backend'; allowed: base, method, scaling$") as err:
         load_pe_config({"method": "rope", "backend": "flex"})
-    with pytest.raises(pydantic.ValidationError, match=r"alibi\.base"):
+    assert not isinstance(err.value, pydantic.ValidationError)
+    with pytest.raises(ValueError, match=r"^base: unknown field 'base'; allowed: backend, method$"):
         load_pe_config({"method": "alibi", "base": 10.0})
 
 

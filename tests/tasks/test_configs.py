@@ -103,7 +103,7 @@ def test_space_paths_resolve_against_the_config_file_then_the_shipped_configs(tm
     assert load_config(tmp_path / "exp" / "mine.yaml").space.L_max == (5000,)
     assert load_config(tmp_path / "exp" / "shipped.yaml").space == load_space(CONFIGS / "lm" / "smoke" / "text-128.yaml")
     (tmp_path / "exp" / "missing.yaml").write_text(yaml.safe_dump({**run, "space": "nowhere.yaml"}))
-    with pytest.raises(FileNotFoundError, match="space file 'nowhere.yaml' not found"):
+    with pytest.raises(FileNotFoundError, match="space file 'nowhere.yaml' does not exist; looked for "):
         load_config(tmp_path / "exp" / "missing.yaml")
 
 

@@ -33,3 +33,18 @@ def test_write_result_replaces_the_file_whole(tmp_path):
     path = write_result(tmp_path, {"a": 2})
     assert path == tmp_path / EVAL_JSON and json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == [EVAL_JSON]  # no temporary left behind
+
+
+def test_merge_results_keeps_sizes_not_measured_again():
+    from seqpe_nd.tasks.engine.evaluation import merge_results
+
+    before = {"checkpoint": "step_2", "pe": {"method": "rope"}, "lengths": {"64": {"ppl": 3.0}, "16": {"ppl": 1.0}}}
+    now = {"checkpoint": "step_2", "pe": {"method": "rope"}, "lengths": {"32": {"ppl": 2.0}, "16": {"ppl": 1.5}}}
+    merged, kept, differ = merge_results(before, now, rows_key="lengths", same=["checkpoint", "pe"])
+    assert list(merged["lengths"]) == ["16", "32", "64"] and merged["lengths"]["16"] == {"ppl": 1.5}  # by size
+    assert kept == ["64"] and differ == []
+    other, kept, differ = merge_results({**before, "checkpoint": "step_1"}, now, rows_key="lengths", same=["checkpoint", "pe"])
+    assert other == now and kept == [] and differ == ["checkpoint"]  # measured otherwise: replaced, and said why
+    assert merge_results(None, now, rows_key="lengths", same=["checkpoint"])[0] == now
+    pairs = merge_results({"sizes": {"8x64": {}, "4x32": {}}}, {"sizes": {"8x32": {}}}, rows_key="sizes", same=[])[0]
+    assert list(pairs["sizes"]) == ["4x32", "8x32", "8x64"]

@@ -245,7 +245,9 @@ def test_train_and_evaluate_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "both.png").stat().st_size > 0
     argv = ["eval", str(run), str(other), "--resolutions", "16", "20", "--max-images", "4", "--out", str(tmp_path / "cmp")]
     assert cli_main(argv) == 0  # seqpe-nd eval RUN RUN --resolutions ...
-    assert list(json.loads((run / "eval.json").read_text())["resolutions"]) == ["16", "20"]
+    # merged into the earlier result (same weights): 20 added, 16 re-measured, 24 and 32 kept
+    saved = json.loads((run / "eval.json").read_text())["resolutions"]
+    assert list(saved) == ["16", "20", "24", "32"] and saved["16"]["images"] == 4 and saved["24"]["images"] == 8
     assert {"compare.json", "compare.md", "compare.png"} <= {p.name for p in (tmp_path / "cmp").iterdir()}
     with pytest.raises(ValueError, match="has no option"):
         evaluate(run, lengths=[1])
