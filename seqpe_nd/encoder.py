@@ -92,7 +92,8 @@ class SeqPE(nn.Module):
     Args:
         space: the position space (grid of any dims, or hybrid); fixes the vocabulary, O and D.
         d_model: output width, the width the main model consumes.
-        hidden: encoder width (768 for text, 384 for images in the paper).
+        hidden: encoder width; default ``d_model`` (the paper's 768 for text and 384 for images are its
+            models' widths).
         heads: attention heads; default ``hidden // 64`` (at least 1).
         causal: causal self-attention over the digit slots (the paper's default); False for
             bidirectional.
@@ -103,8 +104,9 @@ class SeqPE(nn.Module):
     """
 
     lr_scale: float = 1.0
-    """The encoder's learning rate as a multiple of the run's; the trainer's parameter groups read it
-    (set from the PE config's ``encoder_lr_scale``; not part of the saved architecture)."""
+    """The encoder's learning rate as a multiple of the run's, set from the PE config's ``encoder_lr_scale`` and
+    read by ``seqpe_nd.tasks.engine.param_groups.param_groups`` (the trainer's groups and a user's optimizer's);
+    not part of the saved architecture."""
     lr_max: float | None = None
     """The encoder's peak learning rate at most (``encoder_lr_max``), read likewise."""
 
@@ -113,7 +115,7 @@ class SeqPE(nn.Module):
         space: Space,
         d_model: int,
         *,
-        hidden: int = 768,
+        hidden: int | None = None,
         layers: int = 2,
         heads: int | None = None,
         mlp_ratio: float = 4.0,
@@ -125,6 +127,7 @@ class SeqPE(nn.Module):
         super().__init__()
         if not isinstance(space, (GridSpace, HybridSpace)):
             raise ValueError(f"space must be a GridSpace or HybridSpace (see load_space), got {type(space).__name__}")
+        hidden = d_model if hidden is None else hidden
         heads = max(1, hidden // 64) if heads is None else heads
         for name, value in (("d_model", d_model), ("hidden", hidden), ("layers", layers), ("heads", heads)):
             if value < 1:

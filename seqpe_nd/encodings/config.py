@@ -161,12 +161,13 @@ class SeqPEConfig(Frozen):
     """W_PE^{q,k} with a bias, as released (text ``bias=True``; images ``bias=qkv_bias``, True in timm's ViT)."""
     w_pe_std: float = Field(0.02, gt=0.0)
     """Std of W_PE^{q,k}'s init (normal or trunc_normal, as ``init``; bias zero): the released 0.02."""
-    hidden: PositiveInt = 768
-    """Encoder width (768 text, 384 images in the paper)."""
+    hidden: PositiveInt | None = None
+    """Encoder width; default (None) the model's ``d_model``, so a small model gets a small encoder (the paper's 768
+    for text and 384 for images are its models' widths)."""
     layers: PositiveInt = 2
     """Encoder transformer layers."""
     heads: PositiveInt | None = None
-    """Encoder attention heads; default hidden // 64."""
+    """Encoder attention heads; default hidden // 64 (at least 1)."""
     mlp_ratio: float = Field(4.0, gt=0.0)
     """Encoder MLP width ratio."""
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -179,7 +180,10 @@ class SeqPEConfig(Frozen):
     """QK-LayerNorm in the encoder's attention (not in the released encoder; it bounds the attention logits, but
     alone does not let the encoder learn at 3e-3: benchmarks/results/encoder_lr.md)."""
     encoder_lr_scale: float = Field(1.0, gt=0.0)
-    """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike)."""
+    """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike). It reaches an
+    optimizer through its parameter groups: the trainer's, or ``param_groups(model, lr, weight_decay)`` from
+    ``seqpe_nd.tasks.engine.param_groups`` for one of your own (a plain ``AdamW(model.parameters())`` ignores it,
+    and ``encoder_lr_max`` too)."""
     encoder_lr_max: float | None = Field(3e-4, gt=0.0)
     """The encoder's peak learning rate at most (its scale becomes ``min(encoder_lr_scale, encoder_lr_max /
     train.lr)``; None: no cap). Under Adam the encoder learns even its own objective worse as its rate rises:
@@ -411,7 +415,7 @@ def _build_seqpe(
         init=cfg.init,
         qk_norm=cfg.qk_norm,
     )
-    encoder.lr_scale, encoder.lr_max = cfg.encoder_lr_scale, cfg.encoder_lr_max  # read by the trainer's groups
+    encoder.lr_scale, encoder.lr_max = cfg.encoder_lr_scale, cfg.encoder_lr_max  # read by tasks' param_groups
     regularizer = None
     if cfg.alpha > 0 or cfg.beta > 0:
         regularizer = SeqPERegularizer(

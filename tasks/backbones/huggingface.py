@@ -2,7 +2,8 @@
 
 ``attach_position_encoding(model, pe)`` puts ``pe`` into a stock ``GPT2LMHeadModel`` or a Llama-family model
 (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``, or any whose layers apply the
-``position_embeddings`` of ``model.model.rotary_emb``), in place and keeping its weights. The model then saves
+``position_embeddings`` of ``model.model.rotary_emb``), in place and keeping its weights; ``pe_sizes(model)`` gives
+the sizes to build ``pe`` for it (``build_position_encoding(cfg, space=..., **pe_sizes(model))``). The model then saves
 with ``save_pretrained`` under a model type of its own, ``seqpe_nd_<stock type>``, its ``config.json`` recording
 the PE's config and position space under ``"position_encoding"``.
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    GPT2Config,
     GPT2LMHeadModel,
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -35,7 +37,7 @@ from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
 
 __all__ = [
     "LlamaForCausalLMWithPE", "MistralForCausalLMWithPE", "NoRotary", "Qwen2ForCausalLMWithPE", "RotaryPositionLM",
-    "adapted_class", "attach_position_encoding", "register_causal_lm", "register_rotary_lm",
+    "adapted_class", "attach_position_encoding", "pe_sizes", "register_causal_lm", "register_rotary_lm",
 ]
 
 
@@ -58,6 +60,7 @@ class RotaryPositionLM(PositionEncodingLM):
     @classmethod
     def pe_sizes(cls, config: PreTrainedConfig) -> dict[str, int]:
         heads = config.num_attention_heads
+        # Qwen2's config has no head_dim (its attention derives it so); Llama's and Mistral's may set another one.
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return dict(num_heads=heads, head_dim=head_dim, num_layers=config.num_hidden_layers, d_model=config.hidden_size)
 
@@ -107,6 +110,28 @@ MistralForCausalLMWithPE = register_rotary_lm(MistralForCausalLM)
 LlamaConfigWithPE = LlamaForCausalLMWithPE.config_class
 Qwen2ConfigWithPE = Qwen2ForCausalLMWithPE.config_class
 MistralConfigWithPE = MistralForCausalLMWithPE.config_class
+
+
+def pe_sizes(model_or_config: Any) -> dict[str, int]:
+    """``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` of a Hugging Face causal LM or its config: the
+    sizes :func:`~seqpe_nd.encodings.build_position_encoding` takes for a PE that :func:`attach_position_encoding`
+    will accept, ``build_position_encoding(cfg, space=space, **pe_sizes(model))``.
+
+    GPT-2 (``GPT2Config``: ``n_head``, ``n_embd``, ``n_layer``) and the Llama family (``num_attention_heads``,
+    ``hidden_size``, ``num_hidden_layers``; ``head_dim`` where the config sets one, else ``hidden_size //
+    num_attention_heads``, as Qwen2's attention does).
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if isinstance(config, GPT2Config):
+        return GPT2WithPE.pe_sizes(config)
+    if isinstance(config, PreTrainedConfig) and all(
+        hasattr(config, name) for name in ("num_attention_heads", "hidden_size", "num_hidden_layers")
+    ):
+        return RotaryPositionLM.pe_sizes(config)
+    raise ValueError(
+        f"pe_sizes reads the config of a GPT-2 or Llama-family causal LM (GPT2Config, or one with num_attention_heads, "
+        f"hidden_size and num_hidden_layers); got {type(config).__name__}"
+    )
 
 
 def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> Any:

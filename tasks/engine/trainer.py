@@ -249,6 +249,13 @@ def train_or_reuse(
     return seconds
 
 
+def build_optimizer(model: nn.Module, task: TrainTask, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """The run's AdamW on the bare ``model``: :func:`param_groups` with the task's no-decay rule (the function a
+    user's own optimizer calls), at ``cfg.lr``; the loop sets each group's rate to ``rate * lr_scale`` per step."""
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, no_weight_decay=task.no_weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+
+
 def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = False) -> dict[str, float]:
     """Train ``task`` for ``cfg.steps`` optimizer steps, writing metrics and checkpoints to ``run_dir``.
 
@@ -290,10 +297,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
 
-        optimizer = torch.optim.AdamW(
-            param_groups(raw, task, cfg.weight_decay, cfg.lr), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-            fused=device.type == "cuda",
-        )
+        optimizer = build_optimizer(raw, task, cfg, fused=device.type == "cuda")
 
         # --- config and resume ---
         config = {**task.config_dict(), "train": cfg.model_dump(mode="json")}

@@ -180,6 +180,16 @@ def test_paper_sizes():
     assert round(sum(p.numel() for p in image.parameters()) / 1e6, 1) == 3.7
 
 
+def test_width_follows_d_model_unless_given():
+    """Without ``hidden`` the encoder is as wide as the model it feeds (issue 23: a fixed 768 gave a tiny model an
+    encoder 160x its size); an explicit width keeps working."""
+    small = SeqPE(space_of("text-512"), 32)
+    assert small.config["hidden"] == 32 and small.tok.weight.shape[1] == 32 and small.proj.weight.shape == (32, 32)
+    assert small.config["heads"] == 1  # hidden // 64, at least 1
+    wide = SeqPE(space_of("text-512"), 32, hidden=48)
+    assert wide.config["hidden"] == 48 and wide.proj.weight.shape == (32, 48)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -44,6 +44,16 @@ def test_yaml_configs_load_and_build(method: str, tmp_path: Path) -> None:
     assert load_pe_config(load_pe_config(path)) == load_pe_config(path)  # models round-trip
 
 
+def test_seqpe_width_defaults_to_d_model() -> None:
+    """``hidden`` unset (None) means the model's d_model; set, it is kept (issue 23)."""
+    space = {"L": 8, "L_max": 64}
+    assert load_pe_config({"method": "seqpe"}).hidden is None
+    sizes = dict(num_heads=2, head_dim=16, num_layers=1, d_model=32)
+    pe = build_position_encoding({"method": "seqpe", "layers": 1}, space=space, **sizes)
+    assert pe.encoder.config["hidden"] == 32 and pe.encoder.tok.weight.shape[1] == 32
+    assert build_position_encoding({"method": "seqpe", "hidden": 24, "layers": 1}, space=space, **sizes).encoder.config["hidden"] == 24
+
+
 def test_every_field_is_documented() -> None:
     for cls in CLASSES:
         for name, field in cls.model_fields.items():

@@ -17,7 +17,8 @@ from torch import nn
 from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.recipes.config import RunConfig
 from seqpe_nd.tasks.cli import main
-from seqpe_nd.tasks.engine.trainer import TrainConfig, TrainTask, lr_at, param_groups, train, train_or_reuse, unwrap
+from seqpe_nd.tasks.engine.param_groups import param_groups
+from seqpe_nd.tasks.engine.trainer import TrainConfig, TrainTask, lr_at, train, train_or_reuse, unwrap
 
 VOCAB, LENGTH = 32, 8
 
@@ -374,7 +375,7 @@ def test_lr_schedule(schedule: str) -> None:
 
 def test_no_weight_decay_groups() -> None:
     model = ToyLM()
-    decay, no_decay = param_groups(model, ToyTask(), 0.1)
+    decay, no_decay = param_groups(model, 1e-3, 0.1, no_weight_decay=ToyTask().no_weight_decay)
     assert decay["lr_scale"] == no_decay["lr_scale"] == 1.0
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert [p is model.head.weight for p in decay["params"]] == [True]
@@ -403,7 +404,7 @@ def test_module_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) 
     for name in names:
         want = cfg.lr / 4 if name.startswith("norm") else cfg.lr
         assert step[name] == pytest.approx(want, rel=0.05), name
-    groups = param_groups(task.model, task, 0.1)
+    groups = param_groups(task.model, cfg.lr, 0.1, no_weight_decay=task.no_weight_decay)
     assert sorted((g["lr_scale"], g["weight_decay"], len(g["params"])) for g in groups) == [
         (0.25, 0.0, 2), (1.0, 0.0, 2), (1.0, 0.1, 1)  # norm.{weight,bias}; emb.weight + head.bias; head.weight
     ]
@@ -428,9 +429,9 @@ def test_module_lr_max_caps_its_peak_rate(tmp_path: Path) -> None:
         after = final_weights(tmp_path / f"run-{lr}")
         assert (after["norm.weight"] - before["norm.weight"]).abs().max().item() == pytest.approx(want, rel=0.05)
         assert (after["head.weight"] - before["head.weight"]).abs().max().item() == pytest.approx(lr, rel=0.05)
-    groups = param_groups(task.model, task, 0.0, 4e-3)
+    groups = param_groups(task.model, 4e-3, 0.0, no_weight_decay=task.no_weight_decay)
     assert sorted(g["lr_scale"] for g in groups if g["params"]) == [0.25, 1.0, 1.0]
-    assert all(g["lr_scale"] == 1.0 for g in param_groups(task.model, task, 0.0, None))  # no peak: no cap
+    assert all(g["lr_scale"] == 1.0 for g in param_groups(task.model, 1e-3, 0.0))  # at the cap: the run's rate
 
 
 def test_seqpe_encoder_trains_at_most_at_encoder_lr_max() -> None:
@@ -441,10 +442,10 @@ def test_seqpe_encoder_trains_at_most_at_encoder_lr_max() -> None:
                                  num_heads=2, head_dim=4, num_layers=1, d_model=8)
     model = nn.ModuleDict({"pe": pe})
     task = ToyTask()
-    scales = {id(p): g["lr_scale"] for g in param_groups(model, task, 0.0, 3e-3) for p in g["params"]}
+    scales = {id(p): g["lr_scale"] for g in param_groups(model, 3e-3, 0.0, no_weight_decay=task.no_weight_decay) for p in g["params"]}
     assert [round(scales[id(p)], 9) for p in pe.encoder.parameters()] == [0.1] * len(list(pe.encoder.parameters()))
     assert {scales[id(p)] for p in pe.w_pe.parameters()} == {1.0}
-    scales = {id(p): g["lr_scale"] for g in param_groups(model, task, 0.0, 2e-4) for p in g["params"]}
+    scales = {id(p): g["lr_scale"] for g in param_groups(model, 2e-4, 0.0, no_weight_decay=task.no_weight_decay) for p in g["params"]}
     assert {scales[id(p)] for p in pe.encoder.parameters()} == {1.0}  # below the cap: the run's rate
 
 
