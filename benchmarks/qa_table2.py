@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from seqpe_nd.tasks.engine import checkpoint as ckpt
-from seqpe_nd.tasks.engine.evaluation import EVAL_JSON
+from seqpe_nd.tasks.engine.evaluation import EVAL_JSON, mean_std
 from seqpe_nd.tasks.engine.plots import plot_qa
 from seqpe_nd.tasks.engine.trainer import train
 from seqpe_nd.tasks.recipes import load_config
@@ -110,17 +110,14 @@ def run_method(
     return {**res, **bench}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(per_seed: dict[int, dict[str, Any]], lengths: list[int]) -> dict[str, Any]:
     """Mean ± std over seeds of each metric at each length, and the run times."""
     out: dict[str, Any] = {}
     for n in map(str, lengths):
         cell = {}
         for key in METRICS:
-            cell[key], cell[f"{key}_std"] = mean_std([r["lengths"][n][key] for r in per_seed.values()])
+            mean, std = mean_std([r["lengths"][n][key] for r in per_seed.values()])
+            cell[key], cell[f"{key}_std"] = mean, std or 0.0  # one seed: no spread
         out[n] = cell
     runs = list(per_seed.values())
     return {"lengths": out, "train_seconds": statistics.fmean(r["train_seconds"] for r in runs),

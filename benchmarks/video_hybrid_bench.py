@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
+from seqpe_nd.tasks.engine.evaluation import mean_std
 from seqpe_nd.tasks.engine.trainer import train_or_reuse
 from seqpe_nd.tasks.recipes import get_recipe, load_config
 
@@ -81,16 +82,12 @@ def size_label(recipe: str, row: dict[str, Any], train: list[int]) -> str:
     return f"{row[a]} {a} × {row[b]} px{mark}"
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Top-1 mean ± std over seeds at every size, and mean run times."""
     keys = list(per_seed[0]["eval"]["sizes"])
     top1 = {k: mean_std([r["eval"]["sizes"][k]["top1"] for r in per_seed]) for k in keys}
     return {
-        "top1": {k: v[0] for k, v in top1.items()}, "std": {k: v[1] for k, v in top1.items()},
+        "top1": {k: v[0] for k, v in top1.items()}, "std": {k: v[1] or 0.0 for k, v in top1.items()},  # one seed: 0
         "train_seconds": statistics.fmean(r["train_seconds"] for r in per_seed),
         "eval_seconds": statistics.fmean(r["eval_seconds"] for r in per_seed),
         "seeds": [r["seed"] for r in per_seed],

@@ -33,7 +33,7 @@ per position (1 for text), v vocabulary.
 """
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -194,6 +194,19 @@ class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
     ``pe_cos``)."""
 
 
+class PositionSeam(Protocol):
+    """Where a model family keeps its own positions, and its sizes: what the PE replaces and is sized by."""
+
+    def check(self, config: PreTrainedConfig) -> None:
+        """Refuse stock options whose behaviour the PE's attention would silently drop."""
+
+    def sizes(self, config: PreTrainedConfig) -> dict[str, int]:
+        """The model's ``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` (``build_position_encoding``'s)."""
+
+    def remove(self, model: nn.Module) -> None:
+        """Replace the model's own position seam (rotary, learned lookup) by a stand-in that adds nothing."""
+
+
 class PositionEncodingLM:
     """The forward of a causal LM whose positions come from ``self.pe`` (mixed into a transformers model class).
 
@@ -206,28 +219,16 @@ class PositionEncodingLM:
 
     pe: PositionEncoding
     config_class: ClassVar[type[PreTrainedConfig]]  # the stock config class under a model type of its own
+    seam: ClassVar[PositionSeam]  # the family's own positions (GPT-2: wpe; Llama family: rotary)
 
     # -- building, saving, loading --------------------------------------------------------
     def __init__(self, config: PreTrainedConfig, pe: PositionEncoding | None = None) -> None:
         """The stock model (stock init) with ``pe``; without ``pe``, the PE that ``config`` records (how loading
         rebuilds it); with both, ``pe`` must be the recorded one."""
-        self.check_config(config)
+        self.seam.check(config)
         config._attn_implementation = ATTN_IMPLEMENTATION
         super().__init__(config)  # type: ignore[call-arg]
         self.install_position_encoding(self.pe_from_config(config) if pe is None else pe)
-
-    @classmethod
-    def check_config(cls, config: PreTrainedConfig) -> None:
-        """Refuse stock options whose behaviour the PE's attention would silently drop (none by default)."""
-
-    @classmethod
-    def pe_sizes(cls, config: PreTrainedConfig) -> dict[str, int]:
-        """The model's ``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` (``build_position_encoding``'s)."""
-        raise NotImplementedError
-
-    def remove_own_positions(self) -> None:
-        """Replace the stock model's own position seam (rotary, learned lookup) by a stand-in that adds nothing."""
-        raise NotImplementedError
 
     @classmethod
     def pe_from_config(cls, config: PreTrainedConfig) -> PositionEncoding:
@@ -239,12 +240,12 @@ class PositionEncodingLM:
                 "build_position_encoding, or load a stock checkpoint with its stock class and attach_position_encoding"
             )
         spec = PESpec.model_validate(record)
-        return build_position_encoding(spec.config, space=spec.space, **cls.pe_sizes(config))
+        return build_position_encoding(spec.config, space=spec.space, **cls.seam.sizes(config))
 
     @classmethod
     def pe_record(cls, config: PreTrainedConfig, pe: PositionEncoding) -> dict[str, Any] | None:
         """What ``config`` will record for ``pe``, once ``pe`` is checked against the model and any record there."""
-        sizes = cls.pe_sizes(config)
+        sizes = cls.seam.sizes(config)
         want = (sizes["num_layers"], sizes["num_heads"], sizes["head_dim"])
         if (pe.num_layers, pe.num_heads, pe.head_dim) != want:
             raise ValueError(
@@ -269,7 +270,7 @@ class PositionEncodingLM:
         config.__class__ = self.config_class  # the same fields under the PE model's own model_type
         setattr(config, PE_CONFIG_KEY, record)
         config._attn_implementation = ATTN_IMPLEMENTATION  # every layer reads the shared config
-        self.remove_own_positions()
+        self.seam.remove(self)  # type: ignore[arg-type]
         self.pe = pe.train(self.training)  # type: ignore[attr-defined]  # the model's mode (eval after from_pretrained)
 
     def _init_weights(self, module: nn.Module) -> None:

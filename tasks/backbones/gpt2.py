@@ -29,7 +29,7 @@ from seqpe_nd.tasks.backbones.causal_lm import (
 )
 
 __all__ = [
-    "ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2ConfigWithPE", "GPT2WithPE", "NoPositionLookup", "PEForward",
+    "ATTN_IMPLEMENTATION", "CausalLMOutputWithPE", "GPT2ConfigWithPE", "GPT2Seam", "GPT2WithPE", "NoPositionLookup", "PEForward",
     "StockGPT2", "TransformedKeys",
 ]
 
@@ -56,6 +56,20 @@ def check_gpt2_config(config: GPT2Config) -> None:
         raise ValueError(f"GPT2Config.n_embd = {config.n_embd} must be divisible by n_head = {config.n_head}")
 
 
+class GPT2Seam:
+    """GPT-2's own positions: the learned lookup ``transformer.wpe``, which becomes :class:`NoPositionLookup`."""
+
+    def check(self, config: GPT2Config) -> None:
+        check_gpt2_config(config)
+
+    def sizes(self, config: GPT2Config) -> dict[str, int]:
+        return dict(num_heads=config.n_head, head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                    d_model=config.n_embd)
+
+    def remove(self, model: nn.Module) -> None:
+        model.transformer.wpe = NoPositionLookup()  # type: ignore[union-attr]
+
+
 class GPT2WithPE(PositionEncodingLM, GPT2LMHeadModel):
     """``GPT2LMHeadModel`` whose positions come from a :class:`PositionEncoding` ``pe``.
 
@@ -70,21 +84,10 @@ class GPT2WithPE(PositionEncodingLM, GPT2LMHeadModel):
     """
 
     config_class = GPT2ConfigWithPE
+    seam = GPT2Seam()
 
     def __init__(self, config: GPT2Config, pe: PositionEncoding | None = None) -> None:
         super().__init__(config, pe)
-
-    @classmethod
-    def check_config(cls, config: GPT2Config) -> None:
-        check_gpt2_config(config)
-
-    @classmethod
-    def pe_sizes(cls, config: GPT2Config) -> dict[str, int]:
-        return dict(num_heads=config.n_head, head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                    d_model=config.n_embd)
-
-    def remove_own_positions(self) -> None:
-        self.transformer.wpe = NoPositionLookup()  # the wpe seam
 
 
 class StockGPT2(GPT2LMHeadModel):

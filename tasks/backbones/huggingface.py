@@ -37,6 +37,7 @@ from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
 
 __all__ = [
     "LlamaForCausalLMWithPE", "MistralForCausalLMWithPE", "NoRotary", "Qwen2ForCausalLMWithPE", "RotaryPositionLM",
+    "RotarySeam",
     "adapted_class", "attach_position_encoding", "pe_sizes", "register_causal_lm", "register_rotary_lm",
 ]
 
@@ -54,18 +55,26 @@ class NoRotary(nn.Module):
         return x.new_ones(shape), x.new_zeros(shape)
 
 
-class RotaryPositionLM(PositionEncodingLM):
-    """The seam of a Llama-family model: its ``model.rotary_emb`` gives way to :class:`NoRotary`."""
+class RotarySeam:
+    """A Llama-family model's own positions: ``model.rotary_emb``, which gives way to :class:`NoRotary`."""
 
-    @classmethod
-    def pe_sizes(cls, config: PreTrainedConfig) -> dict[str, int]:
+    def check(self, config: PreTrainedConfig) -> None:
+        """Every Llama-family option works with the PE's attention: nothing to refuse."""
+
+    def sizes(self, config: PreTrainedConfig) -> dict[str, int]:
         heads = config.num_attention_heads
         # Qwen2's config has no head_dim (its attention derives it so); Llama's and Mistral's may set another one.
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return dict(num_heads=heads, head_dim=head_dim, num_layers=config.num_hidden_layers, d_model=config.hidden_size)
 
-    def remove_own_positions(self) -> None:
-        self.model.rotary_emb = NoRotary(self.pe_sizes(self.config)["head_dim"])  # type: ignore[attr-defined]
+    def remove(self, model: nn.Module) -> None:
+        model.model.rotary_emb = NoRotary(self.sizes(model.config)["head_dim"])  # type: ignore[union-attr]
+
+
+class RotaryPositionLM(PositionEncodingLM):
+    """A Llama-family model with a PE: its ``model.rotary_emb`` gives way to :class:`NoRotary`."""
+
+    seam = RotarySeam()
 
 
 _ADAPTED: dict[type, type] = {}  # stock causal LM class -> its PE class
@@ -123,11 +132,11 @@ def pe_sizes(model_or_config: Any) -> dict[str, int]:
     """
     config = getattr(model_or_config, "config", model_or_config)
     if isinstance(config, GPT2Config):
-        return GPT2WithPE.pe_sizes(config)
+        return GPT2WithPE.seam.sizes(config)
     if isinstance(config, PreTrainedConfig) and all(
         hasattr(config, name) for name in ("num_attention_heads", "hidden_size", "num_hidden_layers")
     ):
-        return RotaryPositionLM.pe_sizes(config)
+        return RotaryPositionLM.seam.sizes(config)
     raise ValueError(
         f"pe_sizes reads the config of a GPT-2 or Llama-family causal LM (GPT2Config, or one with num_attention_heads, "
         f"hidden_size and num_hidden_layers); got {type(config).__name__}"
@@ -157,7 +166,7 @@ def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> Any:
             f"seam); got {type(model).__name__}"
         )
     assert issubclass(cls, PositionEncodingLM)
-    cls.check_config(model.config)
+    cls.seam.check(model.config)
     cls.pe_record(model.config, pe)  # every check before the model changes
     model.__class__ = cls
     model.install_position_encoding(pe)
