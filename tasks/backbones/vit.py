@@ -156,6 +156,55 @@ class TubeletEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))  # (b, T', H', W', d)
 
 
+def patch_size_of(vit: VisionTransformer) -> tuple[int, ...]:
+    p = vit.patch_embed.patch_size
+    return tuple(p) if isinstance(p, (tuple, list)) else (p, p)
+
+
+def grid_shape(vit: VisionTransformer, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """Patch grid of an input of shape ``(b, c, *spatial)`` to ``vit``; every size a whole number of patches."""
+    patch = patch_size_of(vit)
+    spatial = tuple(input_shape[2:])
+    want = "(b, c, frames, height, width)" if len(patch) == 3 else "(b, c, height, width)"
+    if len(input_shape) != 2 + len(patch):
+        raise ValueError(f"input of shape {tuple(input_shape)} is not {want}")
+    chans = vit.patch_embed.proj.in_channels
+    if input_shape[1] != chans:
+        raise ValueError(f"input has {input_shape[1]} channels, the patch embedding {chans}: shape {want}")
+    if any(s % p for s, p in zip(spatial, patch)):
+        raise ValueError(f"input size {list(spatial)} is not a whole number of patches {list(patch)}")
+    return tuple(s // p for s, p in zip(spatial, patch))
+
+
+def grid_positions(grid: Sequence[int], device: torch.device) -> Int[Tensor, "n w"]:
+    """Row-major coordinates of a patch grid (timm flattens channels-last grids row-major)."""
+    axes = [torch.arange(g, device=device) for g in grid]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+
+
+def embed_positions(
+    vit: VisionTransformer, pe: PositionEncoding, prefix_pos: Tensor, fwd: ForwardContext, x: Float[Tensor, "b *g d"]
+) -> Float[Tensor, "b t d"]:
+    """The body of timm's ``_pos_embed`` seam: positions of this input's grid, ``pe.prepare`` (its state kept in
+    ``fwd`` for the attention layers), ``pe.embed`` added to the patch tokens, the prefix tokens prepended with
+    their own learned embedding ``prefix_pos``."""
+    B, *grid, C = x.shape
+    pos = grid_positions(grid, x.device)  # (n, w)
+    if fwd.pos_offset is not None:  # one offset (w,) for every image, or one per image (b, w)
+        offset = fwd.pos_offset.to(pos.device)
+        pos = pos + (offset[:, None] if offset.ndim == 2 else offset)
+    pos = pos.expand(B, *pos.shape[-2:])  # (b, n, w)
+    state = pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted)
+    fwd.state, fwd.grid = state, tuple(grid)
+    x = x.reshape(B, -1, C)  # (b, n, d)
+    prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    x = torch.cat([torch.cat(prefix, 1) + prefix_pos, x], 1) if prefix else x  # (b, t, d)
+    e = pe.embed(state)
+    if e is not None:
+        x = x + e.to(x.dtype)
+    return vit.pos_drop(x)
+
+
 class ViTOutput(NamedTuple):
     logits: Tensor
     aux_loss: Tensor | None
@@ -213,47 +262,20 @@ class ViTWithPE(nn.Module):
 
     @property
     def patch_size(self) -> tuple[int, ...]:
-        p = self.vit.patch_embed.patch_size
-        return tuple(p) if isinstance(p, (tuple, list)) else (p, p)
+        return patch_size_of(self.vit)
 
     def grid_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """Patch grid of an input of shape ``(b, c, *spatial)``; every size a whole number of patches."""
-        spatial = tuple(input_shape[2:])
-        want = "(b, c, frames, height, width)" if len(self.patch_size) == 3 else "(b, c, height, width)"
-        if len(input_shape) != 2 + len(self.patch_size):
-            raise ValueError(f"input of shape {tuple(input_shape)} is not {want}")
-        chans = self.vit.patch_embed.proj.in_channels
-        if input_shape[1] != chans:
-            raise ValueError(f"input has {input_shape[1]} channels, the patch embedding {chans}: shape {want}")
-        if any(s % p for s, p in zip(spatial, self.patch_size)):
-            raise ValueError(f"input size {list(spatial)} is not a whole number of patches {list(self.patch_size)}")
-        return tuple(s // p for s, p in zip(spatial, self.patch_size))
+        return grid_shape(self.vit, input_shape)
 
     def grid_positions(self, grid: Sequence[int], device: torch.device) -> Int[Tensor, "n w"]:
-        """Row-major coordinates of a patch grid (timm flattens channels-last grids row-major)."""
-        axes = [torch.arange(g, device=device) for g in grid]
-        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(grid))
+        return grid_positions(grid, device)
 
     def _pos_embed(self, x: Float[Tensor, "b *g d"]) -> Float[Tensor, "b t d"]:
-        """timm's ``_pos_embed`` seam: positions of this input's grid, ``pe.prepare``, ``pe.embed``, prefix tokens."""
-        fwd = self._hub.current
-        if fwd is None:
+        """timm's ``_pos_embed`` seam (see :func:`embed_positions`)."""
+        if self._hub.current is None:
             raise RuntimeError("ViTWithPE's _pos_embed runs only inside ViTWithPE.forward")
-        B, *grid, C = x.shape
-        pos = self.grid_positions(grid, x.device)  # (n, w)
-        if fwd.pos_offset is not None:  # one offset (w,) for every image, or one per image (b, w)
-            offset = fwd.pos_offset.to(pos.device)
-            pos = pos + (offset[:, None] if offset.ndim == 2 else offset)
-        pos = pos.expand(B, *pos.shape[-2:])  # (b, n, w)
-        state = self.pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted)
-        fwd.state, fwd.grid = state, tuple(grid)
-        x = x.reshape(B, -1, C)  # (b, n, d)
-        prefix = [t.expand(B, -1, -1) for t in (self.vit.cls_token, self.vit.reg_token) if t is not None]
-        x = torch.cat([torch.cat(prefix, 1) + self.prefix_pos, x], 1) if prefix else x  # (b, t, d)
-        e = self.pe.embed(state)
-        if e is not None:
-            x = x + e.to(x.dtype)
-        return self.vit.pos_drop(x)
+        return embed_positions(self.vit, self.pe, self.prefix_pos, self._hub.current, x)
 
     def forward(
         self,
@@ -282,19 +304,18 @@ class ViTWithPE(nn.Module):
     @torch.no_grad()
     def prepare_state(self, grid: Sequence[int]) -> PEState:
         """The eval-mode PE state of a grid (for analysis: e.g. SeqPE embeddings of every position)."""
-        pos = self.grid_positions(grid, self.prefix_pos.device)[None]
-        return self.pe.prepare(pos)
+        return self.pe.prepare(grid_positions(grid, self.prefix_pos.device)[None])
 
 
 def create_vit(
     name: str | None = None,
     *,
     img_size: int | tuple[int, int] = 224,
-    patch_size: int = 16,
-    embed_dim: int = 384,
-    depth: int = 12,
-    num_heads: int = 6,
-    mlp_ratio: float = 4.0,
+    patch_size: int | None = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float | None = None,
     num_classes: int = 1000,
     drop_path_rate: float = 0.0,
     in_chans: int = 3,
@@ -302,9 +323,13 @@ def create_vit(
 ) -> VisionTransformer:
     """A timm VisionTransformer prepared for :class:`ViTWithPE` (dynamic size, no pos_embed, PEAttention).
 
-    ``name`` (e.g. ``vit_small_patch16_224``) goes through ``timm.create_model`` with its own
-    architecture; without it a VisionTransformer of the given shape is built directly.
+    ``name`` (e.g. ``vit_small_patch16_224``) goes through ``timm.create_model``: its own architecture, with
+    any of ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` and ``mlp_ratio`` that is given overriding
+    it (timm's model arguments). Without ``name`` a VisionTransformer is built directly, the unset ones
+    taking ViT-S/16's values (16, 384, 12, 6, 4.0).
     """
+    shape = {k: v for k, v in dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                   mlp_ratio=mlp_ratio).items() if v is not None}
     common: dict[str, Any] = dict(
         img_size=img_size,
         num_classes=num_classes,
@@ -314,6 +339,7 @@ def create_vit(
         pos_embed="none",
         class_token=True,
         attn_layer=PEAttention,
+        **shape,
     )
     if embed_layer is not None:
         common["embed_layer"] = embed_layer
@@ -321,6 +347,4 @@ def create_vit(
         import timm
 
         return timm.create_model(name, pretrained=False, **common)
-    return VisionTransformer(
-        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, **common
-    )
+    return VisionTransformer(**{**dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0), **common})

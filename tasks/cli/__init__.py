@@ -16,6 +16,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("eval", "seqpe_nd.tasks.cli.evaluate"),
     ("compare", "seqpe_nd.tasks.cli.compare"),
     ("plot", "seqpe_nd.tasks.cli.plot"),
+    ("export", "seqpe_nd.tasks.cli.export"),
 )
 
 

@@ -12,11 +12,9 @@ on the validation split at ``context_length``; the best one is kept in ``run_dir
 with the shared atomic checkpoint writer), and evaluation reads it.
 
 ``evaluate(run_dir, lengths=...)`` asks the same questions at every length (default 1, 2, 4 and 8
-times ``context_length``): answer-span perplexity ``exp(Σ loss / Σ tokens)`` over answer + EOS
-tokens, and 16 greedily generated tokens (key-value cache, left padding with explicit positions),
-scored by the paper's EM (the lower-cased gold answer is contained in the lower-cased generation)
-and strict EM (the stripped generation equals a gold answer). It prints a table and writes
-``eval.json`` (atomically) and ``eval.png``.
+times ``context_length``): answer perplexity over answer + EOS tokens, and 16 greedy tokens (KV cache,
+left padding with explicit positions) scored by the paper's EM (the gold answer contained in the
+lower-cased generation) and strict EM (equal to it); a table, ``eval.json`` and ``eval.png``.
 
 Legend: b batch, n tokens, t generated tokens, v vocabulary.
 """
@@ -29,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, load_pe_config
@@ -108,6 +106,8 @@ class QAConfig(RunConfig):
     """Training token budget of a prompt + answer + EOS; default 2 × the LM's block_size."""
     random_shift: bool | None = None
     """Random start shifts as in LM training (App. A.5); None: as the LM run."""
+    dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    """Dropout while fine-tuning (a training setting, not architecture); None: the LM run's ``model.dropout``."""
     data: QADataConfig = QADataConfig()
     eval: QAEvalSettings = QAEvalSettings()
 
@@ -162,6 +162,8 @@ def resolve_config(cfg: QAConfig) -> QAConfig:
     """
     init = Path(cfg.init_from)
     found, theirs = read_lm_run(init)
+    if cfg.dropout is not None:  # a stated model section (e.g. this run's own, on resume) carries it already
+        theirs["model"] = theirs["model"].model_copy(update={"dropout": cfg.dropout})
     diffs: list[str] = []
     for section in INHERITED:
         mine = getattr(cfg, section)

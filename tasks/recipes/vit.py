@@ -107,17 +107,10 @@ class ViTConfig(RunConfig):
 def build_model(cfg: ViTConfig) -> ViTWithPE:
     """A randomly initialised ViT whose positions come from ``cfg.pe``."""
     m = cfg.model
-    vit = create_vit(
-        m.name,
-        img_size=m.img_size,
-        patch_size=m.patch_size,
-        embed_dim=m.embed_dim,
-        depth=m.depth,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        num_classes=cfg.data.classes,
-        drop_path_rate=m.drop_path_rate,
-    )
+    # A timm name fixes the architecture (the settings refuse a shape beside it); patch_size is checked below.
+    shape = {} if m.name else dict(patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                                   num_heads=m.num_heads, mlp_ratio=m.mlp_ratio)
+    vit = create_vit(m.name, img_size=m.img_size, num_classes=cfg.data.classes, drop_path_rate=m.drop_path_rate, **shape)
     if tuple(vit.patch_embed.patch_size) != (m.patch_size, m.patch_size):
         raise ValueError(
             f"model.patch_size = {m.patch_size} but timm model {m.name!r} has patch size {vit.patch_embed.patch_size}"

@@ -172,6 +172,18 @@ def test_init_run_must_match_pe_and_tokenizer_naming_the_field(lm_run: Path, tmp
     assert qa.resolve_config(qa.QAConfig.parse({**_qa_config(lm_run), "context_length": None})).context_length == 128
 
 
+def test_fine_tuning_dropout_overrides_the_lm_runs_and_survives_a_resume(lm_run: Path) -> None:
+    cfg = qa.resolve_config(qa.QAConfig.parse(_qa_config(lm_run, dropout=0.3)))
+    assert cfg.model.dropout == 0.3  # the LM run's is 0.0
+    again = qa.resolve_config(qa.QAConfig.parse(cfg.model_dump(mode="json")))  # the run's own config.json, on resume
+    assert again.model == cfg.model
+    model = qa.QARecipe(cfg, None, documents=DOCS).build_model()
+    backbone = {m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and ".pe." not in f".{name}"}
+    assert backbone == {0.3}  # the SeqPE encoder keeps its own pe.dropout
+    with pytest.raises(ValueError, match="dropout"):
+        qa.QAConfig.parse(_qa_config(lm_run, dropout=1.5))
+
+
 def test_cli_train_refuses_mismatched_lm_run_naming_the_field(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "qa.yaml"
     config.write_text(f"task: qa\ninit_from: {lm_run}\npe: {{method: rope, base: 1.0e6}}\n")

@@ -202,3 +202,9 @@ def test_timm_named_model_is_wrapped_not_copied() -> None:
     assert type(vit) is VisionTransformer and all(type(b.attn) is PEAttention for b in vit.blocks)
     assert vit.pos_embed is None and vit.dynamic_img_size
     assert isinstance(PrefixedEncoding, type)
+
+
+def test_create_vit_with_a_name_honours_the_shape_it_is_given() -> None:
+    vit = create_vit("vit_small_patch16_224", img_size=64, depth=2, embed_dim=48, num_heads=3, num_classes=5)
+    assert len(vit.blocks) == 2 and vit.embed_dim == 48 and vit.blocks[0].attn.num_heads == 3
+    assert vit.patch_embed.patch_size == (16, 16) and vit.num_classes == 5  # the rest stays the named model's
