@@ -103,13 +103,6 @@ class SeqPE(nn.Module):
             Embedding weight.
     """
 
-    lr_scale: float = 1.0
-    """The encoder's learning rate as a multiple of the run's, set from the PE config's ``encoder_lr_scale`` and
-    read by ``seqpe_nd.tasks.engine.param_groups.param_groups`` (the trainer's groups and a user's optimizer's);
-    not part of the saved architecture."""
-    lr_max: float | None = None
-    """The encoder's peak learning rate at most (``encoder_lr_max``), read likewise."""
-
     def __init__(
         self,
         space: Space,

@@ -255,6 +255,12 @@ class PositionEncoding(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.num_layers, self.width = num_heads, head_dim, num_layers, width
 
+    def lr_scales(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameters of this encoding that train at their own multiple of the run's peak rate ``lr``, as
+        ``(parameters, scale)`` pairs (none by default; SeqPE: its encoder, from ``encoder_lr_scale`` and
+        ``encoder_lr_max``). ``seqpe_nd.tasks.engine.param_groups.param_groups`` builds the optimizer groups from it."""
+        return []
+
     def reset_buffers(self) -> None:
         """Recompute this module's non-persistent buffers (derived from its arguments, never saved).
 

@@ -415,7 +415,6 @@ def _build_seqpe(
         init=cfg.init,
         qk_norm=cfg.qk_norm,
     )
-    encoder.lr_scale, encoder.lr_max = cfg.encoder_lr_scale, cfg.encoder_lr_max  # read by tasks' param_groups
     regularizer = None
     if cfg.alpha > 0 or cfg.beta > 0:
         regularizer = SeqPERegularizer(
@@ -436,4 +435,6 @@ def _build_seqpe(
         num_heads=num_heads,
         head_dim=head_dim,
         num_layers=num_layers,
+        encoder_lr_scale=cfg.encoder_lr_scale,
+        encoder_lr_max=cfg.encoder_lr_max,
     )

@@ -122,8 +122,11 @@ class SeqPEEncoding(PositionEncoding):
         num_layers: int,
         w_pe_bias: bool = True,
         w_pe_std: float = 0.02,
+        encoder_lr_scale: float = 1.0,
+        encoder_lr_max: float | None = None,
     ) -> None:
         super().__init__(num_heads=num_heads, head_dim=head_dim, num_layers=num_layers, width=encoder.space.width)
+        self.encoder_lr_scale, self.encoder_lr_max = encoder_lr_scale, encoder_lr_max
         if integration not in INTEGRATIONS:
             raise ValueError(f"unknown SeqPE integration {integration!r}; valid: {', '.join(INTEGRATIONS)}")
         self.encoder, self.regularizer = encoder, regularizer
@@ -138,6 +141,13 @@ class SeqPEEncoding(PositionEncoding):
             )
             for lin in self.w_pe:
                 encoder._init_weights(lin, std=w_pe_std)
+
+    def lr_scales(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
+        """The encoder trains at ``min(encoder_lr_scale, encoder_lr_max / lr)`` times the run's rate (W_PE at the run's)."""
+        scale = self.encoder_lr_scale
+        if self.encoder_lr_max is not None:
+            scale = min(scale, self.encoder_lr_max / lr)
+        return [(self.encoder_parameters(), scale)] if scale != 1.0 else []
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The encoder network's parameters: the released code's ``pe_model``, clipped on its own (W_PE sits in

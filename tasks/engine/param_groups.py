@@ -5,9 +5,9 @@ One function, :func:`param_groups`, used by the project's trainer and by a user'
     from seqpe_nd.tasks.engine.param_groups import param_groups
     optimizer = torch.optim.AdamW(param_groups(model, lr=3e-4, weight_decay=0.1))
 
-A submodule with a float attribute ``lr_scale`` (a SeqPE encoder, from the PE config's ``encoder_lr_scale``)
-trains its parameters at that multiple of the rate, and one with ``lr_max`` (``encoder_lr_max``) at most at
-that peak rate: its scale becomes ``min(lr_scale, lr_max / lr)``. Each group carries its ``lr`` (``lr`` times
+Every PositionEncoding in the model says which of its parameters train at their own multiple of the rate
+(:meth:`~seqpe_nd.encodings.base.PositionEncoding.lr_scales`; a SeqPE encoder at ``min(encoder_lr_scale,
+encoder_lr_max / lr)``, from its config). Each group carries its ``lr`` (``lr`` times
 its scale) and its ``lr_scale``; a schedule keeps the encoder's share by setting ``group["lr"] = rate *
 group["lr_scale"]`` each step (as the trainer does; a ``torch.optim.lr_scheduler`` scales every group's
 initial ``lr`` alike, which does the same).
@@ -22,10 +22,6 @@ from seqpe_nd.encodings import PositionEncoding
 
 NoDecayRule = Callable[[str, nn.Parameter], bool]
 """``(name, parameter) -> True`` for a parameter trained without weight decay."""
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def default_no_weight_decay(model: nn.Module) -> NoDecayRule:
@@ -52,14 +48,8 @@ def param_groups(
     ``lr`` (= ``lr * lr_scale``).
     """
     exempt = default_no_weight_decay(model) if no_weight_decay is None else no_weight_decay
-    scale_of: dict[int, float] = {}
-    for module in model.modules():
-        scale = _number(getattr(module, "lr_scale", None)) or 1.0
-        cap = _number(getattr(module, "lr_max", None))
-        if cap is not None:
-            scale = min(scale, cap / lr)
-        if scale != 1.0:
-            scale_of.update({id(p): float(scale) for p in module.parameters()})
+    scale_of = {id(p): float(scale) for m in model.modules() if isinstance(m, PositionEncoding)
+                for params, scale in m.lr_scales(lr) for p in params}
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -210,8 +210,8 @@ PROBES: list[tuple[str, str, Any, Any, Any]] = [
     ("alibi_nd", "backend", "flex", lambda pe: pe.score_backend, "flex"),
     ("seqpe", "integration", "attn_mul", lambda pe: pe.integration, "attn_mul"),
     ("seqpe", "per_layer", True, lambda pe: len(pe.w_pe), 3),
-    ("seqpe", "encoder_lr_scale", 0.25, lambda pe: pe.encoder.lr_scale, 0.25),  # the trainer's groups: test_trainer
-    ("seqpe", "encoder_lr_max", 1e-4, lambda pe: pe.encoder.lr_max, 1e-4),  # likewise
+    ("seqpe", "encoder_lr_scale", 0.25, lambda pe: pe.encoder_lr_scale, 0.25),  # the trainer's groups: test_trainer
+    ("seqpe", "encoder_lr_max", 1e-4, lambda pe: pe.encoder_lr_max, 1e-4),  # likewise
     ("seqpe", "w_pe_bias", False, lambda pe: [lin.bias for lin in pe.w_pe], [None]),
     ("seqpe", "w_pe_std", 0.3, lambda pe: round(pe.w_pe[0].weight.std().item(), 1), 0.3),
     ("seqpe", "qk_norm", True, lambda pe: {type(b.q_norm).__name__ for b in pe.encoder.blocks}, {"LayerNorm"}),

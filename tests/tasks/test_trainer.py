@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from seqpe_nd.encodings.absolute import NoPE
 from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.recipes.config import RunConfig
 from seqpe_nd.tasks.cli import main
@@ -382,16 +383,32 @@ def test_no_weight_decay_groups() -> None:
     assert len(no_decay["params"]) == 4  # emb.weight, norm.weight, norm.bias, head.bias
 
 
+class ScaledNorm(NoPE):
+    """A PositionEncoding that is ToyLM's LayerNorm (same keys) and asks for its own rate, as SeqPE's encoder does:
+    ``min(scale, cap / lr)`` times the run's."""
+
+    def __init__(self, scale: float = 1.0, cap: float | None = None) -> None:
+        super().__init__(num_heads=1, head_dim=16, num_layers=1, width=1)
+        self.weight, self.bias = nn.Parameter(torch.ones(16)), nn.Parameter(torch.zeros(16))
+        self.scale, self.cap = scale, cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (16,), self.weight, self.bias)
+
+    def lr_scales(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
+        return [([self.weight, self.bias], min(self.scale, self.cap / lr) if self.cap else self.scale)]
+
+
 class ScaledToyTask(ToyTask):
-    """ToyTask whose LayerNorm trains at a quarter of the run's rate (as a SeqPE encoder's ``lr_scale``)."""
+    """ToyTask whose LayerNorm trains at a quarter of the run's rate (as a SeqPE encoder's ``encoder_lr_scale``)."""
 
     def build_model(self) -> nn.Module:
         model = super().build_model()
-        model.norm.lr_scale = 0.25  # type: ignore[assignment]
+        model.norm = ScaledNorm(scale=0.25)
         return model
 
 
-def test_module_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) -> None:
+def test_pe_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) -> None:
     """Adam's first step moves every element with a gradient by ≈ lr: the scaled module moves 4x less."""
     task = ScaledToyTask()
     torch.manual_seed(CFG.seed)
@@ -410,13 +427,13 @@ def test_module_lr_scale_trains_its_parameters_at_that_multiple(tmp_path: Path) 
     ]
 
 
-def test_module_lr_max_caps_its_peak_rate(tmp_path: Path) -> None:
-    """``lr_max`` (a SeqPE encoder's ``encoder_lr_max``): the module's scale becomes min(lr_scale, lr_max / lr),
+def test_pe_lr_max_caps_its_peak_rate(tmp_path: Path) -> None:
+    """A cap (a SeqPE encoder's ``encoder_lr_max``): the parameters' scale becomes min(scale, cap / lr),
     so its first Adam step is ≈ lr_max when the run's rate is higher, and ≈ lr when it is lower."""
     class CappedToyTask(ToyTask):
         def build_model(self) -> nn.Module:
             model = super().build_model()
-            model.norm.lr_max = 1e-3  # type: ignore[assignment]
+            model.norm = ScaledNorm(cap=1e-3)
             return model
 
     for lr, want in ((4e-3, 1e-3), (5e-4, 5e-4)):
