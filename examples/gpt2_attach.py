@@ -1,8 +1,8 @@
 """Attach SeqPE to a Hugging Face GPT-2 you already have, train it in your own loop, then generate.
 
 Shows: one call (`attach_position_encoding`) replaces GPT-2's learned position table `wpe` by SeqPE,
-keeping every other weight; the model's output then carries SeqPE's regularizer loss in
-`out.pe_aux_loss`, which your loop adds to the LM loss; `param_groups` gives the optimizer groups
+keeping every other weight; with labels in training, `out.loss` is then the loss to optimize: the
+LM loss (`out.lm_loss`) plus SeqPE's regularizer loss (`out.pe_aux_loss`); `param_groups` gives the optimizer groups
 (SeqPE's encoder at its own learning rate); `model.generate` keeps working.
 
 Run:  python examples/gpt2_attach.py [--steps 5]
@@ -50,12 +50,13 @@ for step in range(args.steps):
     out = model(ids, labels=ids)
     # In training, SeqPE puts alpha*L_delta + beta*L_OOD in the output; other PEs (and eval mode) give None.
     assert out.pe_aux_loss is not None, "SeqPE in training mode should return its regularizer loss"
-    loss = out.loss + out.pe_aux_loss
+    loss = out.loss
+    assert torch.allclose(loss, out.lm_loss + out.pe_aux_loss)  # any trainer optimizing `loss` trains SeqPE fully
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    losses.append(out.loss.item())
-    print(f"step {step}: lm loss {out.loss.item():.3f}  pe_aux_loss {out.pe_aux_loss.item():.4f}  "
+    losses.append(out.lm_loss.item())
+    print(f"step {step}: lm loss {out.lm_loss.item():.3f}  pe_aux_loss {out.pe_aux_loss.item():.4f}  "
           f"logged parts {sorted(out.pe_logs or {})}")
     assert torch.isfinite(loss)
 assert losses[-1] < losses[0], "the LM loss should fall on a batch seen again and again"

@@ -64,16 +64,16 @@ for step in range(args.steps):
         group["lr"] = rate(step) * group["lr_scale"]
     ids = batch()
     out = model(ids, labels=ids)
-    loss = out.loss if out.pe_aux_loss is None else out.loss + out.pe_aux_loss
+    loss = out.loss  # with labels in training: the LM loss plus SeqPE's regularizers (out.lm_loss alone)
     optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # optional, as in any loop
     optimizer.step()
-    losses.append(out.loss.item())
+    losses.append(out.lm_loss.item())
     if step % args.log_every == 0 or step == args.steps - 1:
         parts = {k: round(float(v), 4) for k, v in (out.pe_logs or {}).items() if k in ("loss_delta", "loss_ood")}
         lrs = sorted({round(g["lr"], 6) for g in optimizer.param_groups})
-        print(f"step {step:3d}  lr {lrs}  lm loss {out.loss.item():.3f}  pe {parts}")
+        print(f"step {step:3d}  lr {lrs}  lm loss {out.lm_loss.item():.3f}  pe {parts}")
 print(f"lm loss: first {losses[0]:.3f}, last {losses[-1]:.3f}")
 assert losses[-1] < losses[0] - 0.5, "the model should learn to count"
 print("OK")

@@ -9,6 +9,9 @@
   **pe_sizes(model))``.
 - :func:`param_groups` gives AdamW parameter groups (the encoder's learning-rate scale, no decay on biases,
   norms and position tables).
+- Training: with labels, a Hugging Face PE model's ``out.loss`` is the loss to optimize (the LM loss plus the
+  PE's auxiliary loss; ``out.lm_loss`` alone), so ``transformers.Trainer`` and any loop that optimizes
+  ``loss`` train SeqPE with its regularizers; :class:`PELogCallback` adds their parts to the Trainer's logs.
 - Save and load: Hugging Face models with ``save_pretrained`` and ``AutoModelForCausalLM.from_pretrained``
   (importing this module registers the PE model classes); timm ViTs with :func:`save_vit` and :func:`load_vit`.
 """
@@ -21,10 +24,12 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.tasks.backbones import huggingface
+from seqpe_nd.tasks.backbones.huggingface import PELogCallback
 from seqpe_nd.tasks.backbones.timm_vit import VisionTransformerWithPE, attach_vit, load_vit, save_vit, vit_sizes
 from seqpe_nd.tasks.engine.param_groups import param_groups
 
-__all__ = ["attach_position_encoding", "pe_sizes", "param_groups", "save_vit", "load_vit", "VisionTransformerWithPE"]
+__all__ = ["attach_position_encoding", "pe_sizes", "param_groups", "save_vit", "load_vit", "VisionTransformerWithPE",
+           "PELogCallback"]
 
 SUPPORTED = (
     "Hugging Face causal LMs of the GPT-2 family (GPT2LMHeadModel) and the Llama family (LlamaForCausalLM, "

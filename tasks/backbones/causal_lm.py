@@ -45,6 +45,7 @@ from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from seqpe_nd.encodings import PESpec, build_position_encoding
 from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding
+from seqpe_nd.tasks.backbones.pe_logs import add_pe_logs
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
 """Name under which the attention and mask functions are registered with transformers."""
@@ -186,8 +187,11 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_mask)
 
 @dataclass
 class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
-    """GPT-2's output plus the PE's auxiliary loss of this forward (SeqPE regularizers in training)."""
+    """GPT-2's output plus the PE's auxiliary loss of this forward (SeqPE regularizers in training). With labels in
+    training, ``loss`` is the loss to optimize, ``lm_loss + pe_aux_loss`` (as Mixtral adds its router loss)."""
 
+    lm_loss: torch.Tensor | None = None
+    """The language-model loss alone (with labels)."""
     pe_aux_loss: torch.Tensor | None = None
     pe_logs: dict[str, Any] | None = None
     """The PE's training logs of this forward (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``,
@@ -409,9 +413,11 @@ class PositionEncodingLM:
         )
         if cache is not None:
             setattr(cache, _KEY_POSITIONS, pos_k.detach())
-        return CausalLMOutputWithPE(
-            **dict(out.items()), pe_aux_loss=getattr(state, "aux_loss", None), pe_logs=getattr(state, "logs", None)
-        )
+        fields, aux, logs = dict(out.items()), getattr(state, "aux_loss", None), getattr(state, "logs", None)
+        if out.loss is not None and aux is not None:  # labels in training: any trainer optimizing `loss` gets L_δ, L_OOD
+            fields["loss"] = out.loss + aux
+            add_pe_logs(self, logs)
+        return CausalLMOutputWithPE(**fields, lm_loss=out.loss, pe_aux_loss=aux, pe_logs=logs)
 
 
 def _first_difference(saved: Any, given: Any, path: str = "") -> str:

@@ -118,4 +118,4 @@ class StockGPT2(GPT2LMHeadModel):
                 raise ValueError(f"the stock GPT-2 has 1-D positions; got position_ids of shape {shape}")
             position_ids = position_ids[..., 0]  # (b, n)
         out = super().forward(input_ids, position_ids=position_ids, **kwargs)
-        return CausalLMOutputWithPE(**dict(out.items()), pe_aux_loss=None, pe_logs=None)
+        return CausalLMOutputWithPE(**dict(out.items()), lm_loss=out.loss, pe_aux_loss=None, pe_logs=None)

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor, nn
 from transformers import (
+    TrainerCallback,
     AutoConfig,
     AutoModelForCausalLM,
     GPT2Config,
@@ -34,6 +35,7 @@ from transformers import (
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.tasks.backbones.causal_lm import PositionEncodingLM, pe_config_class
 from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE
+from seqpe_nd.tasks.backbones.pe_logs import pop_pe_logs
 
 __all__ = [
     "LlamaForCausalLMWithPE", "MistralForCausalLMWithPE", "NoRotary", "Qwen2ForCausalLMWithPE", "RotaryPositionLM",
@@ -171,3 +173,20 @@ def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> Any:
     model.__class__ = cls
     model.install_position_encoding(pe)
     return model
+
+
+class PELogCallback(TrainerCallback):
+    """Puts the PE's training parts into a ``transformers.Trainer``'s logs: ``pe/loss_delta``, ``pe/loss_ood``, ...
+    (SeqPE), each the mean over the training forwards since the previous log.
+
+    The loss the Trainer optimizes already includes the PE's auxiliary loss (the model's ``loss`` with labels);
+    this callback only reports its parts: ``Trainer(model=model, ..., callbacks=[PELogCallback()])``.
+    """
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+               model: nn.Module | None = None, **kwargs: Any) -> None:
+        parts = pop_pe_logs(model) if model is not None else {}
+        if parts and logs is not None and "loss" in logs:  # a training log, not an evaluation one
+            logs.update(parts)
+            if state.log_history:
+                state.log_history[-1].update(parts)

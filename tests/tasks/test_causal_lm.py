@@ -91,7 +91,7 @@ def test_a_seqpe_training_step_reaches_the_encoder() -> None:
     ids = tokens(2, 16)
     out = model(ids, labels=ids, pe_generator=torch.Generator().manual_seed(0))
     assert out.pe_aux_loss is not None and out.pe_aux_loss > 0
-    (out.loss + out.pe_aux_loss).backward()
+    out.loss.backward()  # with labels in training, loss = lm_loss + pe_aux_loss
     grads = [p.grad for p in model.pe.encoder.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
 

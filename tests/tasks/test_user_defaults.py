@@ -70,7 +70,7 @@ def test_seqpe_without_hidden_fits_the_model_through_pe_sizes(arch: str) -> None
     attach_position_encoding(model, pe)
     ids = torch.randint(0, VOCAB, (2, 12))
     out = model(input_ids=ids, labels=ids)
-    loss = out.loss + out.pe_aux_loss
+    loss = out.loss  # the LM loss plus the PE's auxiliary loss
     assert torch.isfinite(loss)
     loss.backward()
     assert pe.encoder.proj.weight.grad is not None
@@ -97,7 +97,7 @@ def test_user_optimizer_honours_the_encoder_rate() -> None:
     optimizer = torch.optim.AdamW(groups)
     ids = torch.randint(0, VOCAB, (2, 12))
     out = model(input_ids=ids, labels=ids)
-    (out.loss + out.pe_aux_loss).backward()
+    out.loss.backward()
     optimizer.step()
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
     assert moved["pe.encoder.proj.weight"] == pytest.approx(3e-4, rel=0.05)
