@@ -9,7 +9,7 @@ once per training step over main-task and regularizer positions together.
 """
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def _contrastive_loss(pivot: Tensor, candidates: Tensor, target: Tensor, valid: 
 
 
 OODReduction = Literal["mean", "batchmean"]
-OOD_REDUCTIONS: tuple[str, ...] = ("mean", "batchmean")
+OOD_REDUCTIONS: tuple[str, ...] = get_args(OODReduction)
 
 
 def ood_loss(

@@ -27,11 +27,15 @@ from seqpe_nd.encodings.config import (
 )
 from seqpe_nd.encodings.multimodal import MultimodalRoPE
 from seqpe_nd.encodings.prefixed import PrefixedEncoding, PrefixState
+from seqpe_nd.encodings.method import MethodConfig, Sizes
 from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
+from seqpe_nd.encodings.seqpe import SeqPEEncoding
 
 __all__ = [
     "pe_metrics",
     "METHODS",
+    "MethodConfig",
+    "Sizes",
     "ALiBi",
     "ALiBiConfig",
     "ALiBiND",
@@ -65,11 +69,3 @@ __all__ = [
     "visibility_mask",
 ]
 
-
-def __getattr__(name: str) -> object:
-    # SeqPE pulls in the encoder and regularizers; the baselines must not need them.
-    if name == "SeqPEEncoding":
-        from seqpe_nd.encodings.seqpe import SeqPEEncoding
-
-        return SeqPEEncoding
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

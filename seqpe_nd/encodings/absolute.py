@@ -5,14 +5,17 @@ Legend: ``b`` batch, ``n``/``m`` query/key tokens, ``w`` position width, ``d`` m
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, PositiveInt, field_validator
 from torch import Tensor, nn
 
 from seqpe_nd.encodings.base import PEState, PositionEncoding
 from seqpe_nd.encodings.functional import INTERPOLATION_BY_NDIM, resample_table, sinusoid
+from seqpe_nd.encodings.method import MethodConfig, Sizes
+from seqpe_nd.positions import GridSpace, HybridSpace
 
 
 class NoPE(PositionEncoding):
@@ -109,3 +112,70 @@ def default_interpolation(ndim: int) -> str:
             f"ape_learn resamples 1-D, 2-D and 3-D tables (torch.nn.functional.interpolate); got a {ndim}-D space"
         )
     return INTERPOLATION_BY_NDIM[ndim]
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+class NoPEConfig(MethodConfig):
+    """No position encoding."""
+
+    method: Literal["nope"] = "nope"
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        return NoPE(width=space.width, **sizes.attention)
+
+
+class APESinConfig(MethodConfig):
+    """Sinusoidal APE added to the input embeddings; N-D: per-axis sinusoids concatenated."""
+
+    method: Literal["ape_sin"] = "ape_sin"
+    base: float = Field(10_000.0, gt=1.0)
+    """Wavelength base of the sinusoids (Vaswani et al.: 10000)."""
+    scale: float | None = Field(None, gt=0.0)
+    """Amplitude of the sinusoids: ``e_i = scale · sin/cos(...)``; unset means 1.0 (the formula) in this factory.
+    The LM and QA recipes set an unset scale to GPT-2's token-embedding scale, ``init_std · √2``: a
+    sinusoid coordinate has RMS 1/√2, so this matches it to the N(0, init_std) token embeddings (0.0283 at
+    0.02); at 1.0 the ±1 sinusoids are ~35× the tokens and swamp them. Give a value to override."""
+
+    hybrid: ClassVar[bool] = False
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        scale = 1.0 if self.scale is None else self.scale
+        return APESin(d_model=sizes.d_model, base=self.base, scale=scale, width=space.width, **sizes.attention)
+
+
+class APELearnConfig(MethodConfig):
+    """Learned APE table, resampled beyond its extent (linear 1-D, bicubic 2-D, trilinear 3-D)."""
+
+    method: Literal["ape_learn"] = "ape_learn"
+    size: tuple[PositiveInt, ...] | None = None
+    """Table extent per axis; default the space's training extent L."""
+    interpolation: Literal["auto", "nearest", "linear", "bilinear", "bicubic", "trilinear"] = "auto"
+    """Resampling mode; auto = linear (1-D), bicubic (2-D), trilinear (3-D). align_corners=False."""
+    resize: Literal["grow", "exact"] = "grow"
+    """grow: resample only axes the positions outgrow; exact: always to the positions' extent (timm)."""
+    init_std: float = Field(0.02, ge=0.0)
+    """Std of the normal init of the table (GPT-2 / timm: 0.02)."""
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _scalar_is_1d(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, int) else value
+
+    hybrid: ClassVar[bool] = False
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        assert isinstance(space, GridSpace)
+        size = self.size or space.L
+        if len(size) != space.ndim:
+            raise ValueError(f"ape_learn size {size} needs {space.ndim} entries for this {space.ndim}-D space")
+        interpolation = default_interpolation(space.ndim) if self.interpolation == "auto" else self.interpolation
+        table_ndim = {"linear": 1, "bilinear": 2, "bicubic": 2, "trilinear": 3}.get(interpolation, space.ndim)
+        if table_ndim != space.ndim:
+            raise ValueError(
+                f"ape_learn interpolation {interpolation!r} resamples {table_ndim}-D tables, "
+                f"but the space is {space.ndim}-D; "
+                f"use 'nearest' or 'auto' ({default_interpolation(space.ndim)})"
+            )
+        return APELearn(d_model=sizes.d_model, size=size, interpolation=interpolation, resize=self.resize,
+                        init_std=self.init_std, **sizes.attention)

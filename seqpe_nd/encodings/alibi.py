@@ -7,14 +7,17 @@ The bias is a FlexAttention ``score_mod`` built from RELATIVE distances of expli
 (the released code multiplied slopes by absolute key indices and cast to bf16).
 """
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
+from pydantic import field_validator
 from torch import Tensor
 
 from seqpe_nd.encodings.base import PEState, PositionEncoding, ScoreBackend, ScoreMod
 from seqpe_nd.encodings.functional import alibi_slopes
+from seqpe_nd.encodings.method import MethodConfig, Sizes
+from seqpe_nd.positions import GridSpace, HybridSpace, get_distance
 
 
 class ALiBi(PositionEncoding):
@@ -80,3 +83,43 @@ class ALiBiND(ALiBi):
         self, state: PEState, rows: int, queries: slice = slice(None), keys: int | None = None
     ) -> Float[Tensor, "r h n m"] | None:
         return None  # the space's own distance: broadcast through score_mod
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+class ALiBiConfig(MethodConfig):
+    """ALiBi on 1-D positions with Press et al.'s slopes (use alibi_nd for N-D)."""
+
+    method: Literal["alibi"] = "alibi"
+    backend: ScoreBackend = "auto"
+    """Where the bias runs: auto = FlexAttention on CUDA, one dense bias elsewhere; flex; bias."""
+
+    dims: ClassVar[int | None] = 1
+    hybrid: ClassVar[bool] = False
+    instead: ClassVar[str] = "use alibi_nd, which biases by the space's distance"
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        return ALiBi(backend=self.backend, width=1, **sizes.attention)
+
+
+class ALiBiNDConfig(MethodConfig):
+    """ALiBi on any space: bias -m_h · δ(p_q, p_k) with a distance."""
+
+    method: Literal["alibi_nd"] = "alibi_nd"
+    distance: str | None = None
+    """Registered distance name; default the space's own distance (a hybrid space's metric)."""
+    backend: ScoreBackend = "auto"
+    """Where the bias runs: auto = FlexAttention on CUDA, one dense bias elsewhere; flex; bias."""
+
+    @field_validator("distance")
+    @classmethod
+    def _known(cls, name: str | None) -> str | None:
+        if name is not None:
+            get_distance(name)  # the error lists the valid names
+        return name
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        if isinstance(space, HybridSpace) and self.distance is not None:
+            raise ValueError("alibi_nd on a hybrid space uses the space's own metric; leave distance unset")
+        delta = space.delta if self.distance is None else get_distance(self.distance)
+        return ALiBiND(delta=delta, backend=self.backend, width=space.width, **sizes.attention)

@@ -21,12 +21,15 @@ the full forward. On a grid space the ids are the coordinates themselves (1-D: R
 """
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, PositiveInt
 from torch import Tensor
 
 from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.encodings.method import MethodConfig, Sizes
 from seqpe_nd.encodings.functional import apply_rotary, rope_inv_freq, rotary_cos_sin
 from seqpe_nd.positions import GridSpace, HybridSpace
 
@@ -149,3 +152,16 @@ class MultimodalRoPE(PositionEncoding):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, base={self.base}, sections={list(self.sections)}"
+
+
+class MultimodalRoPEConfig(MethodConfig):
+    """M-RoPE (Qwen2-VL): RoPE's bands split across (time, row, col); text gets one id on every axis."""
+
+    method: Literal["mrope"] = "mrope"
+    base: float = Field(10_000.0, gt=1.0)
+    """Frequency base θ, as 1-D RoPE (a text-only sequence is exactly RoPE)."""
+    sections: tuple[PositiveInt, ...] | None = None
+    """Frequency bands per axis (timeline first), summing to head_dim/2; default Qwen2-VL's 1/4, 3/8, 3/8 split."""
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        return MultimodalRoPE(space=space, base=self.base, sections=self.sections, **sizes.attention)

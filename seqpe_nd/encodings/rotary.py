@@ -9,13 +9,16 @@ attention stays plain SDPA with its fused kernels.
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from jaxtyping import Float, Int
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.encodings.method import MethodConfig, Sizes
+from seqpe_nd.positions import Frozen, GridSpace, HybridSpace
 from seqpe_nd.encodings.functional import (
     apply_rotary,
     axial_angles,
@@ -219,3 +222,86 @@ class RoPEMixed(_Rotary):
             return torch.full((self.width,), float(self.scaling.factor))
         extent = pos.reshape(-1, self.width).amax(0).float().cpu() + 1
         return (extent / torch.tensor(self.original_length, dtype=torch.float32)).clamp_min(1.0)
+
+
+# --- configs ---------------------------------------------------------------------------------------
+
+class RoPEScaling(Frozen):
+    """Context extension of a trained RoPE, applied in evaluation only (training sees plain RoPE)."""
+
+    type: Literal["linear", "ntk", "dynamic", "yarn"]
+    """``linear``: position interpolation (Chen et al.); ``ntk``: NTK-aware base scaling; ``dynamic``: NTK
+    with the factor of each forward's length (transformers' ``dynamic``); ``yarn``: YaRN's ramp between
+    interpolated and original frequencies, with its attention temperature (Peng et al.)."""
+    factor: float | None = Field(None, ge=1.0)
+    """Context extension factor; None: the evaluated length over ``original_length`` (at least 1), per forward."""
+    original_length: PositiveInt | tuple[PositiveInt, ...] | None = None
+    """The training extent (per axis for rope_axial); None: the space's L."""
+    beta_fast: float = Field(32.0, gt=0)
+    """YaRN: rotations above which a frequency is kept (extrapolated)."""
+    beta_slow: float = Field(1.0, gt=0)
+    """YaRN: rotations below which a frequency is interpolated."""
+    attention_factor: float | None = Field(None, gt=0)
+    """YaRN: scale of cos/sin (the attention temperature); None: ``0.1 ln(factor) + 1``."""
+
+
+class RoPEConfig(MethodConfig):
+    """RoPE on 1-D positions (use rope_axial or rope_mixed for N-D)."""
+
+    method: Literal["rope"] = "rope"
+    base: float = Field(10_000.0, gt=1.0)
+    """Frequency base θ; larger rotates slower."""
+    scaling: RoPEScaling | None = None
+    """Context extension at evaluation: position interpolation, NTK, dynamic NTK or YaRN; None: plain RoPE."""
+
+    dims: ClassVar[int | None] = 1
+    hybrid: ClassVar[bool] = False
+    instead: ClassVar[str] = "use rope_axial (axes split) or rope_mixed (learned mixing)"
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        return RoPE(base=self.base, width=1, scaling=self.scaling, original_length=original_length(self, space),
+                    **sizes.attention)
+
+
+class RoPEAxialConfig(MethodConfig):
+    """Axial RoPE (Heo et al. RoPE2D, any dims): head dim split across axes."""
+
+    method: Literal["rope_axial"] = "rope_axial"
+    base: float = Field(100.0, gt=1.0)
+    """Frequency base; Heo et al. use 100 for ViTs (10000 makes it RoPE in 1-D)."""
+    scaling: RoPEScaling | None = None
+    """Context extension at evaluation, one factor per axis (evaluated extent / training extent unless given)."""
+
+    hybrid: ClassVar[bool] = False
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        return RoPEAxial(base=self.base, width=space.width, scaling=self.scaling,
+                         original_length=original_length(self, space), **sizes.attention)
+
+
+class RoPEMixedConfig(MethodConfig):
+    """RoPE-Mixed (Heo et al.): learnable per-head frequency vectors mixing the axes."""
+
+    method: Literal["rope_mixed"] = "rope_mixed"
+    base: float = Field(10.0, gt=1.0)
+    """Base of the initial frequency magnitudes (Heo et al. and timm: 10)."""
+    per_layer: bool = True
+    """One set of frequencies per layer (Heo et al.), or one shared by all layers."""
+    scaling: RoPEScaling | None = None
+    """Position interpolation at evaluation (type linear only: the learned frequencies have no NTK/YaRN form),
+    one factor per axis."""
+
+    hybrid: ClassVar[bool] = False
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        return RoPEMixed(base=self.base, per_layer=self.per_layer, width=space.width, scaling=self.scaling,
+                         original_length=original_length(self, space), **sizes.attention)
+
+
+def original_length(cfg: Any, space: GridSpace | HybridSpace) -> tuple[int, ...] | int | None:
+    """The training extent a RoPE scaling extends: stated, else the grid space's L."""
+    if cfg.scaling is None:
+        return None
+    if cfg.scaling.original_length is not None:
+        return cfg.scaling.original_length
+    return tuple(space.L) if isinstance(space, GridSpace) else None

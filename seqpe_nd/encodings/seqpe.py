@@ -15,19 +15,22 @@ heads, enters attention as a q/k transform, so every integration runs in fused S
 """
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
 from seqpe_nd.encoder import SeqPE
 from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, sdpa, visibility_mask
-from seqpe_nd.regularizers import SeqPERegularizer
+from seqpe_nd.encodings.method import MethodConfig, Sizes
+from seqpe_nd.positions import GridSpace, HybridSpace
+from seqpe_nd.regularizers import OODReduction, SeqPERegularizer
 
 Integration = Literal["attn_sum", "attn_mul", "attn_bias", "input_add"]
-INTEGRATIONS: tuple[str, ...] = ("attn_sum", "attn_mul", "attn_bias", "input_add")
+INTEGRATIONS: tuple[str, ...] = get_args(Integration)
 
 
 def integrate(x: Float[Tensor, "b h n e"], pe: Float[Tensor, "b h n e"], integration: str) -> Float[Tensor, "b h n ex"]:
@@ -327,3 +330,98 @@ class SeqPEEncoding(PositionEncoding):
         e_q = self.heads_pe(state, "q", layer, q.shape[-2])
         e_k = self.heads_pe(state, "k", layer, k.shape[-2])
         return integrate(q, e_q, self.integration), integrate(k, e_k, self.integration)
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+class SeqPEConfig(MethodConfig):
+    """SeqPE: a learned sequential encoder of position digits, plus its regularizers."""
+
+    method: Literal["seqpe"] = "seqpe"
+    integration: Integration = "attn_bias"
+    """How PEs enter the model: Eq. 12 (attn_sum), 13 (attn_mul), 14 (attn_bias), or input_add."""
+    per_layer: bool = False
+    """One W_PE^{q,k} per layer, or one shared by all layers (the paper's LM setting)."""
+    w_pe_bias: bool = True
+    """W_PE^{q,k} with a bias, as released (text ``bias=True``; images ``bias=qkv_bias``, True in timm's ViT)."""
+    w_pe_std: float = Field(0.02, gt=0.0)
+    """Std of W_PE^{q,k}'s init (normal or trunc_normal, as ``init``; bias zero): the released 0.02."""
+    hidden: PositiveInt | None = None
+    """Encoder width; default (None) the model's ``d_model``, so a small model gets a small encoder (the paper's 768
+    for text and 384 for images are its models' widths)."""
+    layers: PositiveInt = 2
+    """Encoder transformer layers."""
+    heads: PositiveInt | None = None
+    """Encoder attention heads; default hidden // 64 (at least 1)."""
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    """Encoder MLP width ratio."""
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Residual dropout in the encoder blocks (none on the summed input embeddings, as released)."""
+    causal: bool = True
+    """Causal attention over the digit tokens (the paper's default)."""
+    init: Literal["normal", "trunc_normal"] = "normal"
+    """Encoder weight init, std 0.02: normal (text) or trunc_normal cut at ±2 absolute (images, as released)."""
+    qk_norm: bool = False
+    """QK-LayerNorm in the encoder's attention (not in the released encoder; it bounds the attention logits, but
+    alone does not let the encoder learn at 3e-3: benchmarks/results/encoder_lr.md)."""
+    encoder_lr_scale: float = Field(1.0, gt=0.0)
+    """The encoder's learning rate as a multiple of the run's (warmup and decay apply alike). It reaches an
+    optimizer through its parameter groups: the trainer's, or ``param_groups(model, lr, weight_decay)`` from
+    ``seqpe_nd.tasks.engine.param_groups`` for one of your own (a plain ``AdamW(model.parameters())`` ignores it,
+    and ``encoder_lr_max`` too)."""
+    encoder_lr_max: float | None = Field(3e-4, gt=0.0)
+    """The encoder's peak learning rate at most (its scale becomes ``min(encoder_lr_scale, encoder_lr_max /
+    train.lr)``; None: no cap). Under Adam the encoder learns even its own objective worse as its rate rises:
+    trained on α·L_δ + β·L_OOD alone (no task, 600 steps), L_δ reaches 1.35 of a 2.74 chance at 3e-4, 1.76 at
+    1e-3 and stays at chance at 3e-3, where [CLS]'s first-layer attention sits entirely on itself; warmup,
+    QK-LayerNorm, 4× larger regularizer batches, Adam's eps or β₂ leave it at 2.28-2.74
+    (benchmarks/results/encoder_lr.md). The paper's runs were below the cap for text (5e-5) and at 1.2e-3
+    with batch 1024 and 25k warmup steps for images; a small model's 3e-4 … 3e-3 keeps the encoder at 3e-4
+    without a per-run value."""
+    alpha: float = Field(0.1, ge=0.0)
+    """Weight of L_δ (Eq. 9, 15); 0 disables it."""
+    beta: float = Field(0.1, ge=0.0)
+    """Weight of L_OOD (Eq. 10, 15); 0 disables it. At ``ood_reduction: mean`` it is the paper's β."""
+    ood_heads: PositiveInt | None = None
+    """Heads the embeddings split into for L_OOD; default the model's attention heads."""
+    symmetric_kl: bool = True
+    """L_OOD as KL(T‖S) + KL(S‖T), both with the teacher detached, as the released criterion does
+    (``pe_criterion.py``: twice the pull of Eq. 10 at the same β); False: Eq. 10's one-directional KL(SG(P)‖S)."""
+    ood_reduction: OODReduction = "mean"
+    """L_OOD's scale: ``mean`` = the released ``kl_div(reduction="mean")`` (per-row KL sum ÷ m teachers,
+    averaged over rows, heads and regions), the scale the paper's β was tuned at; ``batchmean`` = the
+    per-row KL sum averaged, m times larger (32× text, 64× images at the paper's settings)."""
+
+    def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
+        self.check_regularizers(space, sizes)
+        encoder = SeqPE(space, sizes.d_model, hidden=self.hidden, layers=self.layers, heads=self.heads,
+                        mlp_ratio=self.mlp_ratio, dropout=self.dropout, causal=self.causal, init=self.init,
+                        qk_norm=self.qk_norm)
+        regularizer = None
+        if self.alpha > 0 or self.beta > 0:
+            regularizer = SeqPERegularizer(space, alpha=self.alpha, beta=self.beta,
+                                           ood_heads=self.ood_heads or sizes.num_heads, symmetric_kl=self.symmetric_kl,
+                                           ood_reduction=self.ood_reduction)
+        return SeqPEEncoding(encoder=encoder, regularizer=regularizer, integration=self.integration,
+                             per_layer=self.per_layer, w_pe_bias=self.w_pe_bias, w_pe_std=self.w_pe_std,
+                             encoder_lr_scale=self.encoder_lr_scale, encoder_lr_max=self.encoder_lr_max,
+                             **sizes.attention)
+
+    def check_regularizers(self, space: GridSpace | HybridSpace, sizes: Sizes) -> None:
+        """What would make the first training step's regularizer sampling fail, named now (the field, the value,
+        the allowed range), before any weight is built."""
+        if self.beta > 0:
+            try:
+                space.check_ood_reach()
+            except ValueError as err:
+                raise ValueError(f"pe.beta = {self.beta} trains L_OOD, but space: {err} (or set pe.beta: 0)") from None
+            heads = self.ood_heads or sizes.num_heads
+            if sizes.d_model % heads:
+                field = "pe.ood_heads" if self.ood_heads else "the model's num_heads (pe.ood_heads unset)"
+                raise ValueError(f"{field} = {heads} must divide d_model = {sizes.d_model}: L_OOD splits the "
+                                 "embeddings into that many heads")
+        if self.alpha > 0 and space.regularizer_volume() < 2:
+            raise ValueError(
+                f"pe.alpha = {self.alpha} trains L_δ, which needs at least 2 positions within L_max to contrast; this "
+                f"space has {space.regularizer_volume()} (raise L_max or set pe.alpha: 0)"
+            )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import METHODS, KVCache, PositionEncoding, build_position_encoding
+from seqpe_nd.encodings import METHODS, KVCache, PositionEncoding, build_position_encoding, load_pe_config
 from seqpe_nd.positions import load_space
 
 H, E, LAYERS = 2, 12, 2
@@ -106,7 +106,8 @@ def padded_batch(rows: list[tuple[Tensor, Tensor]], side: str) -> tuple[Tensor, 
 
 
 def exists(method: str, ndim: int) -> bool:
-    return not (method in ("rope", "alibi") and ndim != 1)
+    """The method is defined on an ``ndim``-D grid (its config's own rule)."""
+    return load_pe_config({"method": method}).unsupported(space([4] * ndim)) is None
 
 
 @pytest.mark.parametrize("method", METHODS)

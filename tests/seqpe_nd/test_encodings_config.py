@@ -250,3 +250,28 @@ def test_every_option_reaches_the_code(method: str, field: str, value: Any, prob
     pe = build({"method": method, **small, field: value}, GRID_2D if method != "rope" and method != "alibi" else None)
     assert probe(pe) == want
     assert probe(default) != want, "the probe must tell the option from its default"
+
+
+def test_a_new_method_is_its_own_config_class_plus_a_union_line() -> None:
+    """Everything the factory needs from a method is on its config: the spaces it runs on and how it builds."""
+    from typing import Annotated, ClassVar, Literal, Union, get_args
+
+    from pydantic import Field, TypeAdapter
+
+    from seqpe_nd.encodings import MethodConfig, Sizes
+    from seqpe_nd.encodings.absolute import APESin
+
+    class FourierConfig(MethodConfig):  # a Fourier-feature N-D encoding, written outside the package
+        method: Literal["fourier"] = "fourier"
+        hybrid: ClassVar[bool] = False
+
+        def build(self, space, sizes: Sizes):
+            return APESin(d_model=sizes.d_model, base=100.0, scale=1.0, width=space.width, **sizes.attention)
+
+    members = (*get_args(get_args(PEConfig)[0]), FourierConfig)  # the union, one line longer
+    cfg = TypeAdapter(Annotated[Union[members], Field(discriminator="method")]).validate_python({"method": "fourier"})
+    assert isinstance(cfg, FourierConfig)
+    grid3 = load_space({"L": [2, 3, 4], "L_max": [8, 8, 8]})
+    assert cfg.unsupported(grid3) is None
+    assert cfg.build(grid3, Sizes(num_heads=2, head_dim=6, num_layers=1, d_model=12)).width == 3
+    assert "fourier has no rule for hybrid positions" in cfg.unsupported(load_space(HYBRID))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seqpe_nd.encodings import METHODS, KVCache, PEState, build_position_encoding, visibility_mask
+from seqpe_nd.encodings import METHODS, KVCache, PEState, build_position_encoding, load_pe_config, visibility_mask
 from seqpe_nd.positions import load_space
 
 HEADS, HEAD_DIM, LAYERS, D = 2, 12, 2, 24
@@ -22,7 +22,8 @@ def config(method: str) -> dict:
 
 
 def exists(method: str, ndim: int) -> bool:
-    return not (method in ("rope", "alibi") and ndim != 1)
+    """The method is defined on an ``ndim``-D grid (its config's own rule)."""
+    return load_pe_config({"method": method}).unsupported(grid(ndim)) is None
 
 
 CASES = [(m, n) for m in METHODS for n in (1, 2, 3) if exists(m, n)]
