@@ -37,6 +37,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--num-examples", type=int, default=None, help="QA: questions per length (default: eval.num_examples)")
     p.add_argument("--checkpoint", default=None, choices=["best", "latest"], help="QA: which weights (default: eval.checkpoint)")
     p.add_argument("--batch-size", type=int, default=None, help="ViT, video, hybrid: inputs per evaluation forward")
+    p.add_argument(
+        "--option", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+        help="any option of the run's recipe's evaluate(), as a YAML value, e.g. --option max_examples=64 "
+        "--option sizes=[[4,32],[8,64]] (repeatable; a recipe's own flags above are shorthands for some of them)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: CUDA when available)")
     p.add_argument("--out", type=Path, default=None, help="with several runs: write the comparison here (DIR/compare.json, compare.png)")
     p.set_defaults(func=run_eval)
@@ -62,8 +67,25 @@ def task_of(run_dir: Path) -> str:
     return str(task)
 
 
+def extra_options(items: list[str], flags: dict[str, Any]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` items as keyword arguments of ``evaluate`` (values parsed as YAML)."""
+    from seqpe_nd.tasks.recipes.config import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option {item!r} is not KEY=VALUE, e.g. --option max_examples=64")
+        if key in flags or key in out:
+            raise ValueError(f"--option {key} is given twice (once as --{key.replace('_', '-')} or --option)")
+        out[key] = parse_value(text)
+    return out
+
+
 def run_eval(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
+    options.update(extra_options(args.extra, options))
     tasks = {task_of(r) for r in args.run_dirs}
     if len(tasks) > 1:
         raise ValueError(f"runs of different tasks {sorted(tasks)} cannot be compared; evaluate them one task at a time")

@@ -102,3 +102,17 @@ def test_plot_of_a_run_without_seqpe_is_one_line(tmp_path: Path, capsys: pytest.
     assert "trained pe.method 'rope_axial'; plot similarity draws SeqPE encoders" in capsys.readouterr().err
     assert main(["plot", "similarity", "--space", "configs/positions/text-512.yaml", "--checkpoint", "x"]) == 2
     assert "--checkpoint picks a checkpoint of --run RUN_DIR" in capsys.readouterr().err
+
+
+def test_eval_takes_any_recipe_option_without_a_flag_of_its_own(trained: tuple[Path, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    _, run = trained
+    assert main(["eval", str(run), "--option", "resolutions=[16]", "--option", "max_images=4"]) == 0
+    assert json.loads((run / "eval.json").read_text())["resolutions"]["16"]["images"] == 4
+    assert main(["eval", str(run), "--option", "max_clips=4"]) == 2
+    err = capsys.readouterr().err
+    assert "has no option(s) ['max_clips']; allowed: resolutions, max_images, batch_size" in err
+    assert main(["eval", str(run), "--max-images", "4", "--option", "max_images=8"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["eval", str(run), "--option", "max_images"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
