@@ -14,12 +14,11 @@ mechanism for run configs, spaces and PE configs).
 
 import re
 from collections.abc import Mapping, Sequence
-from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, Union
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ValidationError
 
 from seqpe_nd.encodings import PEConfig
 from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace, load_space
@@ -27,7 +26,6 @@ from seqpe_nd.positions.errors import (  # noqa: F401 (SHIPPED_ROOT: re-exported
     SHIPPED_ROOT,
     did_you_mean,
     find_config_file,
-    format_errors,
     format_validation_error,
     read_yaml_file,
 )
@@ -176,20 +174,6 @@ class RunConfig(Frozen):
         return self.space
 
 
-def _adapter() -> TypeAdapter:  # type: ignore[type-arg]
-    from seqpe_nd.tasks.recipes import RECIPES
-
-    return _adapter_of(tuple(RECIPES))
-
-
-@cache
-def _adapter_of(tasks: tuple[str, ...]) -> TypeAdapter:  # type: ignore[type-arg]
-    from seqpe_nd.tasks.recipes import get_recipe
-
-    configs = tuple(get_recipe(task).config_type for task in tasks)
-    return TypeAdapter(Annotated[Union[configs], Field(discriminator="task")])  # noqa: UP007 (a runtime tuple)
-
-
 def parse_run_config(data: dict[str, Any], *, config_dir: Path | None = None, source: str = "") -> RunConfig:
     """Validate a run config of any recipe (picked by its ``task``); one ValueError naming every bad field."""
     from seqpe_nd.tasks.recipes import RECIPES, get_recipe
@@ -200,12 +184,11 @@ def parse_run_config(data: dict[str, Any], *, config_dir: Path | None = None, so
         raise ValueError(f"{where}missing top-level 'task:' (allowed: {sorted(RECIPES)})")
     if task not in RECIPES:
         raise ValueError(f"{where}task: unknown task {task!r}{did_you_mean(str(task), RECIPES)}; allowed: {sorted(RECIPES)}")
+    config_type = get_recipe(task).config_type  # imports that recipe alone (an LM config never imports timm)
     try:
-        return _adapter().validate_python(data, context={"config_dir": config_dir})
+        return config_type.model_validate(data, context={"config_dir": config_dir})
     except ValidationError as err:
-        # The union names the branch first (``lm.model.n_head``); the file only has ``model.n_head``.
-        errors = [dict(e, loc=e["loc"][1:] if e["loc"] and e["loc"][0] == task else e["loc"]) for e in err.errors()]
-        raise ValueError(where + format_errors(errors, model=get_recipe(task).config_type)) from None
+        raise ValueError(where + format_validation_error(err, model=config_type)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:

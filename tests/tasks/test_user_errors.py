@@ -264,3 +264,14 @@ def test_a_bug_still_shows_its_traceback(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_case_counts() -> None:
     kinds = {"cli": len(CLI), "api": len(API)}
     assert sum(kinds.values()) >= 40, kinds
+
+
+def test_a_run_config_validates_against_its_own_recipe_alone() -> None:
+    """An LM config imports the LM recipe only: no timm (the ViT recipes' backbone) in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from seqpe_nd.tasks.recipes import load_config; "
+            "c = load_config('configs/lm/smoke/seqpe.yaml'); print(type(c).__name__, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["LMConfig", "False"]
