@@ -32,6 +32,7 @@ Legend: b batch, n query tokens, m key tokens, h heads, e head dim, d model dim,
 per position (1 for text), v vocabulary.
 """
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -228,7 +229,9 @@ class PositionEncodingLM:
     # -- building, saving, loading --------------------------------------------------------
     def __init__(self, config: PreTrainedConfig, pe: PositionEncoding | None = None) -> None:
         """The stock model (stock init) with ``pe``; without ``pe``, the PE that ``config`` records (how loading
-        rebuilds it); with both, ``pe`` must be the recorded one."""
+        rebuilds it); with both, ``pe`` must be the recorded one. A config that records no PE is copied, not changed."""
+        if pe is not None and getattr(config, PE_CONFIG_KEY, None) is None:
+            config = copy.deepcopy(config)  # the caller's config may build other models (another PE, the stock one)
         self.seam.check(config)
         config._attn_implementation = ATTN_IMPLEMENTATION
         super().__init__(config)  # type: ignore[call-arg]

@@ -231,3 +231,15 @@ def test_a_cropped_or_reordered_cache_still_equals_the_full_forward(name: str) -
         out.cache.reorder_cache(swap)  # beam search reorders the rows
         step = model(ids[swap, 9:10], cache=out.cache, use_cache=True).logits
     torch.testing.assert_close(step, full[swap, 9:10], rtol=1e-4, atol=1e-4)
+
+
+def test_one_config_builds_models_with_different_pes_and_stays_the_callers() -> None:
+    from transformers import GPT2Config
+
+    config = GPT2Config(vocab_size=64, n_layer=1, n_head=2, n_embd=16, n_positions=32, bos_token_id=None,
+                        eos_token_id=None)
+    space = load_space({"L": 8, "L_max": 64})
+    models = [GPT2WithPE(config, build_position_encoding({"method": m}, space=space, num_heads=2, head_dim=8,
+                                                         num_layers=1, d_model=16)) for m in ("rope", "alibi")]
+    assert [type(m.pe).__name__ for m in models] == ["RoPE", "ALiBi"]
+    assert type(config) is GPT2Config and not hasattr(config, "position_encoding")  # untouched
