@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from seqpe_nd.tasks.data.hub import hub_dataset
 from seqpe_nd.tasks.data.qa import Passage, QADataConfig, QAItem, QASource
 from seqpe_nd.tasks.data.text import SPLITS, TextTokenizer, embedded_documents, split_documents
 
@@ -205,7 +206,12 @@ class SquadQA:
 
         self.cfg = cfg
         if cfg.source == "hf":
-            ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
+            local = ("read local files instead (data.source: files with data.data_files: {train: [train.jsonl], "
+                     "validation: [dev.jsonl]}, JSON or JSON-lines rows with question, context and answers columns, "
+                     "as Dataset.to_json writes them)")
+            with hub_dataset("data.dataset", cfg.dataset, config=cfg.dataset_config,
+                             config_field="data.dataset_config", local=local):
+                ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
         else:
             files = {k: [str(Path(p)) for p in v] for k, v in (cfg.data_files or {}).items()}
             ds = datasets.load_dataset("json", data_files=files)

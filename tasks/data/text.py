@@ -36,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from seqpe_nd.positions import Frozen
+from seqpe_nd.tasks.data.hub import hub_dataset, hub_tokenizer
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_bytes
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -146,11 +147,13 @@ def train_bpe(texts: Sequence[str], vocab_size: int) -> TextTokenizer:
     return TextTokenizer(tok, tok.token_to_id(EOS))
 
 
-def load_pretrained_tokenizer(name: str) -> TextTokenizer:
-    """A Hugging Face tokenizer by hub name or local directory, through its fast (Rust) backend."""
+def load_pretrained_tokenizer(name: str, *, section: str = "data") -> TextTokenizer:
+    """A Hugging Face tokenizer by hub name or local directory, through its fast (Rust) backend (``section``: the
+    config section naming it, ``data`` or a QA run's ``lm_data``, for the HubUnavailableError)."""
     from transformers import AutoTokenizer  # heavy import, only on this path
 
-    hf = AutoTokenizer.from_pretrained(name)
+    with hub_tokenizer(f"{section}.tokenizer", name, local=section == "data"):
+        hf = AutoTokenizer.from_pretrained(name)
     if not getattr(hf, "is_fast", False):
         raise ValueError(f"tokenizer {name!r} has no fast backend; the pipeline needs a `tokenizers` tokenizer")
     eos = hf.eos_token_id
@@ -249,7 +252,7 @@ def _files_fingerprint(files: dict[str, list[str]] | list[str]) -> Any:
     return [digest(p) for p in files]
 
 
-def _load_split_texts(cfg: TextDataConfig) -> dict[str, Sequence[str]]:
+def _load_split_texts(cfg: TextDataConfig, section: str = "data") -> dict[str, Sequence[str]]:
     """The documents of each split (lists, or ``datasets`` columns that stay on disk)."""
     if cfg.source == "embedded":
         docs = embedded_documents()
@@ -259,7 +262,11 @@ def _load_split_texts(cfg: TextDataConfig) -> dict[str, Sequence[str]]:
     import datasets  # heavy import, only on these paths
 
     if cfg.source == "hf":
-        ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
+        local = ("read local text files instead (data.source: files with data.data_files: [a.txt, ...] or {train: "
+                 "[...], validation: [...], test: [...]})") if section == "data" else None  # lm_data: must match the LM run
+        with hub_dataset(f"{section}.dataset", cfg.dataset, config=cfg.dataset_config,
+                         config_field=f"{section}.dataset_config", local=local):
+            ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
     else:
         files = cfg.data_files if isinstance(cfg.data_files, dict) else {"train": list(cfg.data_files or [])}
         ds = datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by)
@@ -380,25 +387,25 @@ class TextCorpus:
         return torch.stack([self.block(split, int(i) * length, length) for i in indices])
 
 
-def prepare_text(cfg: TextDataConfig) -> TextCorpus:
-    """Tokenize the corpus once (train the BPE if asked) and return the cached corpus."""
+def prepare_text(cfg: TextDataConfig, *, section: str = "data") -> TextCorpus:
+    """Tokenize the corpus once (train the BPE if asked) and return the cached corpus. ``section`` (``data``, or
+    a QA run's ``lm_data``) is named by the HubUnavailableError raised when the hub cannot give text or tokenizer."""
     directory = cache_root(cfg) / "text" / cache_key(cfg)
     if (directory / "meta.json").is_file():
         return TextCorpus(directory)
     with _locked(directory.with_name(directory.name + ".lock")):
         if (directory / "meta.json").is_file():  # another process finished it while we waited
             return TextCorpus(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        texts = _load_split_texts(cfg)
-        if cfg.tokenizer == "bpe":
+        # What may need the hub comes first (a hub data set, a pretrained tokenizer): either fails before local work.
+        hub_texts = _load_split_texts(cfg, section) if cfg.source == "hf" else None
+        tokenizer = None if cfg.tokenizer == "bpe" else load_pretrained_tokenizer(cfg.tokenizer, section=section)
+        texts = hub_texts if hub_texts is not None else _load_split_texts(cfg, section)
+        if tokenizer is None:
             tokenizer = train_bpe(texts["train"], cfg.vocab_size)  # on training text only: nothing leaks
-        else:
-            tokenizer = load_pretrained_tokenizer(cfg.tokenizer)
+        directory.mkdir(parents=True, exist_ok=True)  # once the text and tokenizer are had: no empty entry on failure
         tokenizer.save(directory / "tokenizer.json")
-        counts = {
-            s: write_tokens(directory / f"{s}.bin", texts[s], tokenizer, add_eos=cfg.add_eos, desc=f"tokenize {s}")
-            for s in SPLITS
-        }
+        counts = {s: write_tokens(directory / f"{s}.bin", texts[s], tokenizer, add_eos=cfg.add_eos,
+                                  desc=f"tokenize {s}") for s in SPLITS}
         meta = {
             "config": cfg.model_dump(mode="json", exclude={"cache_dir"}),
             "tokens": counts,
@@ -434,8 +441,9 @@ def sample_blocks(num_blocks: int, first: int, count: int, seed: int) -> np.ndar
     return out
 
 
-def load_tokenizer(data: TextDataConfig) -> TextTokenizer:
-    """The LM run's tokenizer: the project BPE of its corpus (cached), or a Hugging Face one by name."""
+def load_tokenizer(data: TextDataConfig, *, section: str = "data") -> TextTokenizer:
+    """The LM run's tokenizer: the project BPE of its corpus (cached), or a Hugging Face one by name (``section``:
+    ``data``, or a QA run's ``lm_data``, for error messages)."""
     if data.tokenizer == "bpe":
-        return prepare_text(data).tokenizer
-    return load_pretrained_tokenizer(data.tokenizer)
+        return prepare_text(data, section=section).tokenizer
+    return load_pretrained_tokenizer(data.tokenizer, section=section)

@@ -33,6 +33,7 @@ from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor
 
 from seqpe_nd.positions import Frozen
+from seqpe_nd.tasks.data.hub import hub_dataset
 from seqpe_nd.tasks.data.scenes import ProceduralSettings, make_scene, render
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -148,7 +149,11 @@ class ImageSource:
         elif cfg.source == "hf":
             import datasets
 
-            self._items = datasets.load_dataset(cfg.hf_name, split=name)
+            local = (f"read a local ImageFolder instead (data.source: imagefolder with data.root: DIR holding "
+                     f"DIR/{cfg.train_split}/<class>/*.JPEG and DIR/{cfg.val_split}/<class>/*.JPEG; "
+                     "data.train_split and data.val_split name those folders, e.g. data.val_split: val)")
+            with hub_dataset("data.hf_name", cfg.hf_name, local=local):
+                self._items = datasets.load_dataset(cfg.hf_name, split=name)
 
     def __len__(self) -> int:
         if self.cfg.source == "procedural":

@@ -276,6 +276,10 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             raise ValueError(f"run directory {run_dir} is not empty; pass resume=True (--resume) or choose another")
         if world > 1:
             dist.barrier()
+        # Data that may be out of reach (the hub) fails here, before a model is built or a file written.
+        prepare_data = getattr(task, "prepare_data", None)  # optional: not part of the TrainTask protocol
+        if prepare_data is not None:
+            prepare_data()
 
         # --- precision ---
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")

@@ -109,6 +109,11 @@ class Recipe(ABC, Generic[ConfigT]):
         return cls(cfg, run_dir)
 
     # --- the TrainTask the shared loop runs -------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Open the data that may be out of reach (the Hugging Face hub, a folder) before the loop builds the
+        model or writes the run directory; the loop calls it first. Recipes that load their data in the
+        constructor (LM, QA) need nothing here."""
+
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh fp32 model on the CPU (the loop moves, compiles and DDP-wraps it)."""

@@ -239,7 +239,7 @@ class QARecipe(Recipe[QAConfig]):
         assert cfg.model is not None and cfg.lm_data is not None and cfg.pe is not None and cfg.context_length
         self.context_length: int = cfg.context_length
         self.space: GridSpace = cfg.grid_space(1)
-        self.tokenizer = load_tokenizer(cfg.lm_data)
+        self.tokenizer = load_tokenizer(cfg.lm_data, section="lm_data")
         self.source: QASource = build_source(cfg.data, self.tokenizer, documents=documents)
         self.builder = PromptBuilder(self.tokenizer)
         self._val: list[QAExample] | None = None

@@ -160,6 +160,11 @@ class ViTRecipe(Recipe[ViTConfig]):
         self._batches: Prefetcher | None = None
         self._val: ImageSource | None = None
 
+    def prepare_data(self) -> None:
+        """The validation images, opened before the loop builds the model: a data set the hub cannot give, or a
+        missing ImageFolder split, stops the run before any file is written."""
+        self.val_source()
+
     def build_model(self) -> ViTWithPE:
         return build_model(self.cfg)
 
