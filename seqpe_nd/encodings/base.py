@@ -38,6 +38,20 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 ScoreBackend = Literal["auto", "flex", "bias"]
 
 
+def host_readable(t: Tensor) -> bool:
+    """Whether reading ``t``'s values costs nothing: a CPU tensor outside ``torch.compile``. Input checks on values
+    run only then; on an accelerator they would be a device sync per forward, and under compilation a graph break."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def same_rows(pos: Tensor) -> bool:
+    """Whether every row (batch entry) of ``pos`` is the same: known from the layout for one row or a broadcast
+    (``expand``) batch, the usual case and free everywhere; read from the values only where that is free."""
+    if pos.shape[0] == 1 or pos.stride(0) == 0:
+        return True
+    return host_readable(pos) and bool((pos == pos[:1]).all())
+
+
 @dataclass(eq=False)
 class PEState:
     """What ``prepare`` computed once for one backbone forward, shared by all layers.
@@ -313,11 +327,10 @@ class PositionEncoding(nn.Module):
                 )
         if pos_q.shape[0] != pos_k.shape[0]:
             raise ValueError(f"pos_q and pos_k disagree on batch size: {pos_q.shape[0]} vs {pos_k.shape[0]}")
-        for name, pos in (("pos_q", pos_q), ("pos_k", pos_k)):
-            if pos.numel() and bool((pos < 0).any()):  # -1 would alias the last row of a table, or mirror a rotation
+        for name, pos in (("pos_q", pos_q), ("pos_k", pos_k)):  # a value check: eager CPU only (no device sync)
+            if host_readable(pos) and pos.numel() and bool((pos < 0).any()):  # -1 would alias a table's last row
                 raise ValueError(f"{name} has a negative coordinate ({int(pos.min())}); positions must be >= 0")
-        shared = bool((pos_q == pos_q[:1]).all()) and bool((pos_k == pos_k[:1]).all())
-        return PEState(pos_q=pos_q, pos_k=pos_k, shared_rows=shared)
+        return PEState(pos_q=pos_q, pos_k=pos_k, shared_rows=same_rows(pos_q) and same_rows(pos_k))
 
     # -- the three hooks ------------------------------------------------------------------
     def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:

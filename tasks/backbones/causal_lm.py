@@ -45,7 +45,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from seqpe_nd.encodings import PESpec, build_position_encoding
-from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding
+from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, host_readable
 from seqpe_nd.tasks.backbones.pe_logs import add_pe_logs
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
@@ -191,8 +191,7 @@ class CausalLMOutputWithPE(CausalLMOutputWithCrossAttentions):
     """GPT-2's output plus the PE's auxiliary loss of this forward (SeqPE regularizers in training). With labels in
     training, ``loss`` is the loss to optimize, ``lm_loss + pe_aux_loss`` (as Mixtral adds its router loss)."""
 
-    lm_loss: torch.Tensor | None = None
-    """The language-model loss alone (with labels)."""
+    lm_loss: torch.Tensor | None = None  # the language-model loss alone (with labels)
     pe_aux_loss: torch.Tensor | None = None
     pe_logs: dict[str, Any] | None = None
     """The PE's training logs of this forward (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``,
@@ -230,8 +229,8 @@ class PositionEncodingLM:
     def __init__(self, config: PreTrainedConfig, pe: PositionEncoding | None = None) -> None:
         """The stock model (stock init) with ``pe``; without ``pe``, the PE that ``config`` records (how loading
         rebuilds it); with both, ``pe`` must be the recorded one. A config that records no PE is copied, not changed."""
-        if pe is not None and getattr(config, PE_CONFIG_KEY, None) is None:
-            config = copy.deepcopy(config)  # the caller's config may build other models (another PE, the stock one)
+        if pe is not None and getattr(config, PE_CONFIG_KEY, None) is None:  # the caller's may build other models
+            config = copy.deepcopy(config)
         self.seam.check(config)
         config._attn_implementation = ATTN_IMPLEMENTATION
         super().__init__(config)  # type: ignore[call-arg]
@@ -277,6 +276,7 @@ class PositionEncodingLM:
         config.__class__ = self.config_class  # the same fields under the PE model's own model_type
         setattr(config, PE_CONFIG_KEY, record)
         config._attn_implementation = ATTN_IMPLEMENTATION  # every layer reads the shared config
+        self.loss_type = "ForCausalLM"  # transformers guesses it from the class name (GPT2WithPE: none, a warning)
         self.seam.remove(self)  # type: ignore[arg-type]
         self.pe = pe.train(self.training)  # type: ignore[attr-defined]  # the model's mode (eval after from_pretrained)
 
@@ -384,7 +384,7 @@ class PositionEncodingLM:
         if inputs_embeds is None:
             table = self.get_input_embeddings()  # type: ignore[attr-defined]
             vocab = table.num_embeddings
-            if input_ids.numel() and not (0 <= int(input_ids.min()) and int(input_ids.max()) < vocab):
+            if host_readable(input_ids) and input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
                 bad = int(input_ids.min()) if int(input_ids.min()) < 0 else int(input_ids.max())
                 raise ValueError(f"input_ids holds token {bad}, outside the vocabulary 0..{vocab - 1}")
             inputs_embeds = table(input_ids)
