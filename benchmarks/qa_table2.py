@@ -45,6 +45,16 @@ METHODS = ("nope", "ape_learn", "rope-1e6", "alibi", "seqpe")
 LABELS = {"nope": "NoPE", "ape_learn": "APE-learn", "rope-1e6": "RoPE-10⁶", "alibi": "ALiBi", "seqpe": "SeqPE"}
 BENCH = "bench.json"  # per QA run: timings and provenance, so a rerun can reuse a finished run
 METRICS = ("em", "strict_em", "ppl")
+FACTS = {  # data.distractor_facts
+    "other": "the gold one \"The colour of the <key> is <colour>.\", each distractor the size or texture of its key, "
+             "so the one colour fact is the gold document's",
+    "same": "\"The colour of the <key> is <colour>.\" in every document, so only the key asked about tells the gold "
+            "document apart",
+}
+FORMS = {  # data.answer_form
+    "value": "the answer is the colour alone",
+    "sentence": "the answer restates the fact (\"The colour of the <key> is <colour>.\")",
+}
 
 
 def finished(run_dir: Path) -> bool:
@@ -216,8 +226,9 @@ def main() -> None:
         f"# Table 2 at smoke scale: long-context QA (embedded multi-document QA, closed single-token answers)\n\n"
         f"Each model is the LM smoke run of its method and seed (2-layer, 128-wide GPT-2 trained at 128 tokens, "
         f"`benchmarks/lm_table1.py`), fine-tuned {base.train.steps} steps × {base.train.batch_size} prompts of ≤ {L} "
-        f"tokens (Fig. 4 template, gold document among distractors, each document with one planted fact \"The colour "
-        f"of the <key> is <colour>.\", keys unique per prompt; loss on answer + EOS only), best checkpoint by "
+        f"tokens (Fig. 4 template, gold document among distractors, each document with one planted fact about its own "
+        f"key: {FACTS[base.data.distractor_facts]}; {FORMS[base.data.answer_form]}; loss on the answer + EOS only), best "
+        f"checkpoint by "
         f"validation answer perplexity (best steps per seed: {best_steps}). Evaluated on the same "
         f"{base.eval.num_examples} {base.eval.split} questions at each length (documents per prompt: "
         + ", ".join(f"{docs[n]:.1f} at {n}" for n in lengths) + "). "
