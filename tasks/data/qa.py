@@ -302,9 +302,9 @@ class QADataConfig(Frozen):
     """``embedded`` only: questions in the validation and in the test split."""
     distractor_facts: Literal["same", "other"] = "same"
     """``embedded`` only: what a distractor's planted fact says about its (other) key. ``same``: its colour, so
-    only the key tells the gold document apart; ``other``: its size or texture, so the one colour in the
-    prompt is the gold document's (position-free content search: RoPE and ALiBi answer 97 % and 95.5 % at
-    8x the fine-tuning length in the smoke pilot, so it separates nothing)."""
+    only the key tells the gold document apart; ``other``: its size or texture, so the one colour in the prompt
+    is the gold document's (the smoke benchmark's setting: every method answers 100 % at the fine-tuning length,
+    83-100 % at 8x; with ``same`` the 2-layer smoke model stays near the copy-a-document level)."""
     answer_form: Literal["sentence", "value"] = "sentence"
     """``embedded`` only: what the model is trained to answer. ``sentence``: the fact restated
     (``The colour of the horse is red.``), whose last word is the retrieved value: copying it after ``of the horse is`` is
