@@ -31,7 +31,7 @@ from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.clipping import clip_gradients, split_for_clipping
 from seqpe_nd.tasks.engine.collapse import CollapseWatch
-from seqpe_nd.tasks.engine.param_groups import param_groups
+from seqpe_nd.tasks.engine.param_groups import default_no_weight_decay, param_groups
 from seqpe_nd.tasks.engine.metrics_log import append_jsonl, truncate_metrics
 from seqpe_nd.tasks.engine.distributed import all_mean, gather_rng, maybe_no_sync, restore_rng, setup_distributed
 
@@ -80,11 +80,22 @@ class TrainTask(Protocol):
         ...
 
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        """True for parameters trained without weight decay (biases, norms, the SeqPE encoder)."""
+        """True for parameters the task trains without weight decay beyond the default rule (biases, norms and
+        every PositionEncoding parameter: ``param_groups.default_no_weight_decay``), e.g. a prefix token's embedding."""
         ...
 
     def config_dict(self) -> dict[str, Any]:
         """The full resolved run config; saved with every checkpoint."""
+        ...
+
+    strict_sections: tuple[str, ...]  # what a resumed checkpoint's config must match: STRICT_SECTIONS (+ a recipe's)
+
+    def normalize_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's saved config in today's form (fields added since get their defaults) before comparing."""
+        ...
+
+    def prepare_data(self) -> None:
+        """Open data that may be out of reach (the hub, a folder), before the loop builds the model or writes."""
         ...
 
 
@@ -250,9 +261,12 @@ def train_or_reuse(
 
 
 def build_optimizer(model: nn.Module, task: TrainTask, cfg: TrainConfig, *, fused: bool = False) -> torch.optim.AdamW:
-    """The run's AdamW on the bare ``model``: :func:`param_groups` with the task's no-decay rule (the function a
-    user's own optimizer calls), at ``cfg.lr``; the loop sets each group's rate to ``rate * lr_scale`` per step."""
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, no_weight_decay=task.no_weight_decay)
+    """The run's AdamW on the bare ``model``: :func:`param_groups` (the function a user's own optimizer calls) with
+    its default no-decay rule (biases, norms, every PositionEncoding parameter) widened by the task's own, at
+    ``cfg.lr``; the loop sets each group's rate to ``rate * lr_scale`` per step."""
+    default = default_no_weight_decay(model)
+    groups = param_groups(model, cfg.lr, cfg.weight_decay,
+                          no_weight_decay=lambda name, p: default(name, p) or task.no_weight_decay(name, p))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
 
 
@@ -276,10 +290,7 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
             raise ValueError(f"run directory {run_dir} is not empty; pass resume=True (--resume) or choose another")
         if world > 1:
             dist.barrier()
-        # Data that may be out of reach (the hub) fails here, before a model is built or a file written.
-        prepare_data = getattr(task, "prepare_data", None)  # optional: not part of the TrainTask protocol
-        if prepare_data is not None:
-            prepare_data()
+        task.prepare_data()  # data out of reach (the hub) fails here, before a model is built or a file written
 
         # --- precision ---
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -306,10 +317,9 @@ def train(task: TrainTask, cfg: TrainConfig, run_dir: Path, *, resume: bool = Fa
         # --- config and resume ---
         config = {**task.config_dict(), "train": cfg.model_dump(mode="json")}
         start, elapsed = 0, 0.0  # elapsed: training seconds of the parts of this run before a resume
-        sections = getattr(task, "strict_sections", STRICT_SECTIONS)  # a recipe may add its own (hybrid: positions)
         readable = ckpt.newest_readable(
-            run_dir, lambda p: ckpt.load_checkpoint(p, expected_config=config, strict_sections=tuple(sections),
-                                                   normalize=getattr(task, "normalize_config", None))
+            run_dir, lambda p: ckpt.load_checkpoint(p, expected_config=config, strict_sections=task.strict_sections,
+                                                   normalize=task.normalize_config)
         ) if resume else None
         found = None
         if readable is not None:

@@ -44,7 +44,7 @@ from seqpe_nd.tasks.engine.evaluation import (
     reject_unknown_options,
     write_result,
 )
-from seqpe_nd.tasks.engine.trainer import derive_seed, first_sample, unwrap
+from seqpe_nd.tasks.engine.trainer import STRICT_SECTIONS, derive_seed, first_sample, unwrap
 from seqpe_nd.tasks.recipes.config import RunConfig
 
 ConfigT = TypeVar("ConfigT", bound=RunConfig)
@@ -85,7 +85,7 @@ class Recipe(ABC, Generic[ConfigT]):
     task: ClassVar[str]
     """The ``task:`` value of its configs."""
     config_type: ClassVar[type[RunConfig]]
-    strict_sections: ClassVar[tuple[str, ...]] = ("task", "model", "space", "pe")
+    strict_sections: ClassVar[tuple[str, ...]] = STRICT_SECTIONS
     """Config sections a checkpoint must match to be resumed or evaluated."""
     main_loss: ClassVar[str] = "loss"
     """Name under which the main loss is logged."""
@@ -187,8 +187,8 @@ class Recipe(ABC, Generic[ConfigT]):
         return total, metrics
 
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        # Biases, norms and every PE parameter (the released code trains the SeqPE encoder without decay).
-        return param.ndim < 2 or name.startswith("pe.") or name in self.no_decay_names
+        """This recipe's own no-decay names (the loop adds the default rule: biases, norms, every PE parameter)."""
+        return name in self.no_decay_names
 
     def config_dict(self) -> dict[str, Any]:
         """The resolved config (the space inline, never a path) saved with every checkpoint."""

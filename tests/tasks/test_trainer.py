@@ -19,7 +19,7 @@ from seqpe_nd.tasks import recipes
 from seqpe_nd.tasks.recipes.config import RunConfig
 from seqpe_nd.tasks.cli import main
 from seqpe_nd.tasks.engine.param_groups import param_groups
-from seqpe_nd.tasks.engine.trainer import TrainConfig, TrainTask, lr_at, train, train_or_reuse, unwrap
+from seqpe_nd.tasks.engine.trainer import STRICT_SECTIONS, TrainConfig, TrainTask, lr_at, train, train_or_reuse, unwrap
 
 VOCAB, LENGTH = 32, 8
 
@@ -93,6 +93,14 @@ class ToyTask:
 
     def config_dict(self) -> dict[str, Any]:
         return self.config
+
+    strict_sections = STRICT_SECTIONS
+
+    def normalize_config(self, saved: dict[str, Any]) -> dict[str, Any]:
+        return saved
+
+    def prepare_data(self) -> None:
+        """Its batches are drawn on the fly: nothing to open."""
 
 
 # A recipe for the CLI tests (registered under "toy" by a fixture).
