@@ -269,6 +269,15 @@ class PositionEncoding(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.num_layers, self.width = num_heads, head_dim, num_layers, width
 
+    def check_fits(self, *, num_layers: int, num_heads: int, head_dim: int, model: str = "the model") -> None:
+        """One error naming both shapes when this encoding was sized for another backbone (build it with the
+        backbone's sizes, e.g. ``**pe_sizes(model)``)."""
+        if (self.num_layers, self.num_heads, self.head_dim) != (num_layers, num_heads, head_dim):
+            raise ValueError(
+                f"PE sized for {self.num_layers} layers x {self.num_heads} heads x {self.head_dim} dims, {model} has "
+                f"{num_layers} x {num_heads} x {head_dim}"
+            )
+
     def lr_scales(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
         """Parameters of this encoding that train at their own multiple of the run's peak rate ``lr``, as
         ``(parameters, scale)`` pairs (none by default; SeqPE: its encoder, from ``encoder_lr_scale`` and

@@ -252,12 +252,7 @@ class PositionEncodingLM:
     def pe_record(cls, config: PreTrainedConfig, pe: PositionEncoding) -> dict[str, Any] | None:
         """What ``config`` will record for ``pe``, once ``pe`` is checked against the model and any record there."""
         sizes = cls.seam.sizes(config)
-        want = (sizes["num_layers"], sizes["num_heads"], sizes["head_dim"])
-        if (pe.num_layers, pe.num_heads, pe.head_dim) != want:
-            raise ValueError(
-                f"PE sized for {pe.num_layers} layers x {pe.num_heads} heads x {pe.head_dim} dims, the model has "
-                f"{want[0]} x {want[1]} x {want[2]}"
-            )
+        pe.check_fits(num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], head_dim=sizes["head_dim"])
         if not issubclass(cls.config_class, type(config)):
             stock = cls.config_class.__mro__[1].__name__
             raise ValueError(f"{cls.__name__} takes a {stock}, got {type(config).__name__}")

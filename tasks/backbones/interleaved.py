@@ -64,10 +64,7 @@ class InterleavedTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.readout = readout
-        if pe.num_layers != depth or pe.num_heads != num_heads or pe.head_dim * num_heads != embed_dim:
-            raise ValueError(
-                f"PE sized for {pe.num_layers} layers × {pe.num_heads} heads × {pe.head_dim} dims, the model has {depth} × {num_heads} × {embed_dim // num_heads}"
-            )
+        pe.check_fits(num_layers=depth, num_heads=num_heads, head_dim=embed_dim // num_heads)
         self.text_embed = nn.Embedding(vocab_size, embed_dim)
         self.patch_embed = PatchEmbed(
             img_size=None,

@@ -125,11 +125,8 @@ def attach_vit(model: VisionTransformer, pe: PositionEncoding) -> VisionTransfor
     if kinds:
         raise ValueError(f"every block's attention must be timm's Attention to take a position encoding; found {kinds}")
     sizes = vit_sizes(model)
-    if (pe.num_layers, pe.num_heads, pe.head_dim) != (sizes["num_layers"], sizes["num_heads"], sizes["head_dim"]):
-        raise ValueError(
-            f"PE sized for {pe.num_layers} layers x {pe.num_heads} heads x {pe.head_dim} dims, the ViT has "
-            f"{sizes['num_layers']} x {sizes['num_heads']} x {sizes['head_dim']}: build it with **vit_sizes(model)"
-        )
+    pe.check_fits(num_layers=sizes["num_layers"], num_heads=sizes["num_heads"], head_dim=sizes["head_dim"],
+                  model="the ViT")
     if pe.spec is not None and pe.spec.space.width != 2:
         raise ValueError(f"an image ViT's patches have 2-D positions (row, column); the PE's space has positions of "
                          f"width {pe.spec.space.width}: build it on a 2-D grid space, e.g. configs/positions/image-14x14.yaml")

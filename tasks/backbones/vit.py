@@ -234,11 +234,7 @@ class ViTWithPE(nn.Module):
         attns = [blk.attn for blk in vit.blocks]
         if not all(isinstance(a, PEAttention) for a in attns):
             raise ValueError("the timm model must be built with attn_layer=PEAttention")
-        if pe.num_layers != len(attns) or pe.num_heads != attns[0].num_heads or pe.head_dim != attns[0].head_dim:
-            raise ValueError(
-                f"PE sized for {pe.num_layers} layers × {pe.num_heads} heads × {pe.head_dim} dims, "
-                f"the ViT has {len(attns)} × {attns[0].num_heads} × {attns[0].head_dim}"
-            )
+        pe.check_fits(num_layers=len(attns), num_heads=attns[0].num_heads, head_dim=attns[0].head_dim, model="the ViT")
         self.vit = vit
         self.pe = PrefixedEncoding(pe, vit.num_prefix_tokens)
         # The prefix ([CLS], registers) tokens' own learned position embedding (timm's pos_embed[:, :1]).
