@@ -68,7 +68,8 @@ ROLE_IMPORTS: dict[str, set[str]] = {
     "recipes": {"backbones", "data", "engine", "recipes"},
     "cli": {"backbones", "data", "engine", "recipes", "cli"},
 }
-RECIPE_SHARED = {"seqpe_nd.tasks.recipes", "seqpe_nd.tasks.recipes.base", "seqpe_nd.tasks.recipes.config"}
+RECIPE_SHARED = {"seqpe_nd.tasks.recipes", "seqpe_nd.tasks.recipes.base", "seqpe_nd.tasks.recipes.config",
+                 "seqpe_nd.tasks.recipes.vit_family"}
 
 
 def role(path: Path) -> str:

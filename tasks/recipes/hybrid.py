@@ -63,36 +63,27 @@ from seqpe_nd.tasks.data.interleaved import (
     timeline_length,
 )
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
+from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.vit_family import TransformerShape
 
 
-class HybridModelSettings(Frozen):
-    """The interleaved transformer (``model:``)."""
+class HybridModelSettings(TransformerShape):
+    """The interleaved transformer (``model:``), a small one by default."""
 
     img_size: PositiveInt = 32
-    """Training image size R in pixels (square)."""
+    patch_size: PositiveInt = 8
+    embed_dim: PositiveInt = 64
+    depth: PositiveInt = 3
+    num_heads: PositiveInt = 4
+    mlp_ratio: float = Field(2.0, gt=0)
     num_images: PositiveInt = 2
     """Candidate images per training example K (a question about a reference shows it first)."""
-    patch_size: PositiveInt = 8
-    """Patch size."""
-    embed_dim: PositiveInt = 64
-    """Width."""
-    depth: PositiveInt = 3
-    """Blocks."""
-    num_heads: PositiveInt = 4
-    """Attention heads."""
-    mlp_ratio: float = Field(2.0, gt=0)
-    """MLP width ratio."""
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    """Stochastic depth."""
     readout: Literal["marker", "mean"] = "marker"
     """Score each image at its ``[/image]`` word after its patches (marker) or from the mean of its patches (mean)."""
 
     @model_validator(mode="after")
     def _check(self) -> "HybridModelSettings":
-        check_multiples(
-            embed_dim=(self.embed_dim, "num_heads", self.num_heads), img_size=(self.img_size, "patch_size", self.patch_size)
-        )
+        self.check_shape()
         return self
 
     @property

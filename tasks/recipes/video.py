@@ -28,37 +28,27 @@ from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
 from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
+from seqpe_nd.tasks.recipes.vit_family import TransformerShape, classification_step
 
 
-class VideoModelSettings(Frozen):
-    """The video ViT (``model:``): a timm VisionTransformer with a tubelet patch embedding."""
+class VideoModelSettings(TransformerShape):
+    """The video ViT (``model:``): a timm VisionTransformer with a tubelet patch embedding (a small one by default)."""
 
     img_size: PositiveInt = 32
-    """Training frame size R in pixels (square)."""
+    patch_size: PositiveInt = 8
+    embed_dim: PositiveInt = 96
+    depth: PositiveInt = 3
+    num_heads: PositiveInt = 4
+    mlp_ratio: float = Field(2.0, gt=0)
     frames: PositiveInt = 4
     """Training clip length T in frames."""
-    patch_size: PositiveInt = 8
-    """Spatial patch size."""
     tubelet: PositiveInt = 1
     """Frames per tubelet (1: each token sees one frame, so motion is only visible through positions)."""
-    embed_dim: PositiveInt = 96
-    """Width."""
-    depth: PositiveInt = 3
-    """Blocks."""
-    num_heads: PositiveInt = 4
-    """Attention heads."""
-    mlp_ratio: float = Field(2.0, gt=0)
-    """MLP width ratio."""
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    """Stochastic depth."""
 
     @model_validator(mode="after")
     def _check(self) -> "VideoModelSettings":
-        check_multiples(
-            embed_dim=(self.embed_dim, "num_heads", self.num_heads),
-            img_size=(self.img_size, "patch_size", self.patch_size),
-            frames=(self.frames, "tubelet", self.tubelet),
-        )
+        self.check_shape()
+        check_multiples(frames=(self.frames, "tubelet", self.tubelet))
         return self
 
     @property
@@ -166,12 +156,8 @@ class VideoRecipe(Recipe[VideoConfig]):
     def step(
         self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
     ) -> StepOutput:
-        clips, targets = batch["clips"], batch["targets"]
-        offset = None if shift is None else shift.to(clips.device, non_blocking=True)  # (b, w): each clip its own start
-        out = model(clips, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
-        main = F.cross_entropy(out.logits.float(), targets)
-        top1 = 100.0 * (out.logits.argmax(-1) == targets).float().mean()
-        return StepOutput(main, out.aux_loss, out.logs, {"train_top1": top1})
+        return classification_step(model, batch["clips"], batch["targets"], shift=shift, generator=generator,
+                                   loss_fn=F.cross_entropy)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Top-1 on the first ``eval.val_clips`` validation clips at the training size."""

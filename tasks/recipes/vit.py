@@ -24,30 +24,18 @@ from seqpe_nd.tasks.data.vision import ImageSource, Prefetcher, TrainBatches, Vi
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
+from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.vit_family import TransformerShape, classification_step
 
 SIMILARITY_PNG = "pe_similarity.png"
 
 
-class ViTSettings(Frozen):
-    """The ViT backbone (``model:``)."""
+class ViTSettings(TransformerShape):
+    """The ViT backbone (``model:``): a timm model by ``name``, or the shape of :class:`TransformerShape`."""
 
     name: str | None = None
-    """timm model name (``vit_small_patch16_224`` = ViT-S/16); None builds the shape below."""
-    img_size: PositiveInt = 224
-    """Training resolution R in pixels (square); the space's L must equal R / patch_size."""
-    patch_size: PositiveInt = 16
-    """Patch size (must match the timm model's when ``name`` is set)."""
-    embed_dim: PositiveInt = 384
-    """Width (not allowed with ``name``)."""
-    depth: PositiveInt = 12
-    """Blocks (not allowed with ``name``)."""
-    num_heads: PositiveInt = 6
-    """Heads (not allowed with ``name``)."""
-    mlp_ratio: float = Field(4.0, gt=0)
-    """MLP width ratio (not allowed with ``name``)."""
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
-    """Stochastic depth (DeiT ViT-S: 0.1)."""
+    """timm model name (``vit_small_patch16_224`` = ViT-S/16), which fixes the shape (patch_size must match it);
+    None builds the shape."""
 
     @model_validator(mode="after")
     def _check(self) -> "ViTSettings":
@@ -57,9 +45,7 @@ class ViTSettings(Frozen):
                 f"name = {self.name!r} fixes the architecture, so {', '.join(shape)} would be ignored; "
                 "remove them, or remove name to build that shape"
             )
-        check_multiples(img_size=(self.img_size, "patch_size", self.patch_size))
-        if self.name is None:
-            check_multiples(embed_dim=(self.embed_dim, "num_heads", self.num_heads))
+        self.check_shape(width=self.name is None)
         return self
 
 
@@ -182,12 +168,8 @@ class ViTRecipe(Recipe[ViTConfig]):
     def step(
         self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
     ) -> StepOutput:
-        images, targets = batch["images"], batch["targets"]
-        offset = None if shift is None else shift.to(images.device, non_blocking=True)  # (b, w): each image its own start
-        out = model(images, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
-        main = self.loss_fn(out.logits.float(), targets)
-        extra = {"train_top1": 100.0 * (out.logits.argmax(-1) == targets).float().mean()} if targets.ndim == 1 else {}
-        return StepOutput(main, out.aux_loss, out.logs, extra)
+        return classification_step(model, batch["images"], batch["targets"], shift=shift, generator=generator,
+                                   loss_fn=self.loss_fn)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Top-1 on the first ``eval.val_images`` validation images at the training resolution."""
