@@ -87,7 +87,7 @@ def measure(methods_1d: list[str], methods_2d: list[str]) -> list[dict[str, Any]
         model = ViTWithPE.with_pe(vit, pe_config(method), SPACE_2D)
         for mode in ("train", "eval"):
             model.train(mode == "train")
-            n, where = breaks(lambda x: (lambda o: o.logits.sum() + (0 if o.aux_loss is None else o.aux_loss))(model(x)), x)
+            n, where = breaks(lambda x: (lambda o: o.logits.sum() + (0 if o.pe_aux_loss is None else o.pe_aux_loss))(model(x)), x)
             rows.append({"backbone": "vit", "method": method, "mode": mode, "breaks": n, "where": where})
     return rows
 

@@ -139,6 +139,10 @@ class APESinConfig(MethodConfig):
 
     hybrid: ClassVar[bool] = False
 
+    def for_embeddings(self, std: float) -> "APESinConfig":
+        """An unset amplitude becomes ``std · √2``: the sinusoids' RMS (1/√2 per coordinate) matches the tokens'."""
+        return self if self.scale is not None else self.model_copy(update={"scale": std * math.sqrt(2.0)})
+
     def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
         scale = 1.0 if self.scale is None else self.scale
         return APESin(d_model=sizes.d_model, base=self.base, scale=scale, width=space.width, **sizes.attention)

@@ -53,6 +53,11 @@ class MethodConfig(Frozen):
             return f"{self.method} is {self.dims}-D, but the space is {space.ndim}-D; {self.instead}"
         return None
 
+    def for_embeddings(self, std: float) -> "MethodConfig":
+        """This config for a model whose token embeddings are N(0, ``std``): unchanged, unless the method adds a
+        fixed-amplitude signal to them and leaves its amplitude unset (APE-sin)."""
+        return self
+
     @abstractmethod
     def build(self, space: GridSpace | HybridSpace, sizes: Sizes) -> PositionEncoding:
         """The encoding this config names on ``space``, sized ``sizes`` (the space is already checked)."""

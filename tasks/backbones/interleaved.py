@@ -28,9 +28,9 @@ from seqpe_nd.tasks.backbones.vit import ForwardContext, PEAttention, PEHub
 class HybridOutput(NamedTuple):
     logits: Tensor
     """(b, k): one match logit per image."""
-    aux_loss: Tensor | None
+    pe_aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
-    logs: dict[str, Any] | None = None
+    pe_logs: dict[str, Any] | None = None
     """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
     classes: Tensor | None = None
     """(b, k, C): per-image class logits read at the same readout (``num_classes > 0``), else None."""

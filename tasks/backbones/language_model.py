@@ -1,14 +1,13 @@
 """The causal LM of the LM and QA recipes, built from its ``model:`` section: Hugging Face GPT-2 or a Llama of
 the same shape, with a PositionEncoding in place of its own positions; or the stock GPT-2 with its own."""
 
-import math
 from typing import Literal
 
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
-from seqpe_nd.encodings import APESinConfig, NoPEConfig, PEConfig, build_position_encoding
+from seqpe_nd.encodings import NoPEConfig, PEConfig, build_position_encoding
 from seqpe_nd.positions import Frozen, GridSpace
 from seqpe_nd.tasks.backbones.huggingface import attach_position_encoding
 from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE, StockGPT2
@@ -76,7 +75,7 @@ def build_lm(
     """A randomly initialised causal LM (``settings.arch``) whose positions come from ``pe_config`` on ``space``.
 
     An APE-sin without a ``scale`` gets the sinusoid RMS (1/√2 per coordinate) matched to GPT-2's
-    N(0, init_std) token embeddings, i.e. amplitude init_std·√2 (see ``APESinConfig.scale``).
+    N(0, init_std) token embeddings, i.e. amplitude init_std·√2 (``APESinConfig.for_embeddings``).
     ``gpt2_stock`` takes its positions from its own ``wpe`` of ``max_positions`` rows (default
     ``block_size``: give the longest length it will be evaluated at), so ``pe_config`` must be NoPE.
     """
@@ -86,8 +85,7 @@ def build_lm(
                              f"pe must be {{method: nope}}, got method {pe_config.method!r}")
         config = gpt2_config(settings, vocab_size=vocab_size, eos_id=eos_id, n_positions=max_positions)
         return StockGPT2(config)
-    if isinstance(pe_config, APESinConfig) and pe_config.scale is None:
-        pe_config = pe_config.model_copy(update={"scale": settings.init_std * math.sqrt(2.0)})
+    pe_config = pe_config.for_embeddings(settings.init_std)  # APE-sin: its amplitude matched to the tokens'
     m = settings
     pe = build_position_encoding(
         pe_config, space=space, num_heads=m.n_head, head_dim=m.n_embd // m.n_head, num_layers=m.n_layer,

@@ -207,9 +207,9 @@ def embed_positions(
 
 class ViTOutput(NamedTuple):
     logits: Tensor
-    aux_loss: Tensor | None
+    pe_aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
-    logs: dict[str, Any] | None = None
+    pe_logs: dict[str, Any] | None = None
     """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
 
 

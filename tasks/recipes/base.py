@@ -57,7 +57,7 @@ class StepOutput(NamedTuple):
 
     main: Tensor
     """The recipe's own loss (0-dim)."""
-    aux_loss: Tensor | None
+    pe_aux_loss: Tensor | None
     """The PE's auxiliary loss, None when it has none."""
     pe_logs: Mapping[str, Any] | None
     """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
@@ -182,8 +182,8 @@ class Recipe(ABC, Generic[ConfigT]):
         # 0-dim tensors, not floats: no device sync per micro-batch (the loop reads them when it logs)
         metrics: dict[str, float | Tensor] = {self.main_loss: out.main.detach(), "shifted": float(z is not None)}
         metrics.update(out.metrics)
-        metrics.update(pe_metrics(out.aux_loss, out.pe_logs))
-        total = out.main if out.aux_loss is None else out.main + out.aux_loss
+        metrics.update(pe_metrics(out.pe_aux_loss, out.pe_logs))
+        total = out.main if out.pe_aux_loss is None else out.main + out.pe_aux_loss
         return total, metrics
 
     def no_weight_decay(self, name: str, param: nn.Parameter) -> bool:

@@ -128,7 +128,7 @@ def _space_source(value: Any, info: Any) -> Any:  # info: pydantic ValidationInf
     return value
 
 
-Space = Annotated[PositionSpace, BeforeValidator(_space_source)]
+SpaceField = Annotated[PositionSpace, BeforeValidator(_space_source)]
 """A position space in a run config: inline, or a path to a space YAML (see :func:`find_config_file`)."""
 
 
@@ -141,7 +141,7 @@ class RunConfig(Frozen):
     """What every recipe's run config has; a recipe subclasses it with ``task: Literal[...]`` and its sections."""
 
     task: str
-    space: Space
+    space: SpaceField
     """Position space: an inline mapping or a YAML path (relative to the config file, the working directory or
     the shipped configs)."""
     pe: PEConfig

@@ -63,7 +63,7 @@ from seqpe_nd.tasks.data.interleaved import (
     timeline_length,
 )
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
 from seqpe_nd.tasks.recipes.vit_family import TransformerShape
 
 
@@ -111,7 +111,7 @@ class HybridConfig(RunConfig):
     task: Literal["hybrid"] = "hybrid"
     model: HybridModelSettings = HybridModelSettings()
     data: HybridDataConfig = HybridDataConfig()
-    space: Space
+    space: SpaceField
     """Hybrid space with a 1-D ``text`` and a 2-D ``image`` modality (inline or a YAML path); its
     timeline L is the training sequence's (5 + 3 × images shown) and its image L the training patch grid."""
     positions: Literal["hybrid", "flat"] = "hybrid"
@@ -239,7 +239,7 @@ class HybridRecipe(Recipe[HybridConfig]):
             pos = self.pe_space.apply_shift(pos, shift.to(images.device, non_blocking=True)[:, None])
         out = model(text, images, pos, is_image, pe_generator=generator, pe_shifted=shift is not None)
         if self.cfg.data.question != "sentence":  # the reference is shown, not a candidate answer
-            out = HybridOutput(out.logits[:, 1:], out.aux_loss, out.logs, out.classes)
+            out = HybridOutput(out.logits[:, 1:], out.pe_aux_loss, out.pe_logs, out.classes)
         return out
 
     def step(
@@ -255,7 +255,7 @@ class HybridRecipe(Recipe[HybridConfig]):
             colour = F.cross_entropy(out.classes.float().flatten(0, 1), batch["colours"].flatten())
             main = main + self.cfg.colour_weight * colour
             metrics["colour_loss"] = colour.detach()
-        return StepOutput(main, out.aux_loss, out.logs, metrics)
+        return StepOutput(main, out.pe_aux_loss, out.pe_logs, metrics)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
         """Accuracy on the first ``eval.val_examples`` validation examples at the training size."""

@@ -28,7 +28,7 @@ from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, prepare_text, s
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import read_result
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
 
 
 class EvalSettings(Frozen):
@@ -50,7 +50,7 @@ class LMConfig(RunConfig):
     task: Literal["lm"] = "lm"
     model: LMSettings = LMSettings()
     data: TextDataConfig = TextDataConfig()
-    space: Space = Field("configs/positions/text-512.yaml", validate_default=True)
+    space: SpaceField = Field("configs/positions/text-512.yaml", validate_default=True)
     """1-D position space whose L is ``model.block_size``: inline, or a YAML path (see RunConfig.space)."""
     pe: PEConfig = Field(default_factory=SeqPEConfig)
     """Position encoding; ``method`` picks one (nope, ape_sin, ape_learn, rope, alibi, seqpe, ...)."""

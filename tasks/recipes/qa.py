@@ -58,7 +58,7 @@ from seqpe_nd.tasks.engine.decoding import answer_loss, greedy_generate
 from seqpe_nd.tasks.engine.evaluation import read_run_config
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
 
 BEST = "best"
 """Sub-directory of a QA run holding the checkpoint with the best validation answer perplexity."""
@@ -96,7 +96,7 @@ class QAConfig(RunConfig):
     """Filled in by the recipe: the checkpoint directory actually loaded (provenance)."""
     model: LMSettings | None = None
     """None: the LM run's; given: must equal it."""
-    space: Space | None = None
+    space: SpaceField | None = None
     """None: the LM run's; given: must equal it (inline, or a YAML path as in RunConfig.space)."""
     pe: PEConfig | None = None
     """None: the LM run's; given: must equal it field by field."""

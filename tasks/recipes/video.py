@@ -27,7 +27,7 @@ from seqpe_nd.tasks.data.video import CLASSES, VideoDataConfig, clip_batch
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space, check_multiples
+from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField, check_multiples
 from seqpe_nd.tasks.recipes.vit_family import TransformerShape, classification_step
 
 
@@ -77,7 +77,7 @@ class VideoConfig(RunConfig):
     task: Literal["video"] = "video"
     model: VideoModelSettings = VideoModelSettings()
     data: VideoDataConfig = VideoDataConfig()
-    space: Space
+    space: SpaceField
     """3-D position space (frame, row, col) whose L is the training token grid: inline, or a YAML path."""
     pe: PEConfig = Field(
         default_factory=lambda: SeqPEConfig(

@@ -24,7 +24,7 @@ from seqpe_nd.tasks.data.vision import ImageSource, Prefetcher, TrainBatches, Vi
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, Space
+from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
 from seqpe_nd.tasks.recipes.vit_family import TransformerShape, classification_step
 
 SIMILARITY_PNG = "pe_similarity.png"
@@ -68,7 +68,7 @@ class ViTConfig(RunConfig):
     task: Literal["vit"] = "vit"
     model: ViTSettings = ViTSettings()
     data: VisionDataConfig = VisionDataConfig()
-    space: Space = Field("configs/positions/image-14x14.yaml", validate_default=True)
+    space: SpaceField = Field("configs/positions/image-14x14.yaml", validate_default=True)
     """2-D position space whose L is the training patch grid: inline, or a YAML path (see RunConfig.space)."""
     pe: PEConfig = Field(
         default_factory=lambda: SeqPEConfig(integration="attn_mul", per_layer=True, hidden=384, init="trunc_normal")

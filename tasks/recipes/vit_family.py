@@ -47,4 +47,4 @@ def classification_step(
     out = model(inputs, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
     main = loss_fn(out.logits.float(), targets)
     extra = {"train_top1": 100.0 * (out.logits.argmax(-1) == targets).float().mean()} if targets.ndim == 1 else {}
-    return StepOutput(main, out.aux_loss, out.logs, extra)
+    return StepOutput(main, out.pe_aux_loss, out.pe_logs, extra)

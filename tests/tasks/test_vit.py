@@ -112,9 +112,9 @@ def test_every_method_runs_at_two_resolutions_and_rectangular(name: str) -> None
     x = torch.randn(2, 3, IMG, IMG)
     out = model(x, pe_generator=torch.Generator().manual_seed(0))
     assert out.logits.shape == (2, CLASSES) and torch.isfinite(out.logits).all()
-    loss = out.logits.square().mean() + (out.aux_loss if out.aux_loss is not None else 0)
+    loss = out.logits.square().mean() + (out.pe_aux_loss if out.pe_aux_loss is not None else 0)
     loss.backward()
-    assert (out.aux_loss is not None) == name.startswith("seqpe")
+    assert (out.pe_aux_loss is not None) == name.startswith("seqpe")
     model.eval()
     with torch.no_grad():
         for shape in SHAPES[1:]:
