@@ -42,6 +42,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         help="any option of the run's recipe's evaluate(), as a YAML value, e.g. --option max_examples=64 "
         "--option sizes=[[4,32],[8,64]] (repeatable; a recipe's own flags above are shorthands for some of them)",
     )
+    p.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="eval.KEY=VALUE",
+        help="the same as --option KEY=VALUE, spelt as the run config's eval section (e.g. --set eval.max_images=64)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device (default: CUDA when available)")
     p.add_argument("--out", type=Path, default=None, help="with several runs: write the comparison here (DIR/compare.json, compare.png)")
     p.set_defaults(func=run_eval)
@@ -85,7 +89,12 @@ def extra_options(items: list[str], flags: dict[str, Any]) -> dict[str, Any]:
 
 def run_eval(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None}
-    options.update(extra_options(args.extra, options))
+    settings = []
+    for item in args.settings:
+        if not item.startswith("eval."):
+            raise ValueError(f"--set {item!r}: eval takes the run config's eval settings only, e.g. --set eval.max_images=64")
+        settings.append(item.removeprefix("eval."))
+    options.update(extra_options([*args.extra, *settings], options))
     tasks = {task_of(r) for r in args.run_dirs}
     if len(tasks) > 1:
         raise ValueError(f"runs of different tasks {sorted(tasks)} cannot be compared; evaluate them one task at a time")

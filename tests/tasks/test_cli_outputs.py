@@ -116,3 +116,7 @@ def test_eval_takes_any_recipe_option_without_a_flag_of_its_own(trained: tuple[P
     assert "given twice" in capsys.readouterr().err
     assert main(["eval", str(run), "--option", "max_images"]) == 2
     assert "is not KEY=VALUE" in capsys.readouterr().err
+    assert main(["eval", str(run), "--set", "eval.resolutions=[20]", "--set", "eval.max_images=2"]) == 0
+    assert json.loads((run / "eval.json").read_text())["resolutions"]["20"]["images"] == 2
+    assert main(["eval", str(run), "--set", "train.steps=3"]) == 2
+    assert "eval takes the run config's eval settings only" in capsys.readouterr().err
