@@ -92,6 +92,41 @@ def measure(methods_1d: list[str], methods_2d: list[str]) -> list[dict[str, Any]
     return rows
 
 
+def compiled_vs_eager(methods: list[str]) -> list[dict[str, Any]]:
+    """GPT-2 with each PE: ``torch.compile`` (backend aot_eager: dynamo's graphs through AOTAutograd, no code
+    generation) against eager, logits and loss with labels, training (the PE's regularizers on a generator seeded
+    alike) and evaluation; one compilation per mode."""
+    from seqpe_nd.encodings import build_position_encoding
+    from seqpe_nd.tasks.attach import attach_position_encoding, pe_sizes
+
+    rows: list[dict[str, Any]] = []
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    for method in methods:
+        torch.manual_seed(0)
+        model = causal_lms()["gpt2"]()
+        for module in model.modules():  # dropout off: eager and compiled draw no masks of their own
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        cfg = pe_config(method)
+        attach_position_encoding(model, build_position_encoding(cfg, space=SPACE_1D, **pe_sizes(model)))
+
+        def forward(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = model(input_ids=ids, labels=ids, use_cache=False, pe_generator=torch.Generator().manual_seed(2))
+            return out.logits, out.loss
+
+        for mode in ("train", "eval"):
+            model.train(mode == "train")
+            dynamo.reset()
+            try:
+                want, got = forward(ids), torch.compile(forward, backend="aot_eager")(ids)
+            finally:
+                dynamo.reset()
+            rows.append({"backbone": "gpt2", "method": method, "mode": mode,
+                         "logits_max_abs_diff": float((got[0] - want[0]).abs().max()),
+                         "loss_abs_diff": float((got[1] - want[1]).abs())})
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     keys = sorted({(r["backbone"], r["method"]) for r in rows}, key=lambda k: (k[0], k[1] != "stock", k[1]))
     got = {(r["backbone"], r["method"], r["mode"]): r["breaks"] for r in rows}
@@ -104,15 +139,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (1-D and 2-D lists alike)")
     parser.add_argument("--out", type=Path, default=RESULTS / "graph_breaks.json")
+    parser.add_argument("--what", nargs="+", choices=["breaks", "compiled"], default=["breaks", "compiled"],
+                        help="graph breaks, and/or compiled == eager (GPT-2)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     pick = (lambda ms: [m for m in ms if m in args.methods]) if args.methods else list
-    rows = measure(pick(METHODS_1D), pick(METHODS_2D))
+    rows = measure(pick(METHODS_1D), pick(METHODS_2D)) if "breaks" in args.what else []
+    compiled = compiled_vs_eager(pick(METHODS_1D)) if "compiled" in args.what else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1) + "\n")
-    md = table(rows)
+    args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows, "compiled": compiled}, indent=1) + "\n")
+    md = table(rows) if rows else ""
+    if compiled:
+        md += ("\nCompiled (aot_eager) against eager, GPT-2, largest |difference| of logits / of the loss:\n\n"
+               "| method | train | eval |\n|---|---|---|\n")
+        got = {(r["method"], r["mode"]): r for r in compiled}
+        for m in dict.fromkeys(r["method"] for r in compiled):
+            md += "| " + " | ".join([m] + [f"{got[m, x]['logits_max_abs_diff']:.1e} / {got[m, x]['loss_abs_diff']:.1e}"
+                                           for x in ("train", "eval")]) + " |\n"
     args.out.with_suffix(".md").write_text("Graph breaks under torch.compile (`torch._dynamo.explain`, tiny models, CPU; "
                                            f"torch {torch.__version__}). Written by `benchmarks/graph_breaks.py`.\n\n" + md)
     print(md, end="")

@@ -23,6 +23,7 @@ from seqpe_nd.tasks.attach import attach_position_encoding, pe_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 CLEAN = ["nope", "ape_sin", "rope", "alibi", "rope_axial", "rope_mixed", "alibi_nd"]
+COMPILED: list[dict] = []  # compiled-vs-eager rows of the clean 1-D methods, from the counts fixture's run
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,9 @@ def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("breaks") / "breaks.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_breaks.py"), "--methods", *CLEAN, "--out", str(out)],
                    check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    return json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    COMPILED[:] = saved["compiled"]
+    return saved["rows"]
 
 
 def test_causal_lms_with_a_pe_break_no_more_than_stock(counts: list[dict]) -> None:
@@ -57,3 +60,16 @@ def test_input_checks_stay_in_eager_mode_on_the_cpu() -> None:
         model(input_ids=torch.tensor([[1, 64]]))
     with pytest.raises(ValueError, match="negative coordinate"):
         model(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[-1, 0]]))
+
+
+
+def test_compiled_equals_eager(counts: list[dict], tmp_path: Path) -> None:
+    """torch.compile (aot_eager) gives eager's logits and loss with labels, training (the PE's regularizers on a
+    generator seeded alike) and evaluation, for every 1-D method (APE-learn and SeqPE too, graph breaks and all)."""
+    out = tmp_path / "compiled.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_breaks.py"), "--what", "compiled", "--methods",
+                    "ape_learn", "seqpe", "--out", str(out)], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    rows = COMPILED + json.loads(out.read_text())["compiled"]
+    assert {r["method"] for r in rows} == {"nope", "ape_sin", "rope", "alibi", "ape_learn", "seqpe"} and len(rows) == 12
+    assert all(r["logits_max_abs_diff"] <= 1e-5 and r["loss_abs_diff"] <= 1e-5 for r in rows), rows
