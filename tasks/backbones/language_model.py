@@ -1,13 +1,14 @@
 """The causal LM of the LM and QA recipes, built from its ``model:`` section: Hugging Face GPT-2 or a Llama of
 the same shape, with a PositionEncoding in place of its own positions; or the stock GPT-2 with its own."""
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
-from seqpe_nd.encodings import NoPEConfig, PEConfig, build_position_encoding
+from seqpe_nd.encodings import NoPEConfig, PEConfig, build_position_encoding, load_pe_config
 from seqpe_nd.positions import Frozen, GridSpace
 from seqpe_nd.tasks.backbones.huggingface import attach_position_encoding
 from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE, StockGPT2
@@ -69,7 +70,7 @@ def llama_config(settings: LMSettings, *, vocab_size: int, eos_id: int) -> Llama
 
 
 def build_lm(
-    settings: LMSettings, pe_config: PEConfig, space: GridSpace, *, vocab_size: int, eos_id: int,
+    settings: LMSettings, pe_config: PEConfig | Mapping[str, Any], space: GridSpace, *, vocab_size: int, eos_id: int,
     max_positions: int | None = None,
 ) -> nn.Module:
     """A randomly initialised causal LM (``settings.arch``) whose positions come from ``pe_config`` on ``space``.
@@ -79,6 +80,7 @@ def build_lm(
     ``gpt2_stock`` takes its positions from its own ``wpe`` of ``max_positions`` rows (default
     ``block_size``: give the longest length it will be evaluated at), so ``pe_config`` must be NoPE.
     """
+    pe_config = load_pe_config(pe_config)  # a config model, or a mapping as benchmarks pass
     if settings.arch == "gpt2_stock":
         if not isinstance(pe_config, NoPEConfig):
             raise ValueError(f"model.arch = gpt2_stock keeps GPT-2's own learned wpe as its position encoding; "
