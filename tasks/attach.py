@@ -31,11 +31,7 @@ from seqpe_nd.tasks.engine.param_groups import param_groups
 __all__ = ["attach_position_encoding", "pe_sizes", "param_groups", "save_vit", "load_vit", "VisionTransformerWithPE",
            "PELogCallback"]
 
-SUPPORTED = (
-    "Hugging Face causal LMs of the GPT-2 family (GPT2LMHeadModel) and the Llama family (LlamaForCausalLM, "
-    "Qwen2ForCausalLM, MistralForCausalLM, or any with a .model.rotary_emb seam), and timm's VisionTransformer "
-    "(timm.create_model('vit_...'))"
-)
+SUPPORTED = f"{huggingface.CAUSAL_LMS}, and timm's VisionTransformer (timm.create_model('vit_...'))"
 
 
 def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> Any:

@@ -123,6 +123,13 @@ Qwen2ConfigWithPE = Qwen2ForCausalLMWithPE.config_class
 MistralConfigWithPE = MistralForCausalLMWithPE.config_class
 
 
+CAUSAL_LMS = (
+    "Hugging Face causal LMs of the GPT-2 family (GPT2LMHeadModel) and the Llama family (LlamaForCausalLM, "
+    "Qwen2ForCausalLM, MistralForCausalLM, or any with a .model.rotary_emb seam)"
+)
+"""The models :func:`attach_position_encoding` takes, as its error names them."""
+
+
 def pe_sizes(model_or_config: Any) -> dict[str, int]:
     """``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` of a Hugging Face causal LM or its config: the
     sizes :func:`~seqpe_nd.encodings.build_position_encoding` takes for a PE that :func:`attach_position_encoding`
@@ -163,9 +170,7 @@ def attach_position_encoding(model: nn.Module, pe: PositionEncoding) -> Any:
         cls = register_rotary_lm(type(model))  # another Llama-family model: the same seam
     if cls is None:
         raise ValueError(
-            f"attach_position_encoding supports Hugging Face causal LMs of the GPT-2 family (GPT2LMHeadModel) and the "
-            f"Llama family (LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM, or any with a .model.rotary_emb "
-            f"seam); got {type(model).__name__}"
+            f"attach_position_encoding supports {CAUSAL_LMS}; got {type(model).__name__}"
         )
     assert issubclass(cls, PositionEncodingLM)
     cls.seam.check(model.config)

@@ -88,10 +88,7 @@ class InterleavedTransformer(nn.Module):
         self.apply(init_weights_vit_timm)
         nn.init.trunc_normal_(self.text_embed.weight, std=0.02)
         self.pe = pe
-        self._hub = PEHub()
-        self._hub.pe = pe
-        for i, blk in enumerate(self.blocks):
-            blk.attn.bind(self._hub, i)
+        self._hub = PEHub.bound(pe, self.blocks)
 
     def forward(
         self,

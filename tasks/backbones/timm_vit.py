@@ -21,16 +21,16 @@ Legend: b batch, c channels, t tokens.
 """
 
 import json
-from functools import partial
-from contextlib import contextmanager, nullcontext
-from pathlib import Path
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from safetensors.torch import load_file, save_file
-from timm.layers import Attention, LayerScale, Format
+from timm.layers import Attention, Format, LayerScale, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -39,19 +39,13 @@ from seqpe_nd.encodings import PESpec, build_position_encoding
 from seqpe_nd.encodings.base import PositionEncoding
 from seqpe_nd.encodings.prefixed import PrefixedEncoding
 from seqpe_nd.tasks.backbones.vit import (
-    ForwardContext, PEAttention, PEHub, ViTWithPE, embed_positions, grid_shape, trunc_normal_,
+    ForwardContext, PEAttention, PEHub, ViTWithPE, embed_positions, grid_shape, vit_sizes,
 )
+from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
 
 FORMAT = "seqpe_nd.timm_vit"
 """``config.json``'s ``format``: a timm VisionTransformer with a position encoding, written by :func:`save_vit`."""
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-
-
-def vit_sizes(model: VisionTransformer) -> dict[str, int]:
-    """``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` of a timm ViT: what ``build_position_encoding`` takes."""
-    attn = model.blocks[0].attn
-    return {"num_heads": attn.num_heads, "head_dim": attn.head_dim, "num_layers": len(model.blocks),
-            "d_model": model.embed_dim}
 
 
 class VisionTransformerWithPE(VisionTransformer):
@@ -137,34 +131,28 @@ def attach_vit(model: VisionTransformer, pe: PositionEncoding) -> VisionTransfor
     elif prefix:
         trunc_normal_(prefix_pos, std=0.02)
     # -- the changes --
-    model.__class__ = VisionTransformerWithPE
     for block in model.blocks:
         block.attn.__class__ = PEAttention
     model.pos_embed = None
     model.dynamic_img_size = True
     patch = model.patch_embed
     patch.flatten, patch.output_fmt, patch.strict_img_size = False, Format.NHWC, False
-    model.prefix_pos = nn.Parameter(prefix_pos)
-    model.pe = PrefixedEncoding(pe, prefix).train(model.training)
-    model._pe_hub = PEHub()
-    model._pe_hub.pe = model.pe
-    for i, block in enumerate(model.blocks):
-        block.attn.bind(model._pe_hub, i)
-    model.pe_aux_loss, model.pe_logs = prefix_pos.new_zeros(()), {}
-    return model  # type: ignore[return-value]
+    return _install(model, PrefixedEncoding(pe, prefix).train(model.training), nn.Parameter(prefix_pos))
 
 
 def from_wrapper(wrapper: ViTWithPE) -> VisionTransformerWithPE:
     """A recipe's :class:`ViTWithPE` as the attached VisionTransformer it is equivalent to (same tensors)."""
     vit = wrapper.vit
     del vit._pos_embed  # the wrapper's instance-level seam; the class's method takes over
+    return _install(vit, wrapper.pe, wrapper.prefix_pos)
+
+
+def _install(vit: VisionTransformer, pe: PrefixedEncoding, prefix_pos: nn.Parameter) -> VisionTransformerWithPE:
+    """``vit`` (PEAttention in every block, timm's dynamic-size path, no pos_embed) as a VisionTransformerWithPE."""
     vit.__class__ = VisionTransformerWithPE
-    vit.prefix_pos, vit.pe = wrapper.prefix_pos, wrapper.pe
-    vit._pe_hub = PEHub()
-    vit._pe_hub.pe = vit.pe
-    for i, block in enumerate(vit.blocks):
-        block.attn.bind(vit._pe_hub, i)
-    vit.pe_aux_loss, vit.pe_logs = vit.prefix_pos.new_zeros(()), {}
+    vit.prefix_pos, vit.pe = prefix_pos, pe
+    vit._pe_hub = PEHub.bound(pe, vit.blocks)
+    vit.pe_aux_loss, vit.pe_logs = prefix_pos.new_zeros(()), {}
     return vit  # type: ignore[return-value]
 
 
@@ -213,10 +201,9 @@ def save_vit(model: VisionTransformerWithPE, directory: str | Path) -> Path:
         raise ValueError(f"{type(model.pe.inner).__name__} was constructed directly, so its config and space are "
                          "unknown and load_vit could not rebuild it; build it with build_position_encoding")
     arguments = vit_arguments(model)
-    rebuilt = _build(arguments, "meta")
-    if _structure(rebuilt) != _structure(model):
-        diff = next(a for a, b in zip(_structure(rebuilt), _structure(model)) if a != b) \
-            if len(_structure(rebuilt)) == len(_structure(model)) else "the number of modules"
+    want, got = _structure(_build(arguments, "meta")), _structure(model)
+    if want != got:
+        diff = next((a for a, b in zip(want, got) if a != b), "the number of modules")
         raise ValueError(f"save_vit cannot describe this VisionTransformer by its arguments (first difference: "
                          f"{diff}); save its state_dict with safetensors instead")
     out = Path(directory)
@@ -226,7 +213,7 @@ def save_vit(model: VisionTransformerWithPE, directory: str | Path) -> Path:
     config = {"format": FORMAT, "seqpe_nd": seqpe_nd.__version__,
               "architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
               "vit": arguments, "position_encoding": spec.model_dump(mode="json")}
-    (out / CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    atomic_write_text(out / CONFIG, json.dumps(config, indent=1) + "\n")
     return out
 
 

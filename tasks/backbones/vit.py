@@ -25,7 +25,7 @@ dims), h heads, e head dim, d model dim, c classes.
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,14 +54,23 @@ class ForwardContext:
 class PEHub:
     """Plain object (not a module) through which the seams share the current forward."""
 
-    def __init__(self) -> None:
-        self.pe: PositionEncoding | None = None
+    def __init__(self, pe: PositionEncoding) -> None:
+        self.pe = pe
         self.current: ForwardContext | None = None
 
+    @classmethod
+    def bound(cls, pe: PositionEncoding, blocks: Iterable[nn.Module]) -> "PEHub":
+        """A hub for ``pe`` with each block's :class:`PEAttention` bound to it, by layer index."""
+        hub = cls(pe)
+        for i, block in enumerate(blocks):
+            block.attn.bind(hub, i)
+        return hub
+
     def need(self) -> tuple[PositionEncoding, PEState]:
-        if self.current is None or self.current.state is None or self.pe is None:
+        if self.current is None or self.current.state is None:
             raise RuntimeError(
-                "PEAttention runs only inside ViTWithPE.forward (call the wrapper, not the bare timm model)"
+                "PEAttention runs only inside the forward of the model it is bound to (ViTWithPE, a ViT with a PE "
+                "attached, the interleaved transformer)"
             )
         return self.pe, self.current.state
 
@@ -156,6 +165,13 @@ class TubeletEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))  # (b, T', H', W', d)
 
 
+def vit_sizes(vit: VisionTransformer) -> dict[str, int]:
+    """``num_heads``, ``head_dim``, ``num_layers`` and ``d_model`` of a timm ViT: what ``build_position_encoding`` takes."""
+    attn = vit.blocks[0].attn
+    return {"num_heads": attn.num_heads, "head_dim": attn.head_dim, "num_layers": len(vit.blocks),
+            "d_model": vit.embed_dim}
+
+
 def patch_size_of(vit: VisionTransformer) -> tuple[int, ...]:
     p = vit.patch_embed.patch_size
     return tuple(p) if isinstance(p, (tuple, list)) else (p, p)
@@ -240,32 +256,17 @@ class ViTWithPE(nn.Module):
         # The prefix ([CLS], registers) tokens' own learned position embedding (timm's pos_embed[:, :1]).
         self.prefix_pos = nn.Parameter(torch.zeros(1, vit.num_prefix_tokens, vit.embed_dim))
         trunc_normal_(self.prefix_pos, std=0.02)
-        self._hub = PEHub()
-        self._hub.pe = self.pe
-        for i, attn in enumerate(attns):
-            attn.bind(self._hub, i)
+        self._hub = PEHub.bound(self.pe, vit.blocks)
         vit._pos_embed = self._pos_embed  # the seam: timm's forward_features calls self._pos_embed(x)
 
     @classmethod
     def with_pe(cls, vit: VisionTransformer, pe_config: Any, space: Any) -> "ViTWithPE":
         """``vit`` with the PositionEncoding ``pe_config`` names on ``space``, sized from the ViT's own attention."""
-        attn = vit.blocks[0].attn
-        pe = build_position_encoding(
-            pe_config, space=space, num_heads=attn.num_heads, head_dim=attn.head_dim, num_layers=len(vit.blocks),
-            d_model=vit.embed_dim,
-        )
-        return cls(vit, pe)
-
-    @property
-    def patch_size(self) -> tuple[int, ...]:
-        return patch_size_of(self.vit)
+        return cls(vit, build_position_encoding(pe_config, space=space, **vit_sizes(vit)))
 
     def grid_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
         """Patch grid of an input of shape ``(b, c, *spatial)``; every size a whole number of patches."""
         return grid_shape(self.vit, input_shape)
-
-    def grid_positions(self, grid: Sequence[int], device: torch.device) -> Int[Tensor, "n w"]:
-        return grid_positions(grid, device)
 
     def _pos_embed(self, x: Float[Tensor, "b *g d"]) -> Float[Tensor, "b t d"]:
         """timm's ``_pos_embed`` seam (see :func:`embed_positions`)."""

@@ -2,7 +2,7 @@
 
 - ``lm`` and ``qa`` runs: the Hugging Face format (``save_pretrained``: ``config.json`` recording the PE and its
   space, ``model.safetensors``, the tokenizer), loaded back by ``AutoModelForCausalLM.from_pretrained(DIR)`` and
-  ``AutoTokenizer.from_pretrained(DIR)`` after ``import seqpe_nd.tasks.attach`` (or its ``huggingface`` backbone module).
+  ``AutoTokenizer.from_pretrained(DIR)`` after ``import seqpe_nd.tasks.attach`` (which registers the PE classes).
 - ``vit`` runs: the timm format of :func:`seqpe_nd.tasks.backbones.timm_vit.save_vit`, loaded back by
   ``load_vit(DIR)`` (a timm ``VisionTransformer`` with the PE attached).
 """
@@ -15,7 +15,6 @@ from seqpe_nd.tasks.engine.evaluation import read_run_config
 from seqpe_nd.tasks.recipes import get_recipe
 
 EXPORTABLE = ("lm", "qa", "vit")
-BEST = "best"  # a run's sub-directory holding its best checkpoint, where the recipe keeps one (QA)
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -23,7 +22,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run directory (lm, qa or vit)")
     p.add_argument("--out", type=Path, required=True, help="directory to write (must be new or empty)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint directory (default: the run's best checkpoint where it keeps one, else its latest)")
+                   help="checkpoint directory (default: the one the run is evaluated with: QA's best, else the latest)")
     p.set_defaults(func=run_export)
 
 
@@ -35,9 +34,8 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path
         raise ValueError(f"{run_dir}: export writes runs of task {', '.join(EXPORTABLE)}; this one is {task!r}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty directory; nothing was written")
-    found = ckpt.resolve_checkpoint(checkpoint) if checkpoint is not None else (
-        ckpt.latest_checkpoint(run_dir / BEST) or ckpt.resolve_checkpoint(run_dir))
     recipe = get_recipe(task).from_run(run_dir)
+    found = ckpt.resolve_checkpoint(checkpoint) if checkpoint is not None else recipe.trained_checkpoint()
     model = recipe.load_trained(found)
     if task == "vit":
         from seqpe_nd.tasks.backbones.timm_vit import from_wrapper, save_vit
@@ -46,12 +44,10 @@ def export_run(run_dir: Path, out: Path, checkpoint: Path | None = None) -> Path
     else:
         from transformers import PreTrainedTokenizerFast
 
-        import seqpe_nd.tasks.backbones.huggingface  # noqa: F401  (the PE model classes, registered with the Auto classes)
-
-        model.save_pretrained(out)
         from seqpe_nd.tasks.data.text import load_tokenizer
 
-        tok = load_tokenizer(recipe.cfg.lm_data if task == "qa" else recipe.cfg.data)
+        model.save_pretrained(out)
+        tok = load_tokenizer(recipe.cfg.lm_data, section="lm_data") if task == "qa" else load_tokenizer(recipe.cfg.data)
         PreTrainedTokenizerFast(tokenizer_object=tok.tokenizer, eos_token=tok.tokenizer.id_to_token(tok.eos_id)
                                 ).save_pretrained(out)
     print(f"wrote {out} ({task} run {run_dir}, checkpoint {found.name})")

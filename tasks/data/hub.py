@@ -132,15 +132,14 @@ def _translated(head: str, ways: str, *, field: str, name: str, url: str) -> Ite
             logger.handle(record)
 
 
-def hub_dataset(field: str, name: str, *, config: str | None = None, config_field: str | None = None,
-                local: str | None) -> AbstractContextManager[None]:
+def hub_dataset(field: str, name: str, *, config: str | None = None, local: str | None) -> AbstractContextManager[None]:
     """Around a ``datasets.load_dataset(name, config, ...)`` call: its hub failures become :class:`HubUnavailableError`.
 
-    ``field``: the config field naming the data set (``data.dataset``); ``config``/``config_field``: its
-    configuration and that field; ``local``: how to read local files instead, with the exact fields (None:
-    no such alternative, e.g. a section inherited from another run).
+    ``field``: the config field naming the data set (``data.dataset``; its configuration, ``config``, is the
+    field ``<field>_config``); ``local``: how to read local files instead, with the exact fields (None: no such
+    alternative, e.g. a section inherited from another run).
     """
-    stated = f" ({config_field} = {config!r})" if config is not None and config_field else ""
+    stated = f" ({field}_config = {config!r})" if config is not None else ""
     args = repr(name) if config is None else f"{name!r}, {config!r}"
     download = (
         f"download it once on a machine with internet (python -c \"import datasets; datasets.load_dataset({args})\", "

@@ -209,8 +209,7 @@ class SquadQA:
             local = ("read local files instead (data.source: files with data.data_files: {train: [train.jsonl], "
                      "validation: [dev.jsonl]}, JSON or JSON-lines rows with question, context and answers columns, "
                      "as Dataset.to_json writes them)")
-            with hub_dataset("data.dataset", cfg.dataset, config=cfg.dataset_config,
-                             config_field="data.dataset_config", local=local):
+            with hub_dataset("data.dataset", cfg.dataset, config=cfg.dataset_config, local=local):
                 ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
         else:
             files = {k: [str(Path(p)) for p in v] for k, v in (cfg.data_files or {}).items()}

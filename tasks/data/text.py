@@ -264,8 +264,7 @@ def _load_split_texts(cfg: TextDataConfig, section: str = "data") -> dict[str, S
     if cfg.source == "hf":
         local = ("read local text files instead (data.source: files with data.data_files: [a.txt, ...] or {train: "
                  "[...], validation: [...], test: [...]})") if section == "data" else None  # lm_data: must match the LM run
-        with hub_dataset(f"{section}.dataset", cfg.dataset, config=cfg.dataset_config,
-                         config_field=f"{section}.dataset_config", local=local):
+        with hub_dataset(f"{section}.dataset", cfg.dataset, config=cfg.dataset_config, local=local):
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config)
     else:
         files = cfg.data_files if isinstance(cfg.data_files, dict) else {"train": list(cfg.data_files or [])}

@@ -204,18 +204,21 @@ class Recipe(ABC, Generic[ConfigT]):
         """The recipe of a training run, from the config the run saved."""
         return cls(cls.config_type.parse(read_run_config(run_dir)), run_dir, **kwargs)  # type: ignore[arg-type]
 
+    def trained_checkpoint(self) -> Path:
+        """The weights a trained run is loaded, evaluated and exported with unless told otherwise: its latest."""
+        if self.run_dir is None:
+            raise ValueError("a trained checkpoint needs the run directory (or pass a checkpoint)")
+        return ckpt.resolve_checkpoint(self.run_dir)
+
     def load_trained(self, checkpoint: Path | None = None) -> nn.Module:
-        """The model with a checkpoint's weights (default: the run's latest), in eval mode.
+        """The model with a checkpoint's weights (default: :meth:`trained_checkpoint`), in eval mode.
 
         A checkpoint whose model, space or PE config differs from this recipe's raises a ValueError
         naming each differing field before any weight is loaded.
         """
-        if checkpoint is None:
-            if self.run_dir is None:
-                raise ValueError("load_trained needs a run directory or a checkpoint")
-            checkpoint = ckpt.resolve_checkpoint(self.run_dir)
         return load_weights_checked(
-            self.build_model(), checkpoint, self.config_dict(), self.strict_sections, self.normalize_config
+            self.build_model(), checkpoint or self.trained_checkpoint(), self.config_dict(), self.strict_sections,
+            self.normalize_config,
         )
 
     def normalize_config(self, saved: dict[str, Any]) -> dict[str, Any]:

@@ -1,15 +1,13 @@
 """Long-context question answering (§4.2, Table 2): fine-tune an LM run on multi-document QA.
 
-``build_task(config, run_dir)`` starts from the latest checkpoint of an LM run directory
-(``init_from``). The QA config may restate the LM run's ``model``, ``space``, ``pe`` and
-``lm_data`` (which fixes the tokenizer); whatever it states must equal the LM run's, or the run is
-refused with every differing field named. Training sequences are Fig. 4 prompts of
+``build_task(config, run_dir)`` starts from the latest checkpoint of an LM run directory (``init_from``).
+The QA config may restate the LM run's ``model``, ``space``, ``pe`` and ``lm_data`` (the tokenizer); what
+it states must equal the LM run's, or the run is refused with every differing field named. Training sequences are Fig. 4 prompts of
 ``context_length`` tokens (default twice the LM's training length, as the paper's 1024 after 512),
 right-padded, with the loss on the answer tokens and the end-of-text token only. Random start
 shifts follow the LM run (``random_shift``), and a shifted step tells the PE so (SeqPE skips
-L_OOD on it; the released QA code computed it on shifted steps). Validation is answer perplexity
-on the validation split at ``context_length``; the best one is kept in ``run_dir/best`` (written
-with the shared atomic checkpoint writer), and evaluation reads it.
+L_OOD on it; the released QA code computed it on shifted steps). Validation is answer perplexity at
+``context_length``; the best is kept in ``run_dir/best``, which evaluation and export read.
 
 ``evaluate(run_dir, lengths=...)`` asks the same questions at every length (default 1, 2, 4 and 8
 times ``context_length``): answer perplexity over answer + EOS tokens, and 16 greedy tokens (KV cache,
@@ -55,7 +53,7 @@ from seqpe_nd.tasks.data.text import (
 )
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.decoding import answer_loss, greedy_generate
-from seqpe_nd.tasks.engine.evaluation import read_run_config
+from seqpe_nd.tasks.engine.evaluation import load_weights_checked, read_run_config
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
 from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
@@ -280,11 +278,17 @@ class QARecipe(Recipe[QAConfig]):
         ckpt.load_weights(model, Path(self.cfg.init_checkpoint))
         return model
 
-    def load_trained(self, checkpoint: Path | None = None) -> nn.Module:
-        from seqpe_nd.tasks.engine.evaluation import load_weights_checked
+    def trained_checkpoint(self, which: str | None = None) -> Path:
+        """``which`` (default ``eval.checkpoint``): the best validation answer perplexity (``best/``), else the latest."""
+        assert self.run_dir is not None
+        best = ckpt.latest_checkpoint(self.run_dir / BEST) if (which or self.cfg.eval.checkpoint) == "best" else None
+        if (found := best or ckpt.latest_checkpoint(self.run_dir)) is None:
+            raise FileNotFoundError(f"no complete checkpoint in {self.run_dir} (or {self.run_dir / BEST})")
+        return found
 
-        assert checkpoint is not None
-        return load_weights_checked(self.fresh_model(), checkpoint, self.config_dict(), self.strict_sections)
+    def load_trained(self, checkpoint: Path | None = None) -> nn.Module:
+        return load_weights_checked(self.fresh_model(), checkpoint or self.trained_checkpoint(), self.config_dict(),
+                                    self.strict_sections)
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t = self.cfg.train
@@ -385,11 +389,7 @@ class QARecipe(Recipe[QAConfig]):
         for name, value in (("num_examples", num_examples), ("max_tokens", max_tokens)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} = {value} is not allowed; it must be a positive integer")
-        assert self.run_dir is not None
-        found = ckpt.latest_checkpoint(self.run_dir / BEST) if which == "best" else None
-        found = found or ckpt.latest_checkpoint(self.run_dir)
-        if found is None:
-            raise FileNotFoundError(f"no complete checkpoint in {self.run_dir} (or {self.run_dir / BEST})")
+        found = self.trained_checkpoint(which)
         vocab = ckpt.embedding_rows(found)
         if vocab != self.tokenizer.vocab_size:
             raise ValueError(f"lm_data.tokenizer: checkpoint {found} has {vocab} token embeddings, "

@@ -23,20 +23,23 @@ from seqpe_nd.tasks.attach import attach_position_encoding, pe_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 CLEAN = ["nope", "ape_sin", "rope", "alibi", "rope_axial", "rope_mixed", "alibi_nd"]
-COMPILED: list[dict] = []  # compiled-vs-eager rows of the clean 1-D methods, from the counts fixture's run
+
+
+def graph_breaks(out: Path, *args: str) -> dict:
+    """``benchmarks/graph_breaks.py ARGS`` in a fresh interpreter; what it wrote."""
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_breaks.py"), *args, "--out", str(out)],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def counts(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("breaks") / "breaks.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_breaks.py"), "--methods", *CLEAN, "--out", str(out)],
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    saved = json.loads(out.read_text())
-    COMPILED[:] = saved["compiled"]
-    return saved["rows"]
+def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Graph breaks and compiled-vs-eager of the methods that compile clean."""
+    return graph_breaks(tmp_path_factory.mktemp("breaks") / "breaks.json", "--methods", *CLEAN)
 
 
-def test_causal_lms_with_a_pe_break_no_more_than_stock(counts: list[dict]) -> None:
+def test_causal_lms_with_a_pe_break_no_more_than_stock(measured: dict) -> None:
+    counts = measured["rows"]
     stock = {(r["backbone"], r["mode"]): r["breaks"] for r in counts if r["method"] == "stock"}
     rows = [r for r in counts if r["backbone"] in ("gpt2", "llama") and r["method"] != "stock"]
     assert {r["method"] for r in rows} == {"nope", "ape_sin", "rope", "alibi"} and len(rows) == 16
@@ -45,8 +48,8 @@ def test_causal_lms_with_a_pe_break_no_more_than_stock(counts: list[dict]) -> No
     assert not worse, f"more graph breaks than the stock model: {worse}"
 
 
-def test_vit_with_a_2d_pe_is_one_graph(counts: list[dict]) -> None:
-    rows = [r for r in counts if r["backbone"] == "vit"]
+def test_vit_with_a_2d_pe_is_one_graph(measured: dict) -> None:
+    rows = [r for r in measured["rows"] if r["backbone"] == "vit"]
     assert len(rows) == 10
     assert all(r["breaks"] == 0 for r in rows), [(r["method"], r["mode"], r["where"]) for r in rows if r["breaks"]]
 
@@ -63,13 +66,10 @@ def test_input_checks_stay_in_eager_mode_on_the_cpu() -> None:
 
 
 
-def test_compiled_equals_eager(counts: list[dict], tmp_path: Path) -> None:
+def test_compiled_equals_eager(measured: dict, tmp_path: Path) -> None:
     """torch.compile (aot_eager) gives eager's logits and loss with labels, training (the PE's regularizers on a
     generator seeded alike) and evaluation, for every 1-D method (APE-learn and SeqPE too, graph breaks and all)."""
-    out = tmp_path / "compiled.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "graph_breaks.py"), "--what", "compiled", "--methods",
-                    "ape_learn", "seqpe", "--out", str(out)], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    rows = COMPILED + json.loads(out.read_text())["compiled"]
+    others = graph_breaks(tmp_path / "compiled.json", "--what", "compiled", "--methods", "ape_learn", "seqpe")
+    rows = measured["compiled"] + others["compiled"]
     assert {r["method"] for r in rows} == {"nope", "ape_sin", "rope", "alibi", "ape_learn", "seqpe"} and len(rows) == 12
     assert all(r["logits_max_abs_diff"] <= 1e-5 and r["loss_abs_diff"] <= 1e-5 for r in rows), rows
