@@ -2,7 +2,9 @@
 
 ``torch._dynamo.explain`` traces tiny models, nothing is compiled or run on a device: the training forward with
 labels (the loss the trainer optimizes, the PE's auxiliary loss included) and the evaluation forward of a GPT-2
-and a Llama (1-D methods) and of timm's ViT (2-D methods). Prints a table and writes JSON.
+and a Llama (1-D methods) and of timm's ViT (2-D methods). As in the trainer, the PE's random inputs (SeqPE's
+regularizer positions) are drawn on the host before the forward and passed as ``pe_draws``. Prints a table and
+writes JSON.
 
     python benchmarks/graph_breaks.py                         # results/graph_breaks.{json,md}
     python benchmarks/graph_breaks.py --methods nope rope --out /tmp/gb.json
@@ -63,7 +65,7 @@ def causal_lms() -> dict[str, Any]:
 
 
 def measure(methods_1d: list[str], methods_2d: list[str]) -> list[dict[str, Any]]:
-    from seqpe_nd.encodings import build_position_encoding
+    from seqpe_nd.encodings import build_position_encoding, draws_of
     from seqpe_nd.tasks.attach import attach_position_encoding, pe_sizes
     from seqpe_nd.tasks.backbones.vit import ViTWithPE, create_vit
 
@@ -78,7 +80,8 @@ def measure(methods_1d: list[str], methods_2d: list[str]) -> list[dict[str, Any]
                 attach_position_encoding(model, pe)
             for mode in ("train", "eval"):
                 model.train(mode == "train")
-                n, where = breaks(lambda ids: model(input_ids=ids, labels=ids, use_cache=False).loss, ids)
+                pe = {} if method == "stock" else {"pe_draws": draws_of(model, torch.Generator().manual_seed(2))}
+                n, where = breaks(lambda ids: model(input_ids=ids, labels=ids, use_cache=False, **pe).loss, ids)
                 rows.append({"backbone": arch, "method": method, "mode": mode, "breaks": n, "where": where})
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     for method in methods_2d:
@@ -87,16 +90,19 @@ def measure(methods_1d: list[str], methods_2d: list[str]) -> list[dict[str, Any]
         model = ViTWithPE.with_pe(vit, pe_config(method), SPACE_2D)
         for mode in ("train", "eval"):
             model.train(mode == "train")
-            n, where = breaks(lambda x: (lambda o: o.logits.sum() + (0 if o.pe_aux_loss is None else o.pe_aux_loss))(model(x)), x)
+            draws = draws_of(model, torch.Generator().manual_seed(2))
+            n, where = breaks(lambda x: (lambda o: o.logits.sum() + (0 if o.pe_aux_loss is None else o.pe_aux_loss))(
+                model(x, pe_draws=draws)), x)
             rows.append({"backbone": "vit", "method": method, "mode": mode, "breaks": n, "where": where})
     return rows
 
 
 def compiled_vs_eager(methods: list[str]) -> list[dict[str, Any]]:
     """GPT-2 with each PE: ``torch.compile`` (backend aot_eager: dynamo's graphs through AOTAutograd, no code
-    generation) against eager, logits and loss with labels, training (the PE's regularizers on a generator seeded
-    alike) and evaluation; one compilation per mode."""
-    from seqpe_nd.encodings import build_position_encoding
+    generation) against eager, logits and loss with labels, training and evaluation; one compilation per mode.
+    Training: eager draws the PE's regularizer positions inside the forward from a generator (``pe_generator``),
+    the compiled forward gets them drawn ahead from a generator seeded alike (``pe_draws``)."""
+    from seqpe_nd.encodings import build_position_encoding, draws_of
     from seqpe_nd.tasks.attach import attach_position_encoding, pe_sizes
 
     rows: list[dict[str, Any]] = []
@@ -110,15 +116,17 @@ def compiled_vs_eager(methods: list[str]) -> list[dict[str, Any]]:
         cfg = pe_config(method)
         attach_position_encoding(model, build_position_encoding(cfg, space=SPACE_1D, **pe_sizes(model)))
 
-        def forward(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = model(input_ids=ids, labels=ids, use_cache=False, pe_generator=torch.Generator().manual_seed(2))
+        def forward(ids: torch.Tensor, **pe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            out = model(input_ids=ids, labels=ids, use_cache=False, **pe)
             return out.logits, out.loss
 
         for mode in ("train", "eval"):
             model.train(mode == "train")
+            draws = draws_of(model, torch.Generator().manual_seed(2))
             dynamo.reset()
             try:
-                want, got = forward(ids), torch.compile(forward, backend="aot_eager")(ids)
+                want = forward(ids, pe_generator=torch.Generator().manual_seed(2))
+                got = torch.compile(forward, backend="aot_eager")(ids, pe_draws=draws)
             finally:
                 dynamo.reset()
             rows.append({"backbone": "gpt2", "method": method, "mode": mode,

@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = LMRecipe.from_run(args.run)
-    lengths, split, max_tokens = eval_settings(recipe.cfg)
+    lengths, split, max_tokens = eval_settings(recipe.cfg, recipe.cfg)
     tokens = recipe.corpus.split(split)
     model = recipe.load_trained()
     rows: dict[str, dict[str, float]] = {}

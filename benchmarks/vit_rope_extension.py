@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = ViTRecipe.from_run(args.run)
-    plan = recipe.eval_plan(resolutions=args.resolutions)
+    plan = recipe.with_eval(resolutions=args.resolutions).eval_plan()
     model = recipe.load_trained()
     inner = model.pe.inner  # the RoPE under the [CLS] wrapper
     rows: dict[str, dict[str, float]] = {}

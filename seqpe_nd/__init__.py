@@ -9,6 +9,7 @@ _LAZY = {
     "load_encoder": "seqpe_nd.encoder",
     "SeqPERegularizer": "seqpe_nd.regularizers",
     "RegularizedStep": "seqpe_nd.regularizers",
+    "RegularizerDraws": "seqpe_nd.regularizers",
     "PositionEncoding": "seqpe_nd.encodings",
     "PEState": "seqpe_nd.encodings",
     "KVCache": "seqpe_nd.encodings",

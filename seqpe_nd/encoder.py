@@ -213,7 +213,9 @@ class SeqPE(nn.Module):
         """One deduplicated encoder call for several position tensors of any leading shapes.
 
         Returns one ``(*b_i, d)`` tensor per input ``(*b_i, w)``; in eval mode without autograd
-        the rows come from the inference table.
+        the rows come from the inference table. Under ``torch.compile`` every row is encoded as it is (no
+        deduplication, no table, no value check): the distinct rows are a data-dependent shape, and reading
+        values on the host would break the graph.
         """
         if not pos_sets:
             raise ValueError("encode needs at least one position tensor")
@@ -225,10 +227,12 @@ class SeqPE(nn.Module):
                 raise ValueError(f"pos_sets[{i}] has shape {tuple(pos.shape)}; positions need a last dim of {w} coordinates")
         dev = self.place_ids.device
         flat = torch.cat([p.reshape(-1, w).to(dev, torch.int64) for p in pos_sets])  # (n, w)
-        hi = self._check(flat)
-        if self._serve_from_table():
-            out = self._lookup(flat, hi)
+        if torch.compiler.is_compiling():
+            out = self.encode_unique(flat)
+        elif self._serve_from_table():
+            out = self._lookup(flat, self._check(flat))
         else:
+            self._check(flat)
             uniq, inverse = self._unique(flat)
             out = self.encode_unique(uniq)[inverse]  # (n, d)
         sizes = [math.prod(p.shape[:-1]) for p in pos_sets]

@@ -9,7 +9,7 @@ once per training step over main-task and regularizer positions together.
 """
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from seqpe_nd.encoder import SeqPE, Space
+from seqpe_nd.positions.samplers import ContrastiveBatch, OODBatch
 
 
 def contrastive_loss(
@@ -31,7 +32,10 @@ def contrastive_loss(
 
 
 def _check_targets(target: Tensor, valid: Tensor) -> None:
-    """Every p⁺ must be a valid candidate (one host read: do it where the tensors live on the host)."""
+    """Every p⁺ must be a valid candidate (one host read: do it where the tensors live on the host). Skipped
+    under ``torch.compile``, where the read would break the graph."""
+    if torch.compiler.is_compiling():
+        return
     if not bool(valid.gather(1, target[:, None]).all()):
         raise ValueError("every target p⁺ must be a valid candidate (valid[i, target[i]] must be True)")
 
@@ -151,6 +155,17 @@ def train_regularizers_alone(
     return losses
 
 
+class RegularizerDraws(NamedTuple):
+    """One training step's random positions for L_δ and L_OOD (None where a loss is off or skipped): they depend
+    on no model value, so :meth:`SeqPERegularizer.draw` makes them on the host ahead of the forward, and no
+    ``torch.Generator`` needs to enter a compiled forward."""
+
+    contrastive: ContrastiveBatch | None
+    """Pivots, candidates, ``p⁺`` and the valid mask for L_δ (Eq. 9)."""
+    ood: OODBatch | None
+    """Teacher and student positions for L_OOD (Eq. 10)."""
+
+
 @dataclass(frozen=True)
 class RegularizedStep:
     """What one training step gets back: main-task embeddings, α·L_δ + β·L_OOD, and its parts."""
@@ -197,23 +212,43 @@ class SeqPERegularizer:
         self.space, self.alpha, self.beta = space, alpha, beta
         self.ood_heads, self.symmetric_kl, self.ood_reduction = ood_heads, symmetric_kl, ood_reduction
 
-    def step(self, encoder: SeqPE, main_pos: Tensor, generator: torch.Generator, *, shifted: bool) -> RegularizedStep:
-        """Main-task embeddings and α·L_δ + β·L_OOD for one step; L_OOD is skipped on shifted steps."""
+    def draw(self, generator: torch.Generator, *, shifted: bool) -> RegularizerDraws:
+        """The step's L_δ and L_OOD positions from ``generator``, in that order (L_OOD none on shifted steps)."""
+        con = self.space.sample_contrastive(generator) if self.alpha > 0 else None
+        ood = self.space.sample_ood(generator) if self.beta > 0 and not shifted else None
+        return RegularizerDraws(con, ood)
+
+    def step(
+        self,
+        encoder: SeqPE,
+        main_pos: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        shifted: bool,
+        draws: RegularizerDraws | None = None,
+    ) -> RegularizedStep:
+        """Main-task embeddings and α·L_δ + β·L_OOD for one step; L_OOD is skipped on shifted steps.
+
+        The regularizers' positions are ``draws`` (from :meth:`draw`) or, without them, drawn here from
+        ``generator``; the same generator state gives the same positions either way."""
         # model_dump: the spaces' cached tensors make pydantic's == raise.
         if encoder.space is not self.space and encoder.space.model_dump() != self.space.model_dump():
             raise ValueError("the encoder was built for a different position space than this regularizer")
         if self.beta > 0 and encoder.d_model % self.ood_heads:
             raise ValueError(f"ood_heads = {self.ood_heads} must divide the encoder's d_model = {encoder.d_model}")
+        if draws is None:
+            if generator is None:
+                raise ValueError("SeqPERegularizer.step needs a generator or the draws of SeqPERegularizer.draw")
+            draws = self.draw(generator, shifted=shifted)
+        con, ood = draws
         sets: list[Tensor] = [main_pos]
-        con = self.space.sample_contrastive(generator) if self.alpha > 0 else None
-        ood = self.space.sample_ood(generator) if self.beta > 0 and not shifted else None
         if con is not None:
             sets += [con.pivots, con.candidates]
         if ood is not None:
             sets += [ood.teacher, ood.student]
         dev = encoder.place_ids.device
         # Sampled on the host (a CPU generator): copied without waiting, so a GPU step never syncs for them.
-        out = encoder.encode(*(s.to(dev, non_blocking=True) for s in sets))  # one batched, deduplicated call
+        out = encoder.encode(*(s.to(dev, non_blocking=True) for s in sets))  # one batched encoder call
         embeddings, rest = out[0], out[1:]
 
         loss = embeddings.new_zeros((), dtype=torch.float32)
@@ -221,7 +256,7 @@ class SeqPERegularizer:
         parts = {"loss_delta": zero, "loss_ood": zero}
         if con is not None:
             e_pivot, e_cand, rest = rest[0], rest[1], rest[2:]
-            _check_targets(con.target, con.valid)  # where the sampler left them: on the host, no sync
+            _check_targets(con.target, con.valid)  # eager only; where the sampler left them: the host, no sync
             target, valid = con.target.to(dev, non_blocking=True), con.valid.to(dev, non_blocking=True)
             l_delta = _contrastive_loss(e_pivot, e_cand, target, valid)
             loss = loss + self.alpha * l_delta

@@ -7,7 +7,9 @@ drives it.
 
 from seqpe_nd.encodings.absolute import APELearn, APESin, NoPE
 from seqpe_nd.encodings.alibi import ALiBi, ALiBiND
-from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, ScoreMod, pe_metrics, visibility_mask
+from seqpe_nd.encodings.base import (
+    KVCache, PEDraws, PEState, PositionEncoding, ScoreMod, draws_of, pe_metrics, visibility_mask,
+)
 from seqpe_nd.encodings.config import (
     METHODS,
     ALiBiConfig,
@@ -32,6 +34,7 @@ from seqpe_nd.encodings.rotary import RoPE, RoPEAxial, RoPEMixed
 from seqpe_nd.encodings.seqpe import SeqPEEncoding
 
 __all__ = [
+    "draws_of",
     "pe_metrics",
     "METHODS",
     "MethodConfig",
@@ -50,6 +53,7 @@ __all__ = [
     "NoPE",
     "NoPEConfig",
     "PEConfig",
+    "PEDraws",
     "PESpec",
     "PEState",
     "PositionEncoding",

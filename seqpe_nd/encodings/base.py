@@ -37,6 +37,10 @@ ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 ScoreBackend = Literal["auto", "flex", "bias"]
 
+PEDraws = Any
+"""What a position encoding's ``draw`` returned: the random inputs of its training forward, drawn ahead of it
+(SeqPE: ``seqpe_nd.regularizers.RegularizerDraws``); each method reads only its own."""
+
 
 def host_readable(t: Tensor) -> bool:
     """Whether reading ``t``'s values costs nothing: a CPU tensor outside ``torch.compile``. Input checks on values
@@ -71,6 +75,8 @@ class PEState:
     (SeqPE in training: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
     shared_rows: bool = False
     """All batch rows carry the same positions, so one ``[h, n, m]`` bias serves the batch."""
+    draws: PEDraws | None = None
+    """The random inputs ``prepare`` was given (from the encoding's ``draw``), or None: drawn from its generator."""
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
@@ -100,6 +106,25 @@ class PEState:
             return bool((step == step[:1, :1]).all())
 
         return self.memo(("evenly-spaced",), check)
+
+
+def draws_of(model: nn.Module, generator: torch.Generator, *, shifted: bool = False) -> PEDraws | None:
+    """``draw`` of the position encoding inside ``model`` (under any wrapper: its outermost one, which the
+    backbone prepares), for the model's next forward; None when it draws nothing or there is none."""
+    outer: list[PositionEncoding] = []
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, PositionEncoding):
+            outer.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    draws = [d for d in (pe.draw(generator, shifted=shifted) for pe in outer) if d is not None]
+    if len(draws) > 1:
+        raise ValueError(f"the model holds {len(draws)} position encodings that draw; pass each its own draws")
+    return draws[0] if draws else None
 
 
 def pe_metrics(aux_loss: Tensor | None, logs: dict[str, float | Tensor] | None) -> dict[str, float | Tensor]:
@@ -301,6 +326,7 @@ class PositionEncoding(nn.Module):
         *,
         generator: torch.Generator | None = None,
         shifted: bool = False,
+        draws: PEDraws | None = None,
     ) -> PEState:
         """Once per backbone forward: check positions, compute what all layers share.
 
@@ -308,10 +334,21 @@ class PositionEncoding(nn.Module):
             pos_k: positions of all keys (cached ones first); None means the queries themselves.
             generator: randomness for training-time work (SeqPE's regularizer samplers).
             shifted: this step's main positions were randomly shifted (SeqPE skips L_OOD then).
+            draws: instead of ``generator``, what ``draw(generator, shifted=shifted)`` returned before the
+                forward: the same forward, with no generator inside it (``torch.compile`` cannot trace one).
         """
+        if draws is not None and generator is not None:
+            raise ValueError("pass the PE a generator or its draws, not both")
         state = self._new_state(pos_q, pos_k)
+        state.draws = draws
         self.fill_state(state, generator=generator, shifted=shifted)
         return state
+
+    def draw(self, generator: torch.Generator, *, shifted: bool = False) -> PEDraws | None:
+        """The random inputs a training forward of this encoding takes from its generator, drawn now from
+        ``generator`` in the order the forward would draw them (None here: nothing is drawn). Passed to
+        ``prepare(draws=...)`` (a backbone's ``pe_draws``), the forward gives what ``generator`` would have."""
+        return None
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of a position network of the method's own (SeqPE's encoder), which the released recipe

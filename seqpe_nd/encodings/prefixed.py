@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from seqpe_nd.encodings.base import PEState, PositionEncoding, ScoreMod
+from seqpe_nd.encodings.base import PEDraws, PEState, PositionEncoding, ScoreMod
 
 
 @dataclass(eq=False)
@@ -52,9 +52,10 @@ class PrefixedEncoding(PositionEncoding):
         *,
         generator: torch.Generator | None = None,
         shifted: bool = False,
+        draws: PEDraws | None = None,
     ) -> PrefixState:
         """``inner.prepare`` on the patch positions; placeholders (never read) for the prefix."""
-        inner = self.inner.prepare(pos_q, pos_k, generator=generator, shifted=shifted)
+        inner = self.inner.prepare(pos_q, pos_k, generator=generator, shifted=shifted, draws=draws)
         pad = inner.pos_q.new_zeros(inner.pos_q.shape[0], self.num_prefix, inner.pos_q.shape[-1])
         pk = inner.pos_q if inner.pos_k is inner.pos_q else inner.pos_k
         return PrefixState(
@@ -66,6 +67,10 @@ class PrefixedEncoding(PositionEncoding):
             inner=inner,
             num_prefix=self.num_prefix,
         )
+
+    def draw(self, generator: torch.Generator, *, shifted: bool = False) -> PEDraws | None:
+        """``inner``'s draws."""
+        return self.inner.draw(generator, shifted=shifted)
 
     @property
     def transforms_keys(self) -> bool:

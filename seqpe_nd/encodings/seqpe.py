@@ -15,11 +15,11 @@ heads, enters attention as a q/k transform, so every integration runs in fused S
 """
 
 import math
-from typing import ClassVar, Literal, get_args
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
@@ -27,7 +27,7 @@ from seqpe_nd.encoder import SeqPE
 from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, sdpa, visibility_mask
 from seqpe_nd.encodings.method import MethodConfig, Sizes
 from seqpe_nd.positions import GridSpace, HybridSpace
-from seqpe_nd.regularizers import OODReduction, SeqPERegularizer
+from seqpe_nd.regularizers import OODReduction, RegularizerDraws, SeqPERegularizer
 
 Integration = Literal["attn_sum", "attn_mul", "attn_bias", "input_add"]
 INTEGRATIONS: tuple[str, ...] = get_args(Integration)
@@ -64,9 +64,29 @@ def distinct_rows(pos: Int[Tensor, "b n w"]) -> Int[Tensor, " k"]:
     return first[torch.linspace(0, len(uniq) - 1, min(COS_ROWS, len(uniq)), device=flat.device).round().long()]
 
 
-def _mean_cosine(x: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
-    """Mean cosine over the pairs of distinct rows; 1.0 for fewer than two rows."""
+def spaced_rows(pos: Int[Tensor, "b n w"]) -> tuple[Int[Tensor, " k"], Bool[Tensor, " k"]]:
+    """:func:`distinct_rows` in static shapes (for ``torch.compile``): flat row indices of ``k = min(COS_ROWS,
+    rows)`` rows of ``pos``, evenly spaced over all its rows in position order, and which of them hold a
+    position that the previous pick does not (the distinct ones). When every row of ``pos`` holds its own
+    position the kept rows are :func:`distinct_rows`' positions."""
+    flat = pos.reshape(-1, pos.shape[-1])
+    order = torch.arange(len(flat), device=flat.device)
+    for c in reversed(range(flat.shape[-1])):  # stable sorts, last coordinate first: lexicographic order
+        order = order[flat[order, c].sort(stable=True).indices]
+    picks = order[torch.linspace(0, len(flat) - 1, min(COS_ROWS, len(flat)), device=flat.device).round().long()]
+    chosen = flat[picks]
+    new = torch.ones(len(picks), dtype=torch.bool, device=flat.device)
+    return picks, torch.cat([new[:1], (chosen[1:] != chosen[:-1]).any(-1)])
+
+
+def _mean_cosine(x: Float[Tensor, "k d"], keep: Bool[Tensor, " k"] | None = None) -> Float[Tensor, ""]:
+    """Mean cosine over the pairs of distinct rows (those ``keep`` marks, default all); 1.0 for fewer than two."""
     x = F.normalize(x.float(), dim=-1)
+    if keep is not None:
+        x = x * keep[:, None]
+        k = keep.sum()
+        cos = x @ x.T
+        return torch.where(k >= 2, (cos.sum() - cos.diagonal().sum()) / (k * (k - 1)).clamp(min=1), 1.0)
     k = x.shape[0]
     if k < 2:
         return x.new_ones(())
@@ -87,24 +107,34 @@ def mean_pairwise_cosine(pos: Int[Tensor, "b n w"], emb: Float[Tensor, "b n d"])
 
 
 @torch.no_grad()
-def position_score_spread(e_q: Float[Tensor, "h k e"], e_k: Float[Tensor, "h k e"]) -> Float[Tensor, ""]:
+def position_score_spread(
+    e_q: Float[Tensor, "h k e"], e_k: Float[Tensor, "h k e"], keep: Bool[Tensor, " k"] | None = None
+) -> Float[Tensor, ""]:
     """``pe_spread`` of the attention integrations: with ``s_ij = E^q_i · E^k_j / √e`` (Eq. 14's position
     term) per head, the std over keys ``j`` (population), averaged over heads and queries ``i``.
 
     In attention-logit units; 0 means no query's position scores depend on the key, so attention cannot see
     position. The keys are centred before the product (``s_ij - mean_j s_ij = E^q_i · (E^k_j - mean E^k)``),
-    so a large shared mean costs no precision."""
+    so a large shared mean costs no precision. ``keep`` (default all) marks the positions that count."""
     e_q, e_k = e_q.float(), e_k.float()
+    if keep is not None:
+        w = keep.float() / keep.sum().clamp(min=1)  # (k,): the mean over the kept positions
+        centred = e_k - (e_k * w[:, None]).sum(dim=-2, keepdim=True)
+        dev = e_q @ centred.transpose(-1, -2) / math.sqrt(e_q.shape[-1])  # (h, k, k)
+        return ((dev.pow(2) * w).sum(dim=-1).sqrt() * w).sum(dim=-1).mean()
     dev = e_q @ (e_k - e_k.mean(dim=-2, keepdim=True)).transpose(-1, -2) / math.sqrt(e_q.shape[-1])  # (h, k, k)
     return dev.pow(2).mean(dim=-1).sqrt().mean()
 
 
 @torch.no_grad()
-def embedding_spread(emb: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
+def embedding_spread(emb: Float[Tensor, "k d"], keep: Bool[Tensor, " k"] | None = None) -> Float[Tensor, ""]:
     """``pe_spread`` of input_add: the RMS over positions of ``‖e_i - mean_i e_i‖``, the size of the
     position-dependent part of what is added to the token embeddings (in the embeddings' units); 0 when every
-    position gets the same vector."""
+    position gets the same vector. ``keep`` (default all) marks the positions that count."""
     x = emb.float()
+    if keep is not None:
+        w = keep.float() / keep.sum().clamp(min=1)
+        return ((x - (x * w[:, None]).sum(dim=0)).pow(2).sum(dim=-1) * w).sum().sqrt()
     return (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean().sqrt()
 
 
@@ -157,19 +187,35 @@ class SeqPEEncoding(PositionEncoding):
         the backbone's attention there and is clipped with it)."""
         return list(self.encoder.parameters())
 
+    def draw(self, generator: torch.Generator, *, shifted: bool = False) -> RegularizerDraws | None:
+        """The regularizers' positions of a training forward (:meth:`SeqPERegularizer.draw`), drawn from
+        ``generator`` as the forward itself would; None in eval mode or without regularizers."""
+        if not self.training or self.regularizer is None:
+            return None
+        return self.regularizer.draw(generator, shifted=shifted)
+
     def fill_state(self, state: PEState, *, generator: torch.Generator | None, shifted: bool) -> None:
-        """Encode query and key positions in one call; in training, with the regularizers' sets."""
+        """Encode query and key positions in one call; in training, with the regularizers' sets (``state.draws``,
+        or drawn from ``generator``)."""
         pos_q = state.pos_q
         same = state.pos_k is pos_q
         if not self.training and not same:  # decoding: keys are encoded lazily, only those a layer needs
             state.tensors["e_q"] = self._table_rows(pos_q)
             return
         main = pos_q if same else torch.cat([pos_q, state.pos_k], dim=1)
+        # Compiled, the encoder cannot deduplicate: rows known to be alike (from the layout) are encoded once.
+        once = torch.compiler.is_compiling() and state.shared_rows and main.shape[0] > 1
+        rows_in = main[:1] if once else main
         if self.training and self.regularizer is not None:
-            step = self.regularizer.step(self.encoder, main, generator or torch.default_generator, shifted=shifted)
+            draws = state.draws
+            if draws is None:
+                draws = self.regularizer.draw(generator or torch.default_generator, shifted=shifted)
+            step = self.regularizer.step(self.encoder, rows_in, shifted=shifted, draws=draws)
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
-            emb = self.encoder(main)  # (b, n [+ m], d)
+            emb = self.encoder(rows_in)  # (b, n [+ m], d)
+        if once:
+            emb = emb.expand(main.shape[0], -1, -1)
         # The collapse signals describe the training positions: a shifted step's rows start far apart (their
         # spread would read as health), so it logs none. Rows at the same positions: one row says it all.
         if self.training and self.diagnostics and not shifted:
@@ -183,8 +229,13 @@ class SeqPEEncoding(PositionEncoding):
     def _collapse_signal(self, pos: Tensor, emb: Tensor) -> dict[str, Tensor]:
         """``pe_spread`` (the collapse test) and ``pe_cos`` (kept for old logs) of this step's distinct positions:
         with encoder dropout, on a clean (eval-mode) encoding of them, since dropout noise would hide a collapse;
-        never through the inference table. 0-dim tensors, no sync."""
-        rows = distinct_rows(pos)
+        never through the inference table. 0-dim tensors, no sync. Compiled, the positions are picked in static
+        shapes (:func:`spaced_rows`; the same ones where no position repeats)."""
+        keep = None
+        if torch.compiler.is_compiling():
+            rows, keep = spaced_rows(pos)
+        else:
+            rows = distinct_rows(pos)
         if self.encoder.config["dropout"] == 0:
             sample = emb.detach().reshape(-1, emb.shape[-1])[rows.to(emb.device)]
         else:
@@ -194,21 +245,22 @@ class SeqPEEncoding(PositionEncoding):
                 sample = self.encoder.encode_unique(pos.reshape(-1, pos.shape[-1])[rows])
             finally:
                 self.encoder.train(was)
-        return {"pe_cos": _mean_cosine(sample), "pe_spread": self.position_spread(sample)}
+        return {"pe_cos": _mean_cosine(sample, keep), "pe_spread": self.position_spread(sample, keep)}
 
     @torch.no_grad()
-    def position_spread(self, emb: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
-        """``pe_spread`` of the encoder's embeddings of ``k`` distinct positions: for the attention integrations
-        ``position_score_spread`` through layer 0's W_PE (attention-logit units; for attn_mul, where e^q and e^k
-        gate q and k rather than add a score, a proxy that is still 0 exactly when every position looks the
-        same), for input_add ``embedding_spread``. Compare with COLLAPSED_SPREAD."""
+    def position_spread(self, emb: Float[Tensor, "k d"], keep: Bool[Tensor, " k"] | None = None) -> Float[Tensor, ""]:
+        """``pe_spread`` of the encoder's embeddings of ``k`` distinct positions (those ``keep`` marks, default
+        all): for the attention integrations ``position_score_spread`` through layer 0's W_PE (attention-logit
+        units; for attn_mul, where e^q and e^k gate q and k rather than add a score, a proxy that is still 0
+        exactly when every position looks the same), for input_add ``embedding_spread``. Compare with
+        COLLAPSED_SPREAD."""
         if self.integration == "input_add":
-            return embedding_spread(emb)
+            return embedding_spread(emb, keep)
         w_pe = self.w_pe[0]
         with torch.autocast(emb.device.type, enabled=False):  # full precision: a bf16 shared term would fake spread
             proj = w_pe(emb.to(w_pe.weight.dtype)).float()  # the module, so any bias counts; (k, 2·h·e)
         e_q, e_k = proj.unflatten(-1, (2, self.num_heads, self.head_dim)).permute(1, 2, 0, 3)  # 2 × (h, k, e)
-        return position_score_spread(e_q, e_k)
+        return position_score_spread(e_q, e_k, keep)
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"] | None:
         """input_add: the SeqPE embedding of each query position; None for attention integrations."""
@@ -244,9 +296,10 @@ class SeqPEEncoding(PositionEncoding):
 
     def _table_rows(self, pos: Int[Tensor, "b n w"]) -> Float[Tensor, "b n d"]:
         """The encoder's embeddings of ``pos``; for consecutive 1-D positions shared by the rows (a text context)
-        in inference, a view of its table (no gather), expanded over the rows."""
+        in inference, a view of its table (no gather), expanded over the rows (not while compiling: the check
+        reads values)."""
         b, n = pos.shape[:2]
-        if pos.shape[-1] == 1 and not self.training:
+        if pos.shape[-1] == 1 and not self.training and not torch.compiler.is_compiling():
             start = int(pos[0, 0, 0])
             steps = torch.arange(start, start + n, device=pos.device)
             if torch.equal(pos[..., 0], steps.expand(b, n)):

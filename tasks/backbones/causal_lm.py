@@ -45,7 +45,7 @@ from transformers.masking_utils import AttentionMaskInterface, prepare_padding_m
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from seqpe_nd.encodings import PESpec, build_position_encoding
-from seqpe_nd.encodings.base import KVCache, PEState, PositionEncoding, host_readable
+from seqpe_nd.encodings.base import KVCache, PEDraws, PEState, PositionEncoding, host_readable
 from seqpe_nd.tasks.backbones.pe_logs import add_pe_logs
 
 ATTN_IMPLEMENTATION = "seqpe_nd"
@@ -218,7 +218,7 @@ class PositionEncodingLM:
     ``(b, n, w)`` coordinates. Without them, positions continue after the cached keys, or count
     the real tokens of ``attention_mask`` (left padding), or start at 0. ``pe_shifted`` tells the
     PE that this training step uses shifted positions (the OOD loss is then skipped);
-    ``pe_generator`` drives the PE's regularizer sampling.
+    ``pe_generator`` drives the PE's regularizer sampling, or ``pe_draws`` (``pe.draw(generator)``) gives it.
     """
 
     pe: PositionEncoding
@@ -368,6 +368,7 @@ class PositionEncodingLM:
         *,
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
+        pe_draws: PEDraws | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPE:
         if "past_key_values" in kwargs:  # the pre-5.40 spelling of `cache`
@@ -393,7 +394,8 @@ class PositionEncodingLM:
         past = self._past_positions(cache, batch)
         pos_q = self._query_positions(position_ids, attention_mask, past, batch, length, inputs_embeds.device)
         pos_k = pos_q if past is None else torch.cat([past, pos_q], dim=1)
-        state = self.pe.prepare(pos_q, None if past is None else pos_k, generator=pe_generator, shifted=pe_shifted)
+        state = self.pe.prepare(pos_q, None if past is None else pos_k, generator=pe_generator, shifted=pe_shifted,
+                                draws=pe_draws)
         added = self.pe.embed(state)
         if added is not None:  # APE / SeqPE input_add replace the wpe lookup
             inputs_embeds = inputs_embeds + added.to(inputs_embeds.dtype)

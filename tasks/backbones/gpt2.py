@@ -77,7 +77,7 @@ class GPT2WithPE(PositionEncodingLM, GPT2LMHeadModel):
     ``(b, n, w)`` coordinates. Without them, positions continue after the cached keys, or count
     the real tokens of ``attention_mask`` (left padding), or start at 0. ``pe_shifted`` tells the
     PE that this training step uses shifted positions (the OOD loss is then skipped);
-    ``pe_generator`` drives the PE's regularizer sampling.
+    ``pe_generator`` drives the PE's regularizer sampling, or ``pe_draws`` (``pe.draw(generator)``) gives it.
 
     ``GPT2WithPE(config, pe)`` is a fresh model; ``GPT2WithPE.from_pretrained(dir)`` rebuilds the PE its saved
     config records (``from_pretrained(dir, pe=pe)`` checks that ``pe`` is that one).
@@ -95,7 +95,8 @@ class StockGPT2(GPT2LMHeadModel):
 
     Weights, initialisation and forward are the stock model's (same config and seed, same logits). Only the call
     takes the recipes' arguments: ``(b, n, 1)`` position ids are GPT-2's ``(b, n)`` ones (passed on, so ``wpe`` is
-    looked up at the positions the recipe gives), ``pe_generator`` is unused (nothing samples), ``pe_shifted`` must
+    looked up at the positions the recipe gives), ``pe_generator`` and ``pe_draws`` are unused (nothing samples),
+    ``pe_shifted`` must
     be False (positions past ``n_positions`` have no row), and the output has ``pe_aux_loss = None``.
     """
 
@@ -106,6 +107,7 @@ class StockGPT2(GPT2LMHeadModel):
         position_ids: Int[Tensor, "#b n"] | Int[Tensor, "#b n 1"] | None = None,
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
+        pe_draws: Any = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPE:
         if pe_shifted:

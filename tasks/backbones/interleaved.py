@@ -21,7 +21,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
-from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.encodings.base import PEDraws, PositionEncoding
 from seqpe_nd.tasks.backbones.vit import ForwardContext, PEAttention, PEHub
 
 
@@ -99,6 +99,7 @@ class InterleavedTransformer(nn.Module):
         *,
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
+        pe_draws: PEDraws | None = None,
     ) -> HybridOutput:
         """Scores of each image for a batch sharing one layout.
 
@@ -123,8 +124,8 @@ class InterleavedTransformer(nn.Module):
         src[is_image] = text.shape[1] + torch.arange(K * per_image, device=text.device)
         x = torch.cat([t_emb, p_emb], 1)[:, src]  # (b, s, d)
 
-        state = self.pe.prepare(positions, generator=pe_generator, shifted=pe_shifted)
-        self._hub.current = ForwardContext(generator=pe_generator, shifted=pe_shifted, state=state)
+        state = self.pe.prepare(positions, generator=pe_generator, shifted=pe_shifted, draws=pe_draws)
+        self._hub.current = ForwardContext(generator=pe_generator, shifted=pe_shifted, draws=pe_draws, state=state)
         try:
             e = self.pe.embed(state)
             if e is not None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 import seqpe_nd
 from seqpe_nd.encodings import PESpec, build_position_encoding
-from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.encodings.base import PEDraws, PositionEncoding
 from seqpe_nd.encodings.prefixed import PrefixedEncoding
 from seqpe_nd.tasks.backbones.vit import (
     ForwardContext, PEAttention, PEHub, ViTWithPE, embed_positions, grid_shape, vit_sizes,
@@ -53,7 +53,8 @@ class VisionTransformerWithPE(VisionTransformer):
 
     Its forward (and ``forward_features``, ``forward_intermediates``) is timm's, with optional keyword
     arguments for the PE: ``pos_offset`` (added to every patch position, ``(w,)`` or ``(b, w)``),
-    ``pe_generator`` and ``pe_shifted`` (SeqPE's regularizer samplers). After each call ``pe_aux_loss``
+    ``pe_generator`` and ``pe_shifted`` (SeqPE's regularizer samplers; ``pe_draws``, what ``pe.draw`` gave, in
+    place of the generator). After each call ``pe_aux_loss``
     holds the PE's auxiliary loss (a 0-d tensor; 0 in eval mode or for a PE without one) and ``pe_logs``
     its parts (SeqPE: ``loss_delta``, ``loss_ood``, ...).
     """
@@ -66,12 +67,14 @@ class VisionTransformerWithPE(VisionTransformer):
 
     @contextmanager
     def _pe_forward(
-        self, pos_offset: Int[Tensor, "*b w"] | None, pe_generator: torch.Generator | None, pe_shifted: bool
+        self, pos_offset: Int[Tensor, "*b w"] | None, pe_generator: torch.Generator | None, pe_shifted: bool,
+        pe_draws: PEDraws | None = None,
     ) -> Iterator[None]:
         if self._pe_hub.current is not None:  # forward -> forward_features: the outer call owns the context
             yield
             return
-        self._pe_hub.current = ForwardContext(pos_offset=pos_offset, generator=pe_generator, shifted=pe_shifted)
+        self._pe_hub.current = ForwardContext(pos_offset=pos_offset, generator=pe_generator, shifted=pe_shifted,
+                                              draws=pe_draws)
         try:
             yield
             state = self._pe_hub.current.state
@@ -88,15 +91,15 @@ class VisionTransformerWithPE(VisionTransformer):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, *,
                 pos_offset: Tensor | None = None, pe_generator: torch.Generator | None = None,
-                pe_shifted: bool = False) -> Tensor:
+                pe_shifted: bool = False, pe_draws: PEDraws | None = None) -> Tensor:
         grid_shape(self, x.shape)  # a wrong shape is one clear error here, not deep inside timm
-        with self._pe_forward(pos_offset, pe_generator, pe_shifted):
+        with self._pe_forward(pos_offset, pe_generator, pe_shifted, pe_draws):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, *,
                          pos_offset: Tensor | None = None, pe_generator: torch.Generator | None = None,
-                         pe_shifted: bool = False) -> Tensor:
-        with self._pe_forward(pos_offset, pe_generator, pe_shifted):
+                         pe_shifted: bool = False, pe_draws: PEDraws | None = None) -> Tensor:
+        with self._pe_forward(pos_offset, pe_generator, pe_shifted, pe_draws):
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
 
     def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:

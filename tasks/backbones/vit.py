@@ -36,7 +36,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from seqpe_nd.encodings import build_position_encoding
-from seqpe_nd.encodings.base import PEState, PositionEncoding
+from seqpe_nd.encodings.base import PEDraws, PEState, PositionEncoding
 from seqpe_nd.encodings.prefixed import PrefixedEncoding
 
 
@@ -47,6 +47,8 @@ class ForwardContext:
     pos_offset: Tensor | None = None
     generator: torch.Generator | None = None
     shifted: bool = False
+    draws: PEDraws | None = None
+    """What ``pe.draw`` gave, in place of ``generator``."""
     state: PEState | None = None
     grid: tuple[int, ...] | None = None
 
@@ -210,7 +212,7 @@ def embed_positions(
         offset = fwd.pos_offset.to(pos.device)
         pos = pos + (offset[:, None] if offset.ndim == 2 else offset)
     pos = pos.expand(B, *pos.shape[-2:])  # (b, n, w)
-    state = pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted)
+    state = pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted, draws=fwd.draws)
     fwd.state, fwd.grid = state, tuple(grid)
     x = x.reshape(B, -1, C)  # (b, n, d)
     prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
@@ -281,6 +283,7 @@ class ViTWithPE(nn.Module):
         pos_offset: Int[Tensor, "*b w"] | None = None,
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
+        pe_draws: PEDraws | None = None,
     ) -> ViTOutput:
         """Logits of images ``(b, c, H, W)`` (or videos ``(b, c, T, H, W)``) of any size.
 
@@ -288,9 +291,11 @@ class ViTWithPE(nn.Module):
             pos_offset: added to every patch position (the random start shift of App. A.5): ``(w,)`` for every
                 image, or ``(b, w)``, one per image.
             pe_generator, pe_shifted: passed to ``pe.prepare`` (SeqPE's regularizer samplers).
+            pe_draws: ``pe.draw(generator, shifted=...)``, in place of ``pe_generator``.
         """
         self.grid_shape(x.shape)  # a wrong shape is one clear error here, not deep inside timm
-        self._hub.current = ForwardContext(pos_offset=pos_offset, generator=pe_generator, shifted=pe_shifted)
+        self._hub.current = ForwardContext(pos_offset=pos_offset, generator=pe_generator, shifted=pe_shifted,
+                                           draws=pe_draws)
         try:
             logits = self.vit(x)
             state = self._hub.current.state

@@ -46,8 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from seqpe_nd.positions.errors import format_validation_error
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "more_flags", False):  # only a command that parses more flags takes them
+        parser.parse_args(argv)  # argparse's own one-line error and exit status 2
+    args.argv = argv
     try:
         return int(args.func(args) or 0)
     except ValidationError as err:  # a model validated outside a config loader: still one line per field

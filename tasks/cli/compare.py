@@ -162,7 +162,7 @@ def method_configs(
             configs[seed, name] = parse_run_config(method_config(seeded, name, config_dir), config_dir=config_dir,
                                                    source=source)
     for config in configs.values():
-        eval_settings(config, lengths=list(lengths) if lengths else None, max_tokens=max_tokens)
+        eval_settings(config.with_eval(lengths=list(lengths) if lengths else None, max_tokens=max_tokens), config)
     return configs
 
 

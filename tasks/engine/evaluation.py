@@ -186,3 +186,21 @@ def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]
         md.append("| " + " | ".join(cells) + " |")
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # logs: wide enough for every column
     return "\n".join(md) + "\n"
+
+
+def relative_to(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it (``checkpoints/step_000004``), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def written_note(run_dir: Path, written: Sequence[Path], kept: Sequence[str], differ: Sequence[str]) -> str:
+    """``wrote RUN/eval.json, RUN/eval.png`` and what became of an earlier ``eval.json``."""
+    note = "wrote " + ", ".join(str(p) for p in written)
+    if kept:
+        note += f" ({EVAL_JSON} also keeps size(s) {', '.join(kept)} measured before)"
+    if differ:
+        note += f" (the earlier {EVAL_JSON} was replaced: its {', '.join(differ)} differed)"
+    return note

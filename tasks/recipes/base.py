@@ -15,6 +15,7 @@ the rest:
   a table, figures; and the comparison of several evaluated runs.
 """
 
+import copy
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -25,11 +26,10 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 import torch
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import pe_metrics
+from seqpe_nd.encodings import PEDraws, draws_of, pe_metrics
 from seqpe_nd.positions import GridSpace, HybridSpace
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import (
-    EVAL_JSON,
     file_times,
     files_changed,
     fmt,
@@ -42,7 +42,9 @@ from seqpe_nd.tasks.engine.evaluation import (
     read_result,
     read_run_config,
     reject_unknown_options,
+    relative_to,
     write_result,
+    written_note,
 )
 from seqpe_nd.tasks.engine.trainer import STRICT_SECTIONS, derive_seed, first_sample, unwrap
 from seqpe_nd.tasks.recipes.config import RunConfig
@@ -91,12 +93,12 @@ class Recipe(ABC, Generic[ConfigT]):
     """Name under which the main loss is logged."""
     no_decay_names: ClassVar[tuple[str, ...]] = ()
     """Parameters trained without weight decay besides biases, norms and every PE parameter."""
-    eval_options: ClassVar[tuple[str, ...]] = ()
-    """The options of ``evaluate`` besides ``device``, ``write`` and ``quiet``."""
     rows_key: ClassVar[str] = "sizes"
     """Key of the per-size rows in ``eval.json``."""
     metric: ClassVar[tuple[str, str]] = ("top1", "top-1 %")
     """(row field, label) compared across runs."""
+    constructor_options: ClassVar[tuple[str, ...]] = ()
+    """Options of :meth:`evaluate` that go to the recipe's constructor (QA: ``documents``), not to its eval section."""
 
     def __init__(self, cfg: ConfigT, run_dir: Path | None = None) -> None:
         self.cfg: ConfigT = cfg
@@ -137,10 +139,11 @@ class Recipe(ABC, Generic[ConfigT]):
 
     @abstractmethod
     def step(
-        self, model: nn.Module, batch: Any, *, shift: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, batch: Any, *, shift: Tensor | None, draws: PEDraws | None
     ) -> StepOutput:
         """The recipe's forward and main loss on a training batch; ``shift`` (or None), one offset ``(rows, w)``
-        per row, moves that row's positions."""
+        per row, moves that row's positions; ``draws`` (or None) are the PE's random inputs for the forward
+        (``pe_draws=``: SeqPE's regularizer positions), drawn on the host by :meth:`loss`."""
 
     @property
     def shift_space(self) -> GridSpace | HybridSpace:
@@ -170,7 +173,9 @@ class Recipe(ABC, Generic[ConfigT]):
         self, model: nn.Module, batch: Any, *, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, float | Tensor]]:
         """Main loss + the PE's auxiliary loss; a shifted step (App. A.5) gives each row a start offset, with
-        ``shift.starts`` distinct starts a step drawn from the run's pool, as released."""
+        ``shift.starts`` distinct starts a step drawn from the run's pool, as released. Every random draw from
+        ``generator`` happens here, on the host, before the forward: the shift, then the PE's own (``draws_of``),
+        so no generator enters a compiled forward."""
         z = None
         if self.cfg.random_shift:
             extent = self.shift_extent(model, batch)
@@ -178,7 +183,8 @@ class Recipe(ABC, Generic[ConfigT]):
             pool = self.shift_pool(extent) if space.shift.pool is not None else None
             shift = space.sample_shift(generator, extent, rows=self.batch_rows(batch), pool=pool)
             z = shift.z if shift.applied else None  # (rows, w)
-        out = self.step(model, batch, shift=z, generator=generator)
+        draws = draws_of(model, generator, shifted=z is not None)
+        out = self.step(model, batch, shift=z, draws=draws)
         # 0-dim tensors, not floats: no device sync per micro-batch (the loop reads them when it logs)
         metrics: dict[str, float | Tensor] = {self.main_loss: out.main.detach(), "shifted": float(z is not None)}
         metrics.update(out.metrics)
@@ -232,8 +238,21 @@ class Recipe(ABC, Generic[ConfigT]):
 
     # --- evaluation: sizes -> rows -> eval.json, table, figures -------------------------------------------
     @abstractmethod
-    def eval_plan(self, **options: Any) -> EvalPlan:
-        """The sizes and settings of an evaluation; every option is checked here, before the model loads."""
+    def eval_plan(self) -> EvalPlan:
+        """The sizes and settings of the evaluation ``cfg.eval`` describes; everything is checked here, before the
+        model loads (:meth:`with_eval` applies an evaluation's options first)."""
+
+    def with_eval(self: R, **options: Any) -> R:
+        """This recipe with fields of its ``eval`` section overridden (see :meth:`RunConfig.with_eval`)."""
+        other = copy.copy(self)
+        other.cfg = self.cfg.with_eval(**options)
+        return other
+
+    @classmethod
+    def eval_options(cls) -> tuple[str, ...]:
+        """The options of :meth:`evaluate` besides ``device``, ``write``, ``quiet`` and ``reuse``: the eval section's
+        fields (not its ``val_…`` ones) and the constructor's options."""
+        return (*cls.config_type.eval_settings_type().option_names(), *cls.constructor_options)
 
     @abstractmethod
     def eval_size(self, model: nn.Module, size: Any, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
@@ -266,10 +285,11 @@ class Recipe(ABC, Generic[ConfigT]):
         Returns this call's sizes. With ``reuse``, a saved ``eval.json`` that answers the same plan is returned
         instead. Unless ``quiet``, prints the table and the files written.
         """
-        reject_unknown_options(cls.task, options, cls.eval_options)
+        reject_unknown_options(cls.task, options, cls.eval_options())
         run_dir = Path(run_dir)
-        recipe = cls.from_run(run_dir, **cls.run_options(options))
-        plan = recipe.eval_plan(**{k: v for k, v in options.items() if k not in cls.constructor_options})
+        built = {k: v for k, v in options.items() if k in cls.constructor_options and v is not None}
+        recipe = cls.from_run(run_dir, **built).with_eval(**{k: v for k, v in options.items() if k not in built})
+        plan = recipe.eval_plan()
         if reuse and (saved := recipe.reuse_result(plan)) is not None:
             return saved
         dev = pick_device(device)
@@ -285,7 +305,7 @@ class Recipe(ABC, Generic[ConfigT]):
             "run_dir": str(run_dir),
             **plan.header,
             "pe": recipe.cfg.pe.model_dump(mode="json") if recipe.cfg.pe is not None else None,
-            "weights": _relative(found, run_dir),
+            "weights": relative_to(found, run_dir),
             "device": str(dev),
             "seconds": time.perf_counter() - t0,
             cls.rows_key: rows,
@@ -299,16 +319,10 @@ class Recipe(ABC, Generic[ConfigT]):
             recipe.write_figures(result, model)
             write_result(run_dir, result)
             if not quiet:
-                print(_written_note(run_dir, files_changed(run_dir, before), kept, differ))
+                print(written_note(run_dir, files_changed(run_dir, before), kept, differ))
             result = {**result, cls.rows_key: rows}
         return result
 
-    constructor_options: ClassVar[tuple[str, ...]] = ()
-    """Options of ``evaluate`` that go to the recipe's constructor, not to :meth:`eval_plan`."""
-
-    @classmethod
-    def run_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: options[k] for k in cls.constructor_options if options.get(k) is not None}
 
     # --- several evaluated runs ------------------------------------------------------------------------
     @classmethod
@@ -421,24 +435,6 @@ class Recipe(ABC, Generic[ConfigT]):
             ckpt.atomic_write_text(out / "compare.md", f"## {title}\n\n{md}")
             cls.plot_runs(results, out / "compare.png", title=title)
         return rows
-
-
-def _relative(path: Path, root: Path) -> str:
-    """``path`` relative to ``root`` when inside it (``checkpoints/step_000004``), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _written_note(run_dir: Path, written: Sequence[Path], kept: Sequence[str], differ: Sequence[str]) -> str:
-    """``wrote RUN/eval.json, RUN/eval.png`` and what became of an earlier ``eval.json``."""
-    note = "wrote " + ", ".join(str(p) for p in written)
-    if kept:
-        note += f" ({EVAL_JSON} also keeps size(s) {', '.join(kept)} measured before)"
-    if differ:
-        note += f" (the earlier {EVAL_JSON} was replaced: its {', '.join(differ)} differed)"
-    return note
 
 
 def check_sizes(sizes: Sequence[Any], ok: Any, allowed: str, what: str = "evaluation size") -> None:

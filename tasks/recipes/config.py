@@ -15,10 +15,10 @@ mechanism for run configs, spaces and PE configs).
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BeforeValidator, ValidationError
+from pydantic import BeforeValidator, PositiveInt, ValidationError
 
 from seqpe_nd.encodings import PEConfig
 from seqpe_nd.positions import Frozen, GridSpace, HybridSpace, PositionSpace, load_space
@@ -132,6 +132,35 @@ SpaceField = Annotated[PositionSpace, BeforeValidator(_space_source)]
 """A position space in a run config: inline, or a path to a space YAML (see :func:`find_config_file`)."""
 
 
+# --- the eval section ------------------------------------------------------------------------------
+
+def _size_pair(value: Any) -> Any:
+    """``"8x32"`` (the command line's spelling) becomes ``(8, 32)``; anything else is left to the type."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"{value!r} is not AxP, e.g. 8x32")
+        return int(parts[0]), int(parts[1])
+    return value
+
+
+SizePair = Annotated[tuple[PositiveInt, PositiveInt], BeforeValidator(_size_pair)]
+"""Two sizes of one evaluation input, e.g. (frames, pixels): a pair in YAML, or ``8x32`` on the command line."""
+
+
+class EvalSettings(Frozen):
+    """Base of every recipe's ``eval:`` section. Its fields are the options of ``Recipe.evaluate`` and of
+    ``seqpe-nd eval`` (``--max-images 64``, ``--set eval.max_images=64``), except the ``val_…`` fields: those
+    size the validation run during training."""
+
+    validation_prefix: ClassVar[str] = "val_"
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        """The fields an evaluation may override, in declaration order."""
+        return tuple(name for name in cls.model_fields if not name.startswith(cls.validation_prefix))
+
+
 # --- run configs ------------------------------------------------------------------------------------
 
 C = TypeVar("C", bound="RunConfig")
@@ -149,6 +178,8 @@ class RunConfig(Frozen):
     random_shift: bool = False
     """Shift a whole step's positions with the space's ``shift.prob`` (App. A.5)."""
     train: TrainConfig = TrainConfig()
+    eval: EvalSettings = EvalSettings()
+    """Evaluation (``seqpe-nd eval``) and the validation run during training; each recipe has its own fields."""
 
     @classmethod
     def parse(cls: "type[C]", data: "dict[str, Any] | C", *, config_dir: Path | None = None) -> "C":
@@ -159,6 +190,26 @@ class RunConfig(Frozen):
             return cls.model_validate(data, context={"config_dir": config_dir})
         except ValidationError as err:
             raise ValueError(format_validation_error(err, model=cls)) from None
+
+    @classmethod
+    def eval_settings_type(cls) -> type[EvalSettings]:
+        """The recipe's ``eval:`` section: its fields are the options of ``Recipe.evaluate`` and ``seqpe-nd eval``."""
+        settings = cls.model_fields["eval"].annotation
+        assert isinstance(settings, type) and issubclass(settings, EvalSettings)
+        return settings
+
+    def with_eval(self: C, **options: Any) -> C:
+        """This config with ``eval`` fields overridden (None: keep the config's); checked like the YAML, errors
+        naming ``eval.<field>``."""
+        settings_type = self.eval_settings_type()
+        given = {k: v for k, v in options.items() if v is not None}
+        if not given:
+            return self
+        try:
+            settings = settings_type.model_validate({**self.eval.model_dump(), **given})
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, prefix="eval", model=settings_type)) from None
+        return self.model_copy(update={"eval": settings})
 
     def grid_space(self, ndim: int) -> GridSpace:
         """``space`` as the ``ndim``-D grid space this recipe needs (a clear error otherwise)."""

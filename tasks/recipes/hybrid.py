@@ -48,8 +48,8 @@ from jaxtyping import Float, Int
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig, build_position_encoding
-from seqpe_nd.positions import Frozen, GridSpace, HybridSpace
+from seqpe_nd.encodings import PEConfig, PEDraws, SeqPEConfig, build_position_encoding
+from seqpe_nd.positions import GridSpace, HybridSpace
 from seqpe_nd.tasks.backbones.interleaved import HybridOutput, InterleavedTransformer
 from seqpe_nd.tasks.data.interleaved import (
     COLORS,
@@ -63,7 +63,7 @@ from seqpe_nd.tasks.data.interleaved import (
     timeline_length,
 )
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
+from seqpe_nd.tasks.recipes.config import EvalSettings, RunConfig, SizePair, SpaceField
 from seqpe_nd.tasks.recipes.vit_family import TransformerShape
 
 
@@ -92,10 +92,10 @@ class HybridModelSettings(TransformerShape):
         return (g, g)
 
 
-class HybridEvalSettings(Frozen):
+class HybridEvalSettings(EvalSettings):
     """Evaluation (``eval:``) and validation during training."""
 
-    sizes: list[tuple[PositiveInt, PositiveInt]] | None = None
+    sizes: list[SizePair] | None = None
     """(images, pixels) pairs for ``seqpe-nd eval``; default (K, R), (2K, R), (K, 1.5R), (K, 2R), (2K, 2R)."""
     max_examples: PositiveInt | None = None
     """Evaluate only the first this many validation examples (None: the whole split)."""
@@ -163,7 +163,6 @@ class HybridRecipe(Recipe[HybridConfig]):
     strict_sections = ("task", "model", "space", "pe", "positions")
     main_loss = "task_loss"  # match_loss + colour_weight · colour_loss, each logged too
     no_decay_names = ("text_embed.weight",)
-    eval_options = ("sizes", "max_examples", "batch_size")
 
     def __init__(self, cfg: HybridConfig, run_dir: Path | None = None) -> None:
         super().__init__(cfg, run_dir)
@@ -228,7 +227,7 @@ class HybridRecipe(Recipe[HybridConfig]):
         )
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None = None,
-                generator: torch.Generator | None = None) -> HybridOutput:
+                draws: PEDraws | None = None) -> HybridOutput:
         """The model on a batch (all rows share one layout); ``shift`` moves every position (one timeline shift)."""
         text, images = batch["text"], batch["images"]
         check_batch(text, images)
@@ -237,15 +236,15 @@ class HybridRecipe(Recipe[HybridConfig]):
         pos = self.pe_positions(hybrid, images.shape[0])
         if shift is not None:
             pos = self.pe_space.apply_shift(pos, shift.to(images.device, non_blocking=True)[:, None])
-        out = model(text, images, pos, is_image, pe_generator=generator, pe_shifted=shift is not None)
+        out = model(text, images, pos, is_image, pe_draws=draws, pe_shifted=shift is not None)
         if self.cfg.data.question != "sentence":  # the reference is shown, not a candidate answer
             out = HybridOutput(out.logits[:, 1:], out.pe_aux_loss, out.pe_logs, out.classes)
         return out
 
     def step(
-        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, draws: PEDraws | None
     ) -> StepOutput:
-        out = self.forward(model, batch, shift=shift, generator=generator)
+        out = self.forward(model, batch, shift=shift, draws=draws)
         targets = batch["targets"]
         main = match_loss(out.logits.float(), targets)
         metrics: dict[str, float | Tensor] = {
@@ -268,17 +267,15 @@ class HybridRecipe(Recipe[HybridConfig]):
         return int(batch["text"].shape[0])  # examples, for examples/s
 
     # -- evaluation -------------------------------------------------------------------------------
-    def eval_plan(
-        self, *, sizes: list[list[int]] | None = None, max_examples: int | None = None, batch_size: int | None = None
-    ) -> EvalPlan:
-        """(images, pixels) pairs: default the config's ``eval.sizes`` or :func:`default_sizes`."""
+    def eval_plan(self) -> EvalPlan:
+        """(images, pixels) pairs: the config's ``eval.sizes``, else :func:`default_sizes`."""
         m, e = self.cfg.model, self.cfg.eval
-        pairs = [tuple(int(v) for v in s) for s in (sizes or e.sizes or default_sizes(m.num_images, m.img_size, m.patch_size))]
+        pairs = [tuple(s) for s in (e.sizes or default_sizes(m.num_images, m.img_size, m.patch_size))]
         check_sizes(pairs, lambda s: len(s) == 2 and s[0] >= 1 and s[1] >= m.patch_size,
                     f"(images >= 1, pixels >= patch_size = {m.patch_size})", "eval size")
-        count = min(self.cfg.data.val_size, max_examples or e.max_examples or self.cfg.data.val_size)
+        count = min(self.cfg.data.val_size, e.max_examples or self.cfg.data.val_size)
         header = {"train_size": [m.num_images, m.img_size], "positions": self.cfg.positions}
-        return EvalPlan(pairs, header, context={"count": count, "batch_size": batch_size or e.batch_size})
+        return EvalPlan(pairs, header, context={"count": count, "batch_size": e.batch_size})
 
     def eval_size(self, model: nn.Module, size: tuple[int, int], plan: EvalPlan, device: torch.device) -> dict[str, Any]:
         (k, s), c = size, plan.context

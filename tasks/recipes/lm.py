@@ -21,17 +21,17 @@ from jaxtyping import Int
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig
-from seqpe_nd.positions import Frozen, GridSpace
+from seqpe_nd.encodings import PEConfig, PEDraws, SeqPEConfig
+from seqpe_nd.positions import GridSpace
 from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.data.text import TextCorpus, TextDataConfig, prepare_text, sample_blocks
 from seqpe_nd.tasks.engine import checkpoint as ckpt
 from seqpe_nd.tasks.engine.evaluation import read_result
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
+from seqpe_nd.tasks.recipes.config import EvalSettings, RunConfig, SpaceField
 
 
-class EvalSettings(Frozen):
+class LMEvalSettings(EvalSettings):
     """Length-extrapolation evaluation (``eval:``) and the validation run during training."""
 
     lengths: list[PositiveInt] | None = None
@@ -57,7 +57,7 @@ class LMConfig(RunConfig):
     random_shift: bool = True
     """Shift a whole step's positions with the space's ``shift.prob`` (App. A.5). Off for APE baselines, which
     would otherwise train at positions they are meant to extrapolate to."""
-    eval: EvalSettings = EvalSettings()
+    eval: LMEvalSettings = LMEvalSettings()
 
     @model_validator(mode="after")
     def _space_fits(self) -> "LMConfig":
@@ -135,20 +135,16 @@ def perplexity(
     return {"chunks": len(starts), "tokens": scored, "loss": total / scored, "ppl": math.exp(total / scored)}
 
 
-def eval_settings(
-    cfg: LMConfig, *, lengths: list[int] | None = None, split: str | None = None, max_tokens: int | None = None
-) -> tuple[list[int], str, int | None]:
-    """(lengths, split, max_tokens) of an evaluation: the options, else the config's ``eval``; each one checked."""
+def eval_settings(cfg: LMConfig, trained: LMConfig) -> tuple[list[int], str, int | None]:
+    """(lengths, split, max_tokens) of the evaluation ``cfg.eval`` describes (an evaluation's options applied to
+    ``trained``'s, see :meth:`RunConfig.with_eval`), each one checked against the model ``trained`` builds."""
     e = cfg.eval
-    sizes = list(lengths or config_lengths(cfg))
+    sizes = list(config_lengths(cfg))
     check_sizes(sizes, lambda n: n >= 2, "lengths are whole numbers of tokens >= 2", "length")
-    if (rows := stock_positions(cfg)) is not None:
+    if (rows := stock_positions(trained)) is not None:
         check_sizes(sizes, lambda n: n <= rows, f"the stock GPT-2 learned {rows} positions (its wpe rows, the "
                     "config's longest eval.lengths): lengths <= that", "length")
-    split = split or e.split
-    if split not in ("train", "validation", "test"):
-        raise ValueError(f"split {split!r} unknown; allowed: train, validation, test")
-    max_tokens = max_tokens if max_tokens is not None else e.max_tokens
+    split, max_tokens = e.split, e.max_tokens
     if max_tokens is not None and max_tokens < max(sizes):
         raise ValueError(f"max_tokens = {max_tokens} is fewer than one chunk of {max(sizes)}; allowed: >= the longest length")
     return sizes, split, max_tokens
@@ -162,20 +158,20 @@ class LMRecipe(Recipe[LMConfig]):
     task = "lm"
     config_type = LMConfig
     main_loss = "lm_loss"
-    eval_options = ("lengths", "split", "max_tokens")
     rows_key = "lengths"
     metric = ("ppl", "perplexity")
     no_decay_names = ("transformer.wpe.weight",)  # the stock GPT-2's position table trains as APE-learn's does
 
     def __init__(self, cfg: LMConfig, run_dir: Path | None = None) -> None:
         super().__init__(cfg, run_dir)
+        self.trained_cfg = cfg  # the model's config: an evaluation's options (with_eval) never resize the stock wpe
         self.space: GridSpace = cfg.grid_space(1)
         self.corpus: TextCorpus = prepare_text(cfg.data)
         self.num_train_blocks = self.corpus.num_blocks("train", cfg.model.block_size)
 
     def build_model(self) -> nn.Module:
         tok = self.corpus.tokenizer
-        return build_model(self.cfg, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
+        return build_model(self.trained_cfg, vocab_size=tok.vocab_size, eos_id=tok.eos_id)
 
     def train_batch(self, step: int, micro: int, rank: int, world: int) -> dict[str, Tensor]:
         t = self.cfg.train
@@ -187,14 +183,14 @@ class LMRecipe(Recipe[LMConfig]):
         return [batch["input_ids"].shape[1]]
 
     def step(
-        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, draws: PEDraws | None
     ) -> StepOutput:
         ids = batch["input_ids"]  # (b, n)
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
         if shift is not None:  # each row starts at its own z (App. A.5)
             pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True)[:, None])
-        out = model(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=generator, pe_shifted=shift is not None)
+        out = model(input_ids=ids, position_ids=pos, use_cache=False, pe_draws=draws, pe_shifted=shift is not None)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         return StepOutput(lm, out.pe_aux_loss, out.pe_logs)
 
@@ -211,10 +207,8 @@ class LMRecipe(Recipe[LMConfig]):
         return int(batch["input_ids"].numel())
 
     # -- evaluation -------------------------------------------------------------------------------
-    def eval_plan(
-        self, *, lengths: list[int] | None = None, split: str | None = None, max_tokens: int | None = None
-    ) -> EvalPlan:
-        sizes, split, max_tokens = eval_settings(self.cfg, lengths=lengths, split=split, max_tokens=max_tokens)
+    def eval_plan(self) -> EvalPlan:
+        sizes, split, max_tokens = eval_settings(self.cfg, self.trained_cfg)
         L = self.cfg.model.block_size
         assert self.run_dir is not None
         found = ckpt.resolve_checkpoint(self.run_dir)

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, load_pe_config
-from seqpe_nd.positions import Frozen, GridSpace, load_space
+from seqpe_nd.encodings import PEConfig, PEDraws, load_pe_config
+from seqpe_nd.positions import GridSpace, load_space
 from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.data.qa import (
     PromptBuilder,
@@ -56,7 +56,7 @@ from seqpe_nd.tasks.engine.decoding import answer_loss, greedy_generate
 from seqpe_nd.tasks.engine.evaluation import load_weights_checked, read_run_config
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
+from seqpe_nd.tasks.recipes.config import EvalSettings, RunConfig, SpaceField
 
 BEST = "best"
 """Sub-directory of a QA run holding the checkpoint with the best validation answer perplexity."""
@@ -65,7 +65,7 @@ INHERITED: tuple[str, ...] = ("model", "space", "pe", "lm_data")
 _NEXT_TRIES = 64  # training: an example too long for the budget gives way to the next index
 
 
-class QAEvalSettings(Frozen):
+class QAEvalSettings(EvalSettings):
     """Evaluation (``eval:``) and the validation run during training."""
 
     lengths: list[PositiveInt] | None = None
@@ -74,6 +74,8 @@ class QAEvalSettings(Frozen):
     """Split ``seqpe-nd eval`` reads (embedded: held-out documents; SQuAD: its validation split)."""
     num_examples: PositiveInt = 100
     """Questions per length (the same questions at every length)."""
+    max_tokens: PositiveInt | None = None
+    """Cap on the prompt tokens per length: ``max_tokens // length`` questions (at least one); None: no cap."""
     max_new_tokens: PositiveInt = 16
     """Greedy tokens generated per question (the paper: 16)."""
     batch_tokens: PositiveInt = 8192
@@ -225,7 +227,6 @@ class QARecipe(Recipe[QAConfig]):
     config_type = QAConfig
     strict_sections = ("task", *INHERITED)
     main_loss = "answer_loss"
-    eval_options = ("lengths", "split", "num_examples", "max_tokens", "checkpoint", "documents")
     constructor_options = ("documents",)
     rows_key = "lengths"
     metric = ("em", "EM %")
@@ -278,10 +279,10 @@ class QARecipe(Recipe[QAConfig]):
         ckpt.load_weights(model, Path(self.cfg.init_checkpoint))
         return model
 
-    def trained_checkpoint(self, which: str | None = None) -> Path:
-        """``which`` (default ``eval.checkpoint``): the best validation answer perplexity (``best/``), else the latest."""
+    def trained_checkpoint(self) -> Path:
+        """``eval.checkpoint``: the best validation answer perplexity (``best/``, else the latest), or the latest."""
         assert self.run_dir is not None
-        best = ckpt.latest_checkpoint(self.run_dir / BEST) if (which or self.cfg.eval.checkpoint) == "best" else None
+        best = ckpt.latest_checkpoint(self.run_dir / BEST) if self.cfg.eval.checkpoint == "best" else None
         if (found := best or ckpt.latest_checkpoint(self.run_dir)) is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.run_dir} (or {self.run_dir / BEST})")
         return found
@@ -312,14 +313,14 @@ class QARecipe(Recipe[QAConfig]):
         return [batch["input_ids"].shape[1]]
 
     def step(
-        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, draws: PEDraws | None
     ) -> StepOutput:
         ids = batch["input_ids"]  # (b, n), right-padded
         b, n = ids.shape
         pos = torch.arange(n, device=ids.device).view(1, n, 1).expand(b, n, 1)
         if shift is not None:  # each row starts at its own z (App. A.5); the PE then skips L_OOD
             pos = self.space.apply_shift(pos, shift.to(ids.device, non_blocking=True)[:, None])
-        total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_generator=generator,
+        total, count, out = answer_loss(model, ids, batch["labels"], pos, pe_draws=draws,
                                         pe_shifted=shift is not None)
         return StepOutput(total / max(count, 1), out.pe_aux_loss, out.pe_logs)
 
@@ -369,34 +370,18 @@ class QARecipe(Recipe[QAConfig]):
         return recipe
 
     # -- evaluation -------------------------------------------------------------------------------
-    def eval_plan(
-        self, *, lengths: list[int] | None = None, split: str | None = None, num_examples: int | None = None,
-        max_tokens: int | None = None, checkpoint: str | None = None,
-    ) -> EvalPlan:
-        """Table 2: the same questions at every length (default 1, 2, 4 and 8 times context_length).
-
-        ``max_tokens`` caps the prompt tokens per length: ``max_tokens // length`` questions (at least one).
-        """
+    def eval_plan(self) -> EvalPlan:
+        """Table 2: the same questions at every length (default 1, 2, 4 and 8 times context_length)."""
         L, e = self.context_length, self.cfg.eval
-        sizes = list(lengths or e.lengths or [L * f for f in (1, 2, 4, 8)])
+        sizes = list(e.lengths or [L * f for f in (1, 2, 4, 8)])
         check_sizes(sizes, lambda n: n >= 16, "context lengths >= 16 tokens (Fig. 4's template)", "length")
-        split = split or e.split
-        if split not in ("validation", "test"):
-            raise ValueError(f"split {split!r} is not an evaluation split; allowed: validation, test")
-        which = checkpoint or e.checkpoint
-        if which not in ("best", "latest"):
-            raise ValueError(f"checkpoint {which!r} unknown; allowed: best, latest")
-        for name, value in (("num_examples", num_examples), ("max_tokens", max_tokens)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} = {value} is not allowed; it must be a positive integer")
-        found = self.trained_checkpoint(which)
+        found = self.trained_checkpoint()
         vocab = ckpt.embedding_rows(found)
         if vocab != self.tokenizer.vocab_size:
             raise ValueError(f"lm_data.tokenizer: checkpoint {found} has {vocab} token embeddings, "
                              f"the tokenizer has {self.tokenizer.vocab_size}")
-        header = {"checkpoint": str(found), "split": split, "context_length": L, "data": self.cfg.data.source}
-        context = {"count": num_examples or e.num_examples, "max_tokens": max_tokens}
-        return EvalPlan(sizes, header, found, context)
+        header = {"checkpoint": str(found), "split": e.split, "context_length": L, "data": self.cfg.data.source}
+        return EvalPlan(sizes, header, found, {"count": e.num_examples, "max_tokens": e.max_tokens})
 
     def eval_size(self, model: nn.Module, size: int, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
         count, cap, split = plan.context["count"], plan.context["max_tokens"], plan.header["split"]

@@ -20,14 +20,13 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig
-from seqpe_nd.positions import Frozen
+from seqpe_nd.encodings import PEConfig, PEDraws, SeqPEConfig
 from seqpe_nd.tasks.backbones.vit import TubeletEmbed, ViTWithPE, create_vit
 from seqpe_nd.tasks.data.video import CLASSES, VideoDataConfig, clip_batch
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField, check_multiples
+from seqpe_nd.tasks.recipes.config import EvalSettings, RunConfig, SizePair, SpaceField, check_multiples
 from seqpe_nd.tasks.recipes.vit_family import TransformerShape, classification_step
 
 
@@ -58,10 +57,10 @@ class VideoModelSettings(TransformerShape):
         return (self.frames // self.tubelet, g, g)
 
 
-class VideoEvalSettings(Frozen):
+class VideoEvalSettings(EvalSettings):
     """Evaluation (``eval:``) and validation during training."""
 
-    sizes: list[tuple[PositiveInt, PositiveInt]] | None = None
+    sizes: list[SizePair] | None = None
     """(frames, pixels) pairs for ``seqpe-nd eval``; default (T, R), (2T, R), (3T, R), (T, 1.5R), (T, 2R), (2T, 2R)."""
     max_clips: PositiveInt | None = None
     """Evaluate only the first this many validation clips (None: the whole split)."""
@@ -139,7 +138,6 @@ class VideoRecipe(Recipe[VideoConfig]):
     config_type = VideoConfig
     main_loss = "cls_loss"
     no_decay_names = ("prefix_pos", "vit.cls_token", "vit.reg_token")  # as the image recipe
-    eval_options = ("sizes", "max_clips", "batch_size")
 
     def build_model(self) -> ViTWithPE:
         return build_model(self.cfg)
@@ -154,9 +152,9 @@ class VideoRecipe(Recipe[VideoConfig]):
         return list(unwrap(model).grid_shape(batch["clips"].shape))
 
     def step(
-        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, draws: PEDraws | None
     ) -> StepOutput:
-        return classification_step(model, batch["clips"], batch["targets"], shift=shift, generator=generator,
+        return classification_step(model, batch["clips"], batch["targets"], shift=shift, draws=draws,
                                    loss_fn=F.cross_entropy)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -170,17 +168,15 @@ class VideoRecipe(Recipe[VideoConfig]):
         return int(batch["clips"].shape[0])  # clips, for clips/s
 
     # -- evaluation -------------------------------------------------------------------------------
-    def eval_plan(
-        self, *, sizes: list[list[int]] | None = None, max_clips: int | None = None, batch_size: int | None = None
-    ) -> EvalPlan:
-        """(frames, pixels) pairs: default the config's ``eval.sizes`` or :func:`default_sizes`."""
+    def eval_plan(self) -> EvalPlan:
+        """(frames, pixels) pairs: the config's ``eval.sizes``, else :func:`default_sizes`."""
         m, e = self.cfg.model, self.cfg.eval
-        pairs = [tuple(int(v) for v in s) for s in (sizes or e.sizes or default_sizes(m.frames, m.img_size, m.patch_size, m.tubelet))]
+        pairs = [tuple(s) for s in (e.sizes or default_sizes(m.frames, m.img_size, m.patch_size, m.tubelet))]
         check_sizes(pairs, lambda s: len(s) == 2 and s[0] >= m.tubelet and s[1] >= m.patch_size,
                     f"(frames >= tubelet = {m.tubelet}, pixels >= patch_size = {m.patch_size})", "eval size")
-        count = min(self.cfg.data.val_size, max_clips or e.max_clips or self.cfg.data.val_size)
+        count = min(self.cfg.data.val_size, e.max_clips or self.cfg.data.val_size)
         header = {"train_size": [m.frames, m.img_size]}
-        return EvalPlan(pairs, header, context={"count": count, "batch_size": batch_size or e.batch_size})
+        return EvalPlan(pairs, header, context={"count": count, "batch_size": e.batch_size})
 
     def eval_size(self, model: nn.Module, size: tuple[int, int], plan: EvalPlan, device: torch.device) -> dict[str, Any]:
         (f, s), m, c = size, self.cfg.model, plan.context

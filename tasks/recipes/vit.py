@@ -17,14 +17,13 @@ from jaxtyping import Float
 from pydantic import Field, PositiveInt, model_validator
 from torch import Tensor, nn
 
-from seqpe_nd.encodings import PEConfig, SeqPEConfig
-from seqpe_nd.positions import Frozen
+from seqpe_nd.encodings import PEConfig, PEDraws, SeqPEConfig
 from seqpe_nd.tasks.backbones.vit import ViTWithPE, create_vit
 from seqpe_nd.tasks.data.vision import ImageSource, Prefetcher, TrainBatches, VisionDataConfig, eval_images
 from seqpe_nd.tasks.engine.evaluation import classify
 from seqpe_nd.tasks.engine.trainer import unwrap
 from seqpe_nd.tasks.recipes.base import EVAL_PNG, EvalPlan, Recipe, StepOutput, check_sizes
-from seqpe_nd.tasks.recipes.config import RunConfig, SpaceField
+from seqpe_nd.tasks.recipes.config import EvalSettings, RunConfig, SpaceField
 from seqpe_nd.tasks.recipes.vit_family import TransformerShape, classification_step
 
 SIMILARITY_PNG = "pe_similarity.png"
@@ -49,7 +48,7 @@ class ViTSettings(TransformerShape):
         return self
 
 
-class ViTEvalSettings(Frozen):
+class ViTEvalSettings(EvalSettings):
     """Evaluation (``eval:``) and validation during training."""
 
     resolutions: list[PositiveInt] | None = None
@@ -137,7 +136,6 @@ class ViTRecipe(Recipe[ViTConfig]):
     config_type = ViTConfig
     main_loss = "cls_loss"
     no_decay_names = ("prefix_pos", "vit.cls_token", "vit.reg_token")  # timm exempts cls_token and pos_embed
-    eval_options = ("resolutions", "max_images", "batch_size")
     rows_key = "resolutions"
 
     def __init__(self, cfg: ViTConfig, run_dir: Path | None = None) -> None:
@@ -166,9 +164,9 @@ class ViTRecipe(Recipe[ViTConfig]):
         return list(unwrap(model).grid_shape(batch["images"].shape))
 
     def step(
-        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, generator: torch.Generator
+        self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None, draws: PEDraws | None
     ) -> StepOutput:
-        return classification_step(model, batch["images"], batch["targets"], shift=shift, generator=generator,
+        return classification_step(model, batch["images"], batch["targets"], shift=shift, draws=draws,
                                    loss_fn=self.loss_fn)
 
     def validate(self, model: nn.Module) -> dict[str, float]:
@@ -188,22 +186,16 @@ class ViTRecipe(Recipe[ViTConfig]):
         return self._val
 
     # -- evaluation -------------------------------------------------------------------------------
-    def eval_plan(
-        self, *, resolutions: list[int] | None = None, max_images: int | None = None, batch_size: int | None = None
-    ) -> EvalPlan:
+    def eval_plan(self) -> EvalPlan:
         """§4.3: every resolution S is resized to 256/224·S, centre-cropped to S and cut into the same patches."""
         m, e = self.cfg.model, self.cfg.eval
-        sizes = list(resolutions or e.resolutions or default_resolutions(m.img_size, m.patch_size))
+        sizes = list(e.resolutions or default_resolutions(m.img_size, m.patch_size))
         check_sizes(sizes, lambda s: s >= m.patch_size and s % m.patch_size == 0,
                     f"multiples of the patch size {m.patch_size} px", "resolution")
-        for name, value in (("max_images", max_images), ("batch_size", batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} = {value} is not allowed; it must be a positive integer")
         source = self.val_source()
-        cap = max_images or e.max_images
-        count = len(source) if cap is None else min(len(source), cap)
+        count = len(source) if e.max_images is None else min(len(source), e.max_images)
         header = {"train_resolution": m.img_size, "patch_size": m.patch_size, "data": self.cfg.data.source}
-        return EvalPlan(sizes, header, context={"count": count, "batch_size": batch_size or e.batch_size})
+        return EvalPlan(sizes, header, context={"count": count, "batch_size": e.batch_size})
 
     def eval_size(self, model: nn.Module, size: int, plan: EvalPlan, device: torch.device) -> dict[str, Any]:
         c = plan.context

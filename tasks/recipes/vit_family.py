@@ -3,10 +3,10 @@ classification step. Each recipe subclasses :class:`TransformerShape` with its o
 
 from collections.abc import Callable
 
-import torch
 from pydantic import Field, PositiveInt
 from torch import Tensor, nn
 
+from seqpe_nd.encodings import PEDraws
 from seqpe_nd.positions import Frozen
 from seqpe_nd.tasks.recipes.base import StepOutput
 from seqpe_nd.tasks.recipes.config import check_multiples
@@ -38,13 +38,13 @@ class TransformerShape(Frozen):
 
 
 def classification_step(
-    model: nn.Module, inputs: Tensor, targets: Tensor, *, shift: Tensor | None, generator: torch.Generator,
+    model: nn.Module, inputs: Tensor, targets: Tensor, *, shift: Tensor | None, draws: PEDraws | None,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
 ) -> StepOutput:
     """One training forward of a ViT-family classifier: each input's own start shift (App. A.5) as its position
     offset, the task loss in fp32, the PE's auxiliary loss and logs, and top-1 for hard targets."""
     offset = None if shift is None else shift.to(inputs.device, non_blocking=True)  # (b, w)
-    out = model(inputs, pos_offset=offset, pe_generator=generator, pe_shifted=shift is not None)
+    out = model(inputs, pos_offset=offset, pe_draws=draws, pe_shifted=shift is not None)
     main = loss_fn(out.logits.float(), targets)
     extra = {"train_top1": 100.0 * (out.logits.argmax(-1) == targets).float().mean()} if targets.ndim == 1 else {}
     return StepOutput(main, out.pe_aux_loss, out.pe_logs, extra)

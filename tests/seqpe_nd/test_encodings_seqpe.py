@@ -325,3 +325,32 @@ def test_pe_spread_matches_loops(integration: str) -> None:
     with torch.no_grad():
         want = float(pe.position_spread(pe.encoder(pos)[0]))
     assert float(logs["pe_spread"]) == pytest.approx(want, rel=1e-5)
+
+
+def test_static_shape_picks_score_the_distinct_positions_they_keep() -> None:
+    """The compiled collapse signals' rows (``spaced_rows``): where no position repeats, the rows of
+    ``distinct_rows``; with repeats, the statistics over the kept rows equal the plain ones over those rows."""
+    from seqpe_nd.encodings.seqpe import (
+        _mean_cosine, distinct_rows, embedding_spread, position_score_spread, spaced_rows,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randperm(200, generator=g)[:90].view(1, 90, 1)  # distinct, unsorted
+    rows, keep = spaced_rows(pos)
+    assert keep.all() and torch.equal(rows, distinct_rows(pos))
+    grid = torch.stack(torch.meshgrid(torch.arange(5), torch.arange(7), indexing="ij"), -1).view(1, 35, 2)
+    rows, keep = spaced_rows(grid.flip(1))  # 2-D: lexicographic order
+    assert keep.all() and torch.equal(rows, distinct_rows(grid.flip(1)))
+
+    dup = torch.randint(0, 40, (3, 50, 1), generator=g)  # repeats within and across rows
+    rows, keep = spaced_rows(dup)
+    kept = dup.view(-1, 1)[rows][keep]
+    assert len(rows) == 64 and 1 < len(kept) < 64 and len(kept.unique(dim=0)) == len(kept)
+    emb = torch.randn(len(rows), 8, generator=g)
+    torch.testing.assert_close(_mean_cosine(emb, keep), _mean_cosine(emb[keep]))
+    torch.testing.assert_close(embedding_spread(emb, keep), embedding_spread(emb[keep]))
+    e_q, e_k = torch.randn(2, len(rows), 4, generator=g), torch.randn(2, len(rows), 4, generator=g)
+    torch.testing.assert_close(position_score_spread(e_q, e_k, keep), position_score_spread(e_q[:, keep], e_k[:, keep]))
+    one = torch.zeros(len(rows), dtype=torch.bool)
+    one[0] = True
+    assert _mean_cosine(emb, one).item() == 1.0  # fewer than two positions

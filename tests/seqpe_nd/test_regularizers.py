@@ -15,6 +15,7 @@ from seqpe_nd.encoder import SeqPE
 from seqpe_nd.positions import load_space
 from seqpe_nd.regularizers import (
     RegularizedStep,
+    RegularizerDraws,
     SeqPERegularizer,
     contrastive_loss,
     ood_loss,
@@ -199,6 +200,26 @@ def test_step_equals_its_parts(name, monkeypatch):
     assert out.parts["loss_ood"] == pytest.approx(l_ood.item(), rel=1e-5)
     out.loss.backward()
     assert all(p.grad is not None for p in enc.parameters())
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_draws_made_ahead_give_the_step_of_the_generator(shifted):
+    """``draw`` takes from the generator what ``step`` would (same order, same state after), and ``step`` on those
+    draws gives the generator's step bit for bit."""
+    space = small_space("image-14x14")
+    enc = tiny(space)
+    reg = SeqPERegularizer(space, alpha=0.3, beta=0.7, ood_heads=4)
+    main = main_positions(space)
+    g_in, g_ahead = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    want = reg.step(enc, main, g_in, shifted=shifted)
+    draws = reg.draw(g_ahead, shifted=shifted)
+    assert torch.equal(g_in.get_state(), g_ahead.get_state())
+    assert isinstance(draws, RegularizerDraws) and (draws.ood is None) == shifted and draws.contrastive is not None
+    got = reg.step(enc, main, shifted=shifted, draws=draws)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.embeddings, want.embeddings)
+    assert got.parts.keys() == want.parts.keys() and all(torch.equal(got.parts[k], want.parts[k]) for k in got.parts)
+    with pytest.raises(ValueError, match="needs a generator or the draws"):
+        reg.step(enc, main, shifted=shifted)
 
 
 def test_shifted_steps_and_zero_weights_skip_their_work(monkeypatch):

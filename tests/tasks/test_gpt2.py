@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.cache_utils import DynamicCache
 
-from seqpe_nd.encodings import METHODS, build_position_encoding
+from seqpe_nd.encodings import METHODS, build_position_encoding, draws_of
 from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.backbones.gpt2 import GPT2WithPE, NoPositionLookup
 
@@ -151,6 +151,34 @@ def test_training_forward_returns_the_pe_aux_loss() -> None:
     assert out.pe_aux_loss is not None and out.pe_aux_loss.ndim == 0
     (out.logits.float().logsumexp(-1).mean() + out.pe_aux_loss).backward()
     assert model.pe.encoder.tok.weight.grad is not None
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_pe_draws_made_ahead_give_the_pe_generator_forward(shifted: bool) -> None:
+    """``pe_draws`` (SeqPE's regularizer positions drawn on the host before the forward, as the recipes do) give
+    the forward that ``pe_generator`` gives from a generator in the same state, bit for bit: logits, auxiliary loss,
+    logs, gradients; the generator is left in the same state."""
+    model = make_model({"method": "seqpe", "hidden": 32}).train()
+    ids = tokens(2, TABLE)
+    g_in, g_ahead = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    outs, grads = [], []
+    for pe in ({"pe_generator": g_in}, {"pe_draws": draws_of(model, g_ahead, shifted=shifted)}):
+        torch.manual_seed(5)  # the dropout masks alike
+        model.zero_grad()
+        out = model(ids, labels=ids, use_cache=False, pe_shifted=shifted, **pe)
+        (out.loss + out.pe_aux_loss).backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in model.pe.parameters()])
+    want, got = outs
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    assert torch.equal(got.pe_aux_loss, want.pe_aux_loss) and want.pe_aux_loss > 0
+    assert got.pe_logs.keys() == want.pe_logs.keys() and ("pe_spread" in got.pe_logs) != shifted
+    assert all(torch.equal(got.pe_logs[k], want.pe_logs[k]) for k in got.pe_logs)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert torch.equal(g_in.get_state(), g_ahead.get_state())
+    with pytest.raises(ValueError, match="a generator or its draws, not both"):
+        model(ids, use_cache=False, pe_generator=g_in, pe_draws=model.pe.draw(g_ahead))
+    assert draws_of(model.eval(), g_ahead) is None  # nothing to draw in evaluation
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

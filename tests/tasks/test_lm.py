@@ -203,7 +203,7 @@ def load_model(run_dir: Path, config: dict) -> nn.Module:
 def test_eval_options_of_another_recipe_are_refused_before_loading(trained_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(p.name for p in trained_run.iterdir())
     assert main(["eval", str(trained_run), "--resolutions", "64"]) == 2  # was a TypeError traceback
-    assert "has no option(s) ['resolutions']" in capsys.readouterr().err
+    assert "has no option(s) --resolutions" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no option"):
         lm.LMRecipe.evaluate(trained_run, max_images=3)
     with pytest.raises(ValueError, match="length"):
@@ -308,7 +308,7 @@ def test_stock_gpt2_config_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="random_shift: false"):
         lm.LMConfig.parse({**cfg, "random_shift": True})
     with pytest.raises(ValueError, match=r"length\(s\) \[128\] not allowed: the stock GPT-2 learned 64 positions"):
-        lm.eval_settings(lm.LMConfig.parse(cfg), lengths=[16, 128])
+        lm.eval_settings(lm.LMConfig.parse(cfg).with_eval(lengths=[16, 128]), lm.LMConfig.parse(cfg))
 
 
 def test_stock_gpt2_trains_and_evaluates(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from seqpe_nd.encodings import build_position_encoding
+from seqpe_nd.encodings import build_position_encoding, draws_of
 from seqpe_nd.positions import load_space
 from seqpe_nd.encodings import PrefixedEncoding
 from seqpe_nd.tasks.backbones.vit import PEAttention, TubeletEmbed, ViTWithPE, create_vit
@@ -103,6 +103,30 @@ def test_ape_resampling_equals_timm_helper() -> None:
     got = model.pe.embed(state)[0, 1:]  # patch tokens, row-major
     want = resample_abs_pos_embed(table.reshape(1, 16, D), new_size=(7, 5), old_size=(4, 4), num_prefix_tokens=0)[0]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("integration", ["attn_bias", "input_add"])
+def test_pe_draws_made_ahead_give_the_pe_generator_forward(integration: str) -> None:
+    """Through the [CLS]-prefixed encoding: ``pe_draws`` (drawn before the forward) give the ``pe_generator``
+    forward bit for bit, logits, auxiliary loss, logs and gradients, with per-image position offsets too."""
+    model = ours({**SEQPE, "integration": integration, "dropout": 0.1}).train()
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(2))
+    offset = torch.tensor([[0, 3], [5, 1]])
+    g_in, g_ahead = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    outs, grads = [], []
+    for pe in ({"pe_generator": g_in}, {"pe_draws": draws_of(model, g_ahead)}):
+        torch.manual_seed(5)
+        model.zero_grad()
+        out = model(x, pos_offset=offset, **pe)
+        (out.logits.square().mean() + out.pe_aux_loss).backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in model.pe.parameters()])
+    want, got = outs
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.pe_aux_loss, want.pe_aux_loss)
+    assert got.pe_logs.keys() == want.pe_logs.keys() and "pe_spread" in got.pe_logs
+    assert all(torch.equal(got.pe_logs[k], want.pe_logs[k]) for k in got.pe_logs)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert torch.equal(g_in.get_state(), g_ahead.get_state())
 
 
 @pytest.mark.parametrize("name", list(METHODS))
