@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch._dynamo as dynamo
+import torch._inductor.config
 from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch._inductor.config.force_disable_caches = True  # the first compiled step times a cold compilation
     device = torch.device(args.device)
     rows = []
     for config in args.configs:
@@ -125,7 +127,8 @@ def main() -> None:
         print(f"{config}: eager {r['eager_ms']:.1f} ms, compiled {r['compiled_ms']:.1f} ms "
               f"({r['compiled_over_eager']:.2f}x), {r['graph_breaks']} breaks [{time.perf_counter() - t:.0f} s]",
               flush=True)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, {args.threads or torch.get_num_threads()} thread(s))"
+    threads = args.threads or torch.get_num_threads()
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.machine()}, {threads} thread(s))"
     header = (f"Training step, eager vs torch.compile (backend {args.backend}), {where}; torch {torch.__version__}; "
               f"median of {args.steps} steps after {args.warmup}, the two models stepped in turn. Written by "
               "`benchmarks/compile_speed.py`.")

@@ -3,13 +3,14 @@
 The models of ``benchmarks/decode.py`` (a random-init 4-layer, 128-wide GPT-2; SeqPE attn_bias with one W_PE,
 whose decoding step adds one position-score bias shared by the layers). For each prompt length: the prompt is
 prefilled once, then ``--steps`` cached decoding steps (one new token each, the HF ``DynamicCache``) run under
-``torch.profiler`` for stock GPT-2, for NoPE through the same adapter as SeqPE (GPT2WithPE) and for SeqPE, stepped
-in turn, ``--rounds`` times; each operator's self CPU time per step is the median over rounds. SeqPE's extra time
-is split by operator against NoPE's (same adapter, same cache: the difference is the method), next to the FLOPs
-of one step (``torch.utils.flop_counter``) of each model: what SeqPE adds in arithmetic against what it adds in
-time. Writes ``results/decode_profile.{json,md}``.
+``torch.profiler`` for stock GPT-2, for NoPE through the same adapter as SeqPE (GPT2WithPE) and for SeqPE,
+stepped in turn, ``--rounds`` times after one untimed round; each operator's self CPU time per step is the
+median over rounds. SeqPE's extra time is split by operator against NoPE's (same adapter, same cache: the
+difference is the method), next to the FLOPs of one step (``torch.utils.flop_counter``) of each model: what
+SeqPE adds in arithmetic against what it adds in time. The prefill is timed and counted alike. Writes
+``results/decode_profile.{json,md}``.
 
-    python benchmarks/decode_profile.py                      # prompts 1024 and 4096, 64 steps, 3 rounds
+    python benchmarks/decode_profile.py                      # prompts 1024 and 4096, 256 steps, 3 rounds
     python benchmarks/decode_profile.py --prompts 1024 --steps 16 --rounds 1 --out /tmp/dp
 """
 
@@ -90,6 +91,9 @@ def measure(models: dict[str, torch.nn.Module], n: int, steps: int, rounds: int)
     prompt = torch.randint(1, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
     samples: dict[str, list[tuple[float, dict[str, float]]]] = defaultdict(list)
     prefills: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for name, model in models.items():  # an untimed round first: tables, caches and allocator warmed alike
+        prefill_cost(model, prompt)
+        step_times(model, prompt, steps)
     for r in range(rounds):
         for name, model in models.items():
             prefills[name].append(prefill_cost(model, prompt))

@@ -6,8 +6,9 @@ On a CUDA machine (``python benchmarks/gpu.py``), in bf16:
    and 8192 tokens (batch 4, 12 heads of 64): time, peak memory, and which kernel ran
    (``flash`` / ``efficient`` / ``math`` for SDPA, ``flex`` for FlexAttention).
 2. **GPT-2 small training** (12 × 768, 512 tokens, batch 8): tokens/s, MFU and host syncs a step
-   (CUDA's sync debug mode) for nope, rope, alibi and seqpe (α = β = 0.1), its samplers on a host
-   generator as in the trainer; eager, and with ``--compile`` compiled too.
+   (CUDA's sync debug mode) for nope, rope, alibi and seqpe (α = β = 0.1), its regularizers' positions drawn
+   on the host before the forward as in the trainer (``pe_draws``); eager and ``torch.compile``d (unless
+   ``--no-compile``), with the compiled step's time over the eager one and dynamo's graph breaks.
 3. **Evaluation forward at 16K tokens**: time and peak memory per method.
 4. **Generation**: tokens/s of greedy ``generate`` (128 new tokens after 1024), stock GPT-2 beside.
 
@@ -19,7 +20,7 @@ GPT-2 small at 512; 16K evaluation peak memory ≤ 1.1× plain SDPA's (nope).
 so the script cannot rot before a GPU is lent.
 
     python benchmarks/gpu.py                    # CUDA: results/gpu_<device>.{json,md}
-    python benchmarks/gpu.py --compile          # also torch.compile the training step
+    python benchmarks/gpu.py --no-compile       # without the compiled training steps (minutes of compilation)
     python benchmarks/gpu.py --dry-run --out /tmp/gpu-dry
 """
 
@@ -36,10 +37,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from seqpe_nd.encodings import build_position_encoding
+from seqpe_nd.encodings import build_position_encoding, draws_of
 from seqpe_nd.positions import load_space
 from seqpe_nd.tasks.backbones.language_model import LMSettings, build_lm
 from seqpe_nd.tasks.engine.checkpoint import atomic_write_text
@@ -206,7 +208,9 @@ def training(s: Sizes, device: torch.device, dtype: torch.dtype, clock: Clock, c
             model = gpt2(s, name, device, s.block).train()
             params = sum(p.numel() for p in model.parameters())
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-            run = torch.compile(model) if compiled else model
+            torch._dynamo.reset()
+            counters.clear()
+            run = torch.compile(model, backend="aot_eager" if device.type == "cpu" else "inductor") if compiled else model
             gen = torch.Generator(device=device).manual_seed(0)
             host = torch.Generator().manual_seed(0)  # the samplers' generator lives on the host, as in the trainer
             ids = torch.randint(0, s.vocab, (s.train_batch, s.block), device=device, generator=gen)
@@ -214,7 +218,8 @@ def training(s: Sizes, device: torch.device, dtype: torch.dtype, clock: Clock, c
 
             def step() -> None:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = run(input_ids=ids, position_ids=pos, use_cache=False, pe_generator=host)
+                    draws = draws_of(model, host)  # on the host, before the forward: no generator is traced
+                    out = run(input_ids=ids, position_ids=pos, use_cache=False, pe_draws=draws)
                     loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                     if out.pe_aux_loss is not None:
                         loss = loss + out.pe_aux_loss
@@ -231,10 +236,12 @@ def training(s: Sizes, device: torch.device, dtype: torch.dtype, clock: Clock, c
             rows[name + (" (compiled)" if compiled else "")] = {
                 "step_seconds": seconds, "tokens_per_s": tokens_per_s, **mem,
                 "mfu": None if peak is None else flops / peak, "params": params, "host_syncs": syncs,
+                "graph_breaks": sum(counters["graph_break"].values()) if compiled else None,
             }
     rope = rows["rope"]["step_seconds"]
-    for r in rows.values():
+    for name, r in rows.items():
         r["vs_rope"] = r["step_seconds"] / rope
+        r["vs_eager"] = r["step_seconds"] / rows[name.removesuffix(" (compiled)")]["step_seconds"]
     return rows
 
 
@@ -313,12 +320,15 @@ def markdown(result: dict[str, Any]) -> str:
     for n, e in result["attention"].items():
         cells = [f"{e[m]['ratio']:.2f}× ({e[m]['kernel']})" for m in METHODS]
         lines.append(f"| {n} | {1000 * e['sdpa']['seconds']:.2f} ({e['sdpa']['kernel']}) | " + " | ".join(cells) + " |")
-    lines += ["\n## GPT-2 small training step\n", "| method | tokens/s | × RoPE | MFU | peak MiB | host syncs a step |",
-              "|---|---|---|---|---|---|"]
+    lines += ["\n## GPT-2 small training step\n",
+              "| method | tokens/s | × RoPE | × eager | graph breaks | MFU | peak MiB | host syncs a step |",
+              "|---|---|---|---|---|---|---|---|"]
     for m, r in result["training"].items():
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
         syncs = "-" if r["host_syncs"] is None else str(r["host_syncs"])
-        lines.append(f"| {m} | {r['tokens_per_s']:,.0f} | {r['vs_rope']:.2f} | {mfu} | {r.get('peak_mib', float('nan')):.0f} | {syncs} |")
+        breaks = "-" if r.get("graph_breaks") is None else str(r["graph_breaks"])
+        lines.append(f"| {m} | {r['tokens_per_s']:,.0f} | {r['vs_rope']:.2f} | {r['vs_eager']:.2f} | {breaks} | {mfu} | "
+                     f"{r.get('peak_mib', float('nan')):.0f} | {syncs} |")
     lines += [f"\n## Evaluation forward at {result['sizes']['eval_length']} tokens\n", "| method | seconds | × nope | peak MiB | memory × nope |", "|---|---|---|---|---|"]
     for m, r in result["evaluation"].items():
         lines.append(f"| {m} | {r['seconds']:.3f} | {r['time_vs_nope']:.2f} | {r.get('peak_mib', float('nan')):.0f} | {r.get('memory_vs_nope', float('nan')):.2f} |")
@@ -331,7 +341,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU at toy sizes (fp32)")
-    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd training step")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the torch.compile'd training step (inductor; aot_eager in a dry run)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():

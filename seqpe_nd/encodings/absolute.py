@@ -95,6 +95,8 @@ class APELearn(PositionEncoding):
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"]:
         """Rows of the (resampled) table at the query positions."""
+        if torch.compiler.is_compiling():
+            return self._rows_of_table(state)
         sizes = self.target_size(torch.cat([state.pos_q, state.pos_k], dim=1))
         out = self.table.new_empty(*state.pos_q.shape[:2], self.table.shape[-1])
         uniq, inverse = sizes.unique(dim=0, return_inverse=True)  # usually one grid per batch
@@ -104,6 +106,26 @@ class APELearn(PositionEncoding):
             strides = torch.tensor([math.prod(size[a + 1 :]) for a in range(len(size))], device=sizes.device)
             out[rows] = table[(state.pos_q[rows] * strides).sum(-1)]  # row-major flat index
         return out
+
+
+    def _rows_of_table(self, state: PEState) -> Float[Tensor, "b n d"]:
+        """Compiled: the grid the rows come from is a shape, so it must not depend on the positions' values. Where
+        the caller knows the positions' extent from shapes (``state.grid``: a ViT's patch grid), the table is
+        resampled to the grid eager mode picks from it; otherwise it is read as it is, which is what eager does
+        while the positions stay inside it (``grow``) or span it exactly (``exact``), as in training. Positions
+        elsewhere fail a check on the device (no host read, no sync): evaluate them uncompiled."""
+        if state.grid is not None:
+            size = state.grid if self.resize == "exact" else tuple(map(max, state.grid, self.size))
+            table = resample_table(self.table, size, self.interpolation)
+        else:
+            size, table = self.size, self.table
+            extent = torch.cat([state.pos_q, state.pos_k], dim=1).amax(dim=1) + 1  # (b, w)
+            bound = torch.tensor(size, device=extent.device)
+            fits = (extent <= bound).all() if self.resize == "grow" else (extent == bound).all()
+            torch._assert_async(fits, "ape_learn compiled reads its table unresampled: positions must lie inside it "
+                                      "(resize: grow) or span it (resize: exact); run other extents uncompiled")
+        strides = torch.tensor([math.prod(size[a + 1 :]) for a in range(len(size))], device=state.pos_q.device)
+        return table.flatten(0, -2)[(state.pos_q * strides).sum(-1)]
 
 
 def default_interpolation(ndim: int) -> str:

@@ -77,6 +77,9 @@ class PEState:
     """All batch rows carry the same positions, so one ``[h, n, m]`` bias serves the batch."""
     draws: PEDraws | None = None
     """The random inputs ``prepare`` was given (from the encoding's ``draw``), or None: drawn from its generator."""
+    grid: tuple[int, ...] | None = None
+    """The grid every row's positions fill exactly (row-major, from the origin) when the caller knows it from shapes
+    (a ViT's patch grid without offsets): an extent known without reading a position's value."""
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
@@ -327,6 +330,7 @@ class PositionEncoding(nn.Module):
         generator: torch.Generator | None = None,
         shifted: bool = False,
         draws: PEDraws | None = None,
+        grid: tuple[int, ...] | None = None,
     ) -> PEState:
         """Once per backbone forward: check positions, compute what all layers share.
 
@@ -336,11 +340,12 @@ class PositionEncoding(nn.Module):
             shifted: this step's main positions were randomly shifted (SeqPE skips L_OOD then).
             draws: instead of ``generator``, what ``draw(generator, shifted=shifted)`` returned before the
                 forward: the same forward, with no generator inside it (``torch.compile`` cannot trace one).
+            grid: the grid ``pos_q`` (= ``pos_k``) fills exactly, when known from shapes (see ``PEState.grid``).
         """
         if draws is not None and generator is not None:
             raise ValueError("pass the PE a generator or its draws, not both")
         state = self._new_state(pos_q, pos_k)
-        state.draws = draws
+        state.draws, state.grid = draws, grid
         self.fill_state(state, generator=generator, shifted=shifted)
         return state
 

@@ -53,9 +53,10 @@ class PrefixedEncoding(PositionEncoding):
         generator: torch.Generator | None = None,
         shifted: bool = False,
         draws: PEDraws | None = None,
+        grid: tuple[int, ...] | None = None,
     ) -> PrefixState:
         """``inner.prepare`` on the patch positions; placeholders (never read) for the prefix."""
-        inner = self.inner.prepare(pos_q, pos_k, generator=generator, shifted=shifted, draws=draws)
+        inner = self.inner.prepare(pos_q, pos_k, generator=generator, shifted=shifted, draws=draws, grid=grid)
         pad = inner.pos_q.new_zeros(inner.pos_q.shape[0], self.num_prefix, inner.pos_q.shape[-1])
         pk = inner.pos_q if inner.pos_k is inner.pos_q else inner.pos_k
         return PrefixState(

@@ -13,7 +13,7 @@ Legend: b batch, k images, c channels, y/x pixels, n text tokens, s sequence tok
 width, d model dim.
 """
 
-from typing import Any, Literal, NamedTuple
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -22,24 +22,17 @@ from timm.models.vision_transformer import Block, init_weights_vit_timm
 from torch import Tensor, nn
 
 from seqpe_nd.encodings.base import PEDraws, PositionEncoding
-from seqpe_nd.tasks.backbones.vit import ForwardContext, PEAttention, PEHub
+from seqpe_nd.tasks.backbones.vit import ForwardContext, PEAttention, PEHub, PEOutput
 
 
-class HybridOutput(NamedTuple):
-    logits: Tensor
-    """(b, k): one match logit per image."""
-    pe_aux_loss: Tensor | None
-    """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
-    pe_logs: dict[str, Any] | None = None
-    """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
-    classes: Tensor | None = None
-    """(b, k, C): per-image class logits read at the same readout (``num_classes > 0``), else None."""
-
-
-def readout_slots(is_image: Bool[Tensor, " s"]) -> Int[Tensor, " k"]:
-    """The sequence slot of each image's readout: the text token right after its last patch."""
-    ends = torch.nonzero(is_image & ~torch.cat([is_image[1:], is_image.new_ones(1)]))[:, 0]  # last patch of each image
-    if bool(is_image[-1]) or bool(is_image[ends + 1].any()):
+def readout_slots(is_image: Bool[Tensor, " s"], images: int | None = None) -> Int[Tensor, " k"]:
+    """The sequence slot of each image's readout: the text token right after its last patch. With the number of
+    ``images`` known, the slots have a static shape (``torch.compile`` traces them; the layout check runs eagerly)."""
+    last = is_image & ~torch.cat([is_image[1:], is_image.new_ones(1)])  # last patch of each image
+    if images is not None and torch.compiler.is_compiling():
+        return torch.nonzero_static(last, size=images)[:, 0] + 1
+    ends = torch.nonzero(last)[:, 0]
+    if bool(is_image[-1]) or bool(is_image[ends + 1].any()) or (images is not None and len(ends) != images):
         raise ValueError("every image must be followed by a text token (its [/image] readout) in the layout")
     return ends + 1
 
@@ -100,7 +93,7 @@ class InterleavedTransformer(nn.Module):
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
         pe_draws: PEDraws | None = None,
-    ) -> HybridOutput:
+    ) -> PEOutput:
         """Scores of each image for a batch sharing one layout.
 
         Args:
@@ -113,15 +106,16 @@ class InterleavedTransformer(nn.Module):
         patches = self.patch_embed(images.flatten(0, 1))  # (b*k, gy, gx, d)
         per_image = patches.shape[1] * patches.shape[2]
         p_emb = patches.reshape(B, K * per_image, -1)  # (b, k*p, d)
-        if int(is_image.sum()) != K * per_image or int((~is_image).sum()) != text.shape[1]:
+        if not torch.compiler.is_compiling() and (
+            int(is_image.sum()) != K * per_image or int((~is_image).sum()) != text.shape[1]
+        ):  # a host read: checked eagerly, not traced
             raise ValueError(
                 f"layout has {int(is_image.sum())} patch and {int((~is_image).sum())} text slots, the batch "
                 f"{K} images × {per_image} patches and {text.shape[1]} text tokens"
             )
-        # Sequence slot -> source row in [text | patches], so the interleaving is one gather.
-        src = torch.empty(is_image.shape[0], dtype=torch.int64, device=text.device)
-        src[~is_image] = torch.arange(text.shape[1], device=text.device)
-        src[is_image] = text.shape[1] + torch.arange(K * per_image, device=text.device)
+        # Sequence slot -> source row in [text | patches] (the slot's rank among its kind): one gather, static shapes.
+        patch_rank, text_rank = is_image.long().cumsum(0) - 1, (~is_image).long().cumsum(0) - 1
+        src = torch.where(is_image, text.shape[1] + patch_rank, text_rank)
         x = torch.cat([t_emb, p_emb], 1)[:, src]  # (b, s, d)
 
         state = self.pe.prepare(positions, generator=pe_generator, shifted=pe_shifted, draws=pe_draws)
@@ -134,8 +128,9 @@ class InterleavedTransformer(nn.Module):
         finally:
             self._hub.current = None
         if self.readout == "mean":  # each image's own patches, averaged
-            pooled = x[:, is_image].reshape(B, K, per_image, -1).mean(2)  # (b, k, d)
+            slots = torch.nonzero_static(is_image, size=K * per_image)[:, 0]
+            pooled = x[:, slots].reshape(B, K, per_image, -1).mean(2)  # (b, k, d)
         else:  # the [/image] word just after each image, which must find its image through positions
-            pooled = x[:, readout_slots(is_image)]  # (b, k, d)
+            pooled = x[:, readout_slots(is_image, K)]  # (b, k, d)
         classes = None if self.classify is None else self.classify(pooled)  # (b, k, C)
-        return HybridOutput(self.score(pooled).squeeze(-1), state.aux_loss, state.logs, classes)
+        return PEOutput(self.score(pooled).squeeze(-1), state.aux_loss, state.logs, classes)

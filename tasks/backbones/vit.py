@@ -212,7 +212,8 @@ def embed_positions(
         offset = fwd.pos_offset.to(pos.device)
         pos = pos + (offset[:, None] if offset.ndim == 2 else offset)
     pos = pos.expand(B, *pos.shape[-2:])  # (b, n, w)
-    state = pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted, draws=fwd.draws)
+    full = tuple(grid) if fwd.pos_offset is None else None  # the positions' extent, known from the shape
+    state = pe.prepare(pos, generator=fwd.generator, shifted=fwd.shifted, draws=fwd.draws, grid=full)
     fwd.state, fwd.grid = state, tuple(grid)
     x = x.reshape(B, -1, C)  # (b, n, d)
     prefix = [t.expand(B, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
@@ -223,12 +224,18 @@ def embed_positions(
     return vit.pos_drop(x)
 
 
-class ViTOutput(NamedTuple):
+class PEOutput(NamedTuple):
+    """What every non-Hugging-Face backbone returns (ViTWithPE, the interleaved transformer); the causal LMs return
+    a Hugging Face ``CausalLMOutputWithPE`` with the same ``logits``, ``pe_aux_loss`` and ``pe_logs``."""
+
     logits: Tensor
+    """(b, classes); the interleaved model: (b, k), one match logit per image."""
     pe_aux_loss: Tensor | None
     """The PE's auxiliary loss (SeqPE α·L_δ + β·L_OOD) in training, else None."""
     pe_logs: dict[str, Any] | None = None
     """The PE's training logs (SeqPE: ``loss_delta``, ``loss_ood``, ``loss_reg``, ``pe_spread``, ``pe_cos``)."""
+    classes: Tensor | None = None
+    """The interleaved model: (b, k, C) per-image class logits read at the same readout (``num_classes > 0``)."""
 
 
 class ViTWithPE(nn.Module):
@@ -284,7 +291,7 @@ class ViTWithPE(nn.Module):
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
         pe_draws: PEDraws | None = None,
-    ) -> ViTOutput:
+    ) -> PEOutput:
         """Logits of images ``(b, c, H, W)`` (or videos ``(b, c, T, H, W)``) of any size.
 
         Args:
@@ -301,7 +308,7 @@ class ViTWithPE(nn.Module):
             state = self._hub.current.state
         finally:
             self._hub.current = None
-        return ViTOutput(logits, None if state is None else state.aux_loss, None if state is None else state.logs)
+        return PEOutput(logits, None if state is None else state.aux_loss, None if state is None else state.logs)
 
     @torch.no_grad()
     def prepare_state(self, grid: Sequence[int]) -> PEState:

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 
 from seqpe_nd.encodings import PEConfig, PEDraws, SeqPEConfig, build_position_encoding
 from seqpe_nd.positions import GridSpace, HybridSpace
-from seqpe_nd.tasks.backbones.interleaved import HybridOutput, InterleavedTransformer
+from seqpe_nd.tasks.backbones.interleaved import InterleavedTransformer
+from seqpe_nd.tasks.backbones.vit import PEOutput
 from seqpe_nd.tasks.data.interleaved import (
     COLORS,
     MARKERS_PER_IMAGE,
@@ -227,7 +228,7 @@ class HybridRecipe(Recipe[HybridConfig]):
         )
 
     def forward(self, model: nn.Module, batch: dict[str, Tensor], *, shift: Tensor | None = None,
-                draws: PEDraws | None = None) -> HybridOutput:
+                draws: PEDraws | None = None) -> PEOutput:
         """The model on a batch (all rows share one layout); ``shift`` moves every position (one timeline shift)."""
         text, images = batch["text"], batch["images"]
         check_batch(text, images)
@@ -238,7 +239,7 @@ class HybridRecipe(Recipe[HybridConfig]):
             pos = self.pe_space.apply_shift(pos, shift.to(images.device, non_blocking=True)[:, None])
         out = model(text, images, pos, is_image, pe_draws=draws, pe_shifted=shift is not None)
         if self.cfg.data.question != "sentence":  # the reference is shown, not a candidate answer
-            out = HybridOutput(out.logits[:, 1:], out.pe_aux_loss, out.pe_logs, out.classes)
+            out = PEOutput(out.logits[:, 1:], out.pe_aux_loss, out.pe_logs, out.classes)
         return out
 
     def step(

@@ -27,10 +27,30 @@ def test_gpu_benchmark_dry_run(tmp_path: Path) -> None:
     for row in result["attention"].values():
         assert row["sdpa"]["kernel"] in ("flash", "efficient", "math")
         assert {"nope", "rope", "alibi", "seqpe"} <= set(row) and all(row[m]["seconds"] > 0 for m in ("rope", "seqpe"))
-    assert {"nope", "rope", "alibi", "seqpe"} == set(result["training"]) == set(result["evaluation"])
+    methods = {"nope", "rope", "alibi", "seqpe"}
+    assert methods == set(result["evaluation"]) and set(result["training"]) == methods | {f"{m} (compiled)" for m in methods}
+    assert all(result["training"][f"{m} (compiled)"]["graph_breaks"] == 0 for m in methods)  # the first GPU run reports it
+    assert all(r["vs_eager"] > 0 for r in result["training"].values())
     assert {"stock", "seqpe"} <= set(result["generation"])
     assert len(result["targets"]) >= 3 and all("met" in t for t in result["targets"])
     assert "## Targets" in (tmp_path / "gpu_dry_run.md").read_text()
+
+
+@pytest.mark.slow
+def test_compile_speed_benchmark_runs(tmp_path: Path) -> None:
+    run("compile_speed.py", "--configs", "configs/video/smoke/seqpe.yaml", "--steps", "1", "--warmup", "1",
+        "--backend", "aot_eager", "--out", str(tmp_path / "cs.json"))
+    (row,) = json.loads((tmp_path / "cs.json").read_text())["rows"]
+    assert row["task"] == "video" and row["method"] == "seqpe" and row["graph_breaks"] == 0
+    assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and "| video | seqpe |" in (tmp_path / "cs.md").read_text()
+
+
+@pytest.mark.slow
+def test_decode_profile_benchmark_runs(tmp_path: Path) -> None:
+    run("decode_profile.py", "--prompts", "32", "--steps", "2", "--rounds", "1", "--out", str(tmp_path))
+    row = json.loads((tmp_path / "decode_profile.json").read_text())["prompts"]["32"]
+    assert row["seqpe"]["flops_per_step"] > row["nope"]["flops_per_step"] == row["stock"]["flops_per_step"] > 0
+    assert row["seqpe"]["prefill_flops"] > row["nope"]["prefill_flops"] > 0 and row["extra_op_ms"]
 
 
 @pytest.mark.slow

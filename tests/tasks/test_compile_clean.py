@@ -5,8 +5,8 @@ the PE's auxiliary loss included, and evaluation forward; GPT-2 and Llama with t
 the 2-D ones). It runs in a fresh interpreter: the tests' own runtime type checks (beartype through jaxtyping's
 import hook) would add breaks of their own. Value checks on inputs run only where reading values is free (eager,
 CPU: ``seqpe_nd.encodings.base.host_readable``). SeqPE's training forward takes its regularizer positions drawn
-ahead on the host (``pe_draws``), and compiled it encodes positions without deduplication. Not yet listed:
-APE-learn (its table is resampled to each batch's extent, a data-dependent shape), see graph_breaks.md.
+ahead on the host (``pe_draws``), and compiled it encodes positions without deduplication; compiled, APE-learn
+resamples its table to the grid the input's shape gives, or reads it as it is (checked on the device).
 """
 
 import json
@@ -23,7 +23,7 @@ from seqpe_nd.encodings import build_position_encoding
 from seqpe_nd.tasks.attach import attach_position_encoding, pe_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
-CLEAN = ["nope", "ape_sin", "rope", "alibi", "seqpe", "rope_axial", "rope_mixed", "alibi_nd"]
+METHODS = ["nope", "ape_sin", "ape_learn", "rope", "alibi", "seqpe", "rope_axial", "rope_mixed", "alibi_nd"]
 
 
 def graph_breaks(out: Path, *args: str) -> dict:
@@ -35,15 +35,15 @@ def graph_breaks(out: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Graph breaks and compiled-vs-eager of the methods that compile clean."""
-    return graph_breaks(tmp_path_factory.mktemp("breaks") / "breaks.json", "--methods", *CLEAN)
+    """Graph breaks and compiled-vs-eager of every method."""
+    return graph_breaks(tmp_path_factory.mktemp("breaks") / "breaks.json", "--methods", *METHODS)
 
 
 def test_causal_lms_with_a_pe_break_no_more_than_stock(measured: dict) -> None:
     counts = measured["rows"]
     stock = {(r["backbone"], r["mode"]): r["breaks"] for r in counts if r["method"] == "stock"}
     rows = [r for r in counts if r["backbone"] in ("gpt2", "llama") and r["method"] != "stock"]
-    assert {r["method"] for r in rows} == {"nope", "ape_sin", "rope", "alibi", "seqpe"} and len(rows) == 20
+    assert {r["method"] for r in rows} == {"nope", "ape_sin", "ape_learn", "rope", "alibi", "seqpe"} and len(rows) == 24
     worse = [(r["backbone"], r["method"], r["mode"], r["breaks"], r["where"]) for r in rows
              if r["breaks"] > stock[r["backbone"], r["mode"]]]
     assert not worse, f"more graph breaks than the stock model: {worse}"
@@ -51,7 +51,7 @@ def test_causal_lms_with_a_pe_break_no_more_than_stock(measured: dict) -> None:
 
 def test_vit_with_a_2d_pe_is_one_graph(measured: dict) -> None:
     rows = [r for r in measured["rows"] if r["backbone"] == "vit"]
-    assert len(rows) == 12 and {"seqpe"} < {r["method"] for r in rows}
+    assert len(rows) == 14 and {"seqpe", "ape_learn"} < {r["method"] for r in rows}
     assert all(r["breaks"] == 0 for r in rows), [(r["method"], r["mode"], r["where"]) for r in rows if r["breaks"]]
 
 
@@ -74,12 +74,9 @@ def test_input_checks_stay_in_eager_mode_on_the_cpu() -> None:
         model(input_ids=torch.tensor([[1, 2]]), position_ids=torch.tensor([[-1, 0]]))
 
 
-
-def test_compiled_equals_eager(measured: dict, tmp_path: Path) -> None:
+def test_compiled_equals_eager(measured: dict) -> None:
     """torch.compile (aot_eager) gives eager's logits and loss with labels, training (the PE's regularizers: eager
-    on a generator, compiled on what a generator seeded alike drew ahead) and evaluation, for every 1-D method
-    (APE-learn too, graph breaks and all)."""
-    others = graph_breaks(tmp_path / "compiled.json", "--what", "compiled", "--methods", "ape_learn")
-    rows = measured["compiled"] + others["compiled"]
+    on a generator, compiled on what a generator seeded alike drew ahead) and evaluation, for every 1-D method."""
+    rows = measured["compiled"]
     assert {r["method"] for r in rows} == {"nope", "ape_sin", "rope", "alibi", "ape_learn", "seqpe"} and len(rows) == 12
     assert all(r["logits_max_abs_diff"] <= 1e-5 and r["loss_abs_diff"] <= 1e-5 for r in rows), rows

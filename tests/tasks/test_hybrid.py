@@ -286,6 +286,24 @@ def test_every_method_runs_with_more_and_larger_images(name: str) -> None:
             assert logits.shape == (2, k) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("readout", ["marker", "mean"])
+def test_compiled_forward_equals_eager(readout: str) -> None:
+    """Compiled, the layout's slots come from static-shape ops (no host read): same logits and loss as eager."""
+    config = tiny_config("hybrid", {"method": "alibi_nd"})  # the layout's slots are the method's no matter
+    config["model"]["readout"] = readout
+    task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(config), Path("unused"))
+    torch.manual_seed(0)
+    model = task.build_model()
+    batch = task.train_batch(0, 0, 0, 1)
+    eager = task.loss(model, batch, generator=torch.Generator().manual_seed(0))[0]
+    compiled = torch.compile(model, backend="aot_eager")
+    got = task.loss(compiled, batch, generator=torch.Generator().manual_seed(0))[0]
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(task.forward(compiled, batch).logits, task.forward(model, batch).logits)
+
+
 def test_layout_and_batch_must_agree() -> None:
     task = hybrid.HybridRecipe.build_task(hybrid.HybridConfig.parse(tiny_config("hybrid", {"method": "nope"})), Path("unused"))
     model = task.build_model().eval()

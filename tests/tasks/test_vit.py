@@ -94,6 +94,30 @@ def test_ape_learn_reproduces_timm_learned_pos_embed() -> None:
         torch.testing.assert_close(model(x).logits, ref(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("resize", ["exact", "grow"])
+def test_compiled_ape_learn_resamples_to_the_grid_of_the_input(resize: str) -> None:
+    """Compiled, the table is resampled to the grid the input's shape gives (no value read): eager's result."""
+    model = ours({"method": "ape_learn", "resize": resize}).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        for shape in SHAPES:  # the training grid, larger and rectangular ones
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x).logits, model(x).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_ape_learn_refuses_positions_it_would_have_to_read() -> None:
+    """Positions of unknown extent (offsets) compile to the table as it is, checked on the device: inside, eager's
+    result; past it, an error (eager would resample to their extent, a shape that depends on values)."""
+    model = ours({"method": "ape_learn"}).eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        zero = torch.zeros(2, 2, dtype=torch.long)
+        torch.testing.assert_close(compiled(x, pos_offset=zero).logits, model(x, pos_offset=zero).logits)
+        with pytest.raises(RuntimeError, match="ape_learn compiled reads its table unresampled"):
+            compiled(x, pos_offset=torch.ones(2, 2, dtype=torch.long))
+
+
 def test_ape_resampling_equals_timm_helper() -> None:
     table = torch.randn(4, 4, D)
     model = ours({"method": "ape_learn", "resize": "exact"}).eval()
