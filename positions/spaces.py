@@ -16,16 +16,15 @@ never ask which kind they hold:
   ``box_train_hi``, ``box_max_hi``, ``box_window``, ``box_digits``.
 """
 
-import functools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Generic, Literal, NamedTuple, TypeVar
 
 import torch
 from jaxtyping import Bool, Float, Int
-from pydantic import Field, PositiveInt, TypeAdapter, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter, field_validator, model_validator
 from torch import Tensor
 
 from seqpe_nd.positions import samplers
@@ -34,6 +33,7 @@ from seqpe_nd.positions.distances import get_distance
 from seqpe_nd.positions.errors import find_config_file, read_yaml_file, validated
 from seqpe_nd.positions.settings import ContrastiveSettings, Frozen, OODSettings, ShiftSettings
 
+T = TypeVar("T")
 NONE_ID = -1
 """``place_ids``/``dim_ids`` value of a slot that gets no O or D embedding ([CLS], modality)."""
 
@@ -51,8 +51,28 @@ def _int_tensor(values: Sequence[int]) -> Tensor:
     return torch.tensor(list(values), dtype=torch.int64, device=_CPU)
 
 
+class cached(Generic[T]):  # noqa: N801 (a decorator, named like functools.cached_property)
+    """``functools.cached_property`` without its lock: computed on first read, kept in the instance's ``__dict__``.
+    Python 3.11's version takes an ``RLock`` that ``torch.compile`` cannot trace, which breaks the graph of a model
+    whose space first computes a table inside a compiled forward (a ``deepcopy`` of a model, say)."""
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn, self.__doc__ = fn, fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> T:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 class _SpaceMixin:
     """Samplers and shared helpers, written once against the box tables."""
+
+    model_config = ConfigDict(ignored_types=(cached,))  # merged into each space's Frozen config
 
     def __eq__(self, other: object) -> bool:
         # pydantic compares __dict__, which also holds cached tensor tables: compare the fields
@@ -253,12 +273,12 @@ class GridSpace(_SpaceMixin, Frozen):
         """Rows of the dimension embedding D; 0 in 1-D, where D is fixed to zero (App. A.1)."""
         return self.ndim if self.ndim > 1 else 0
 
-    @functools.cached_property
+    @cached
     def place_ids(self) -> Int[Tensor, " s"]:
         """O index of each token slot, continuous across dims; [CLS] gets none."""
         return _int_tensor([*range(self.num_places), NONE_ID])
 
-    @functools.cached_property
+    @cached
     def dim_ids(self) -> Int[Tensor, " s"]:
         """D index of each token slot (none in 1-D and for [CLS])."""
         dims = [i for i in range(self.ndim) for _ in range(self.digits)] if self.ndim > 1 else [NONE_ID] * self.num_places
@@ -312,23 +332,23 @@ class GridSpace(_SpaceMixin, Frozen):
         return get_distance(self.distance)(a, b)
 
     # -- sampler tables (one group) -------------------------------------------------------
-    @functools.cached_property
+    @cached
     def box_lo(self) -> Int[Tensor, "g w"]:
         return torch.zeros(1, self.ndim, dtype=torch.int64, device=_CPU)
 
-    @functools.cached_property
+    @cached
     def box_train_hi(self) -> Int[Tensor, "g w"]:
         return _int_tensor(self.L)[None]
 
-    @functools.cached_property
+    @cached
     def box_max_hi(self) -> Int[Tensor, "g w"]:
         return _int_tensor(self.L_max)[None]
 
-    @functools.cached_property
+    @cached
     def box_window(self) -> Int[Tensor, "g w"]:
         return torch.minimum(_int_tensor(self.contrastive.window(self.ndim))[None], self.box_max_hi)
 
-    @functools.cached_property
+    @cached
     def box_digits(self) -> Int[Tensor, "g w"]:
         """Digits per coordinate; 0 marks a coordinate that is never perturbed."""
         return torch.full((1, self.ndim), self.digits, dtype=torch.int64, device=_CPU)
@@ -511,11 +531,11 @@ class HybridSpace(_SpaceMixin, Frozen):
     def num_dims(self) -> int:
         return 1 + self.local_ndim
 
-    @functools.cached_property
+    @cached
     def place_ids(self) -> Int[Tensor, " s"]:
         return _int_tensor([*range(self.num_places), NONE_ID])
 
-    @functools.cached_property
+    @cached
     def dim_ids(self) -> Int[Tensor, " s"]:
         local = [1 + i for i in range(self.local_ndim) for _ in range(self.local_digits)]
         return _int_tensor([NONE_ID, *([0] * self.time_digits), *local, NONE_ID])
@@ -526,7 +546,7 @@ class HybridSpace(_SpaceMixin, Frozen):
                 return i
         raise ValueError(f"unknown modality {name!r}; this space has {', '.join(m.name for m in self.modalities)}")
 
-    @functools.cached_property
+    @cached
     def _local_ndims(self) -> Int[Tensor, " g"]:
         return _int_tensor([m.space.ndim if m.space.ndim > 1 else 0 for m in self.modalities])
 
@@ -647,7 +667,7 @@ class HybridSpace(_SpaceMixin, Frozen):
         return Layout(positions=positions, modality=positions[:, 0].clone())
 
     # -- sampler tables (one group per modality) ------------------------------------------
-    @functools.cached_property
+    @cached
     def box_lo(self) -> Int[Tensor, "g w"]:
         lo = torch.zeros(len(self.modalities), self.width, dtype=torch.int64, device=_CPU)
         lo[:, 0] = torch.arange(len(self.modalities), device=_CPU)
@@ -662,21 +682,21 @@ class HybridSpace(_SpaceMixin, Frozen):
                 hi[g, 2 : 2 + m.space.ndim] = _int_tensor(local(m.space))
         return hi
 
-    @functools.cached_property
+    @cached
     def box_train_hi(self) -> Int[Tensor, "g w"]:
         return self._hi(self._timeline.L, lambda s: s.L)
 
-    @functools.cached_property
+    @cached
     def box_max_hi(self) -> Int[Tensor, "g w"]:
         return self._hi(self._timeline.L_max, lambda s: s.L_max)
 
-    @functools.cached_property
+    @cached
     def box_window(self) -> Int[Tensor, "g w"]:
         win = self._hi(self.contrastive.window(1)[0], lambda s: s.contrastive.window(s.ndim))
         win[:, 0] = 1
         return torch.minimum(win, self.box_max_hi - self.box_lo)
 
-    @functools.cached_property
+    @cached
     def box_digits(self) -> Int[Tensor, "g w"]:
         dig = torch.zeros(len(self.modalities), self.width, dtype=torch.int64, device=_CPU)
         dig[:, 1] = self.time_digits

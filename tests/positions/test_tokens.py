@@ -145,3 +145,39 @@ def test_perturb_is_one_lexical_edit(value, base, seed):
     allowed = neighbours(src)
     for v in out.tolist():
         assert _as_str(v, base) in allowed, (value, v)
+
+
+
+TRACE_A_FRESH_SPACE = """
+import copy, json, torch, torch._dynamo as dynamo
+from seqpe_nd.positions import load_space
+class Reader(torch.nn.Module):  # an encoder holds its space; a deepcopied model's space has computed no table yet
+    def __init__(self):
+        super().__init__()
+        self.space = copy.deepcopy(load_space("configs/positions/hybrid-text-image.yaml"))
+    def forward(self, pos):
+        return self.space.tokenize(pos, check=False).sum() + self.space.modalities[1].space.place_ids.sum()
+reader = Reader()
+fresh = "_local_ndims" not in reader.space.__dict__
+explained = dynamo.explain(reader)(torch.tensor([[0, 1, 0, 0], [1, 2, 1, 1]]))
+print(json.dumps({"fresh": fresh, "breaks": [r.reason.splitlines()[0] for r in explained.break_reasons],
+                  "cached": reader.space._local_ndims is reader.space.__dict__["_local_ndims"]}))
+"""
+
+
+def test_a_spaces_tables_are_computed_once_and_traceable() -> None:
+    """The cached tables (``place_ids``, a hybrid space's ``_local_ndims`` ...) are computed on first read without
+    a lock (Python 3.11's ``functools.cached_property`` takes an RLock, which ``torch.compile`` cannot enter), so a
+    space first read inside a compiled forward breaks no graph. Run in a fresh interpreter: the tests' runtime type
+    checks change what dynamo traces."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", TRACE_A_FRESH_SPACE], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"fresh": True, "breaks": [], "cached": True}, result
