@@ -324,6 +324,10 @@ def test_stock_gpt2_trains_and_evaluates(tmp_path: Path) -> None:
     assert res["lengths"].keys() == {"16", "32", "64"} and all(math.isfinite(r["ppl"]) for r in res["lengths"].values())
     wpe = lm.LMRecipe.from_run(run).load_trained().transformer.wpe.weight
     assert torch.equal(wpe[16:], init[16:]) and not torch.equal(wpe[:16], init[:16])
+    # an evaluation's own lengths never resize the trained wpe (its rows come from the config's eval.lengths)
+    assert lm.LMRecipe.evaluate(run, lengths=[16, 32], quiet=True, write=False)["lengths"].keys() == {"16", "32"}
+    with pytest.raises(ValueError, match=r"length\(s\) \[128\] not allowed: the stock GPT-2 learned 64 positions"):
+        lm.LMRecipe.evaluate(run, lengths=[16, 128], quiet=True, write=False)
 
 
 # --- several seeds ------------------------------------------------------------------------------------------
