@@ -146,8 +146,8 @@ class TrainConfig(Frozen):
     """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
     compile: bool = False
     """Wrap the model in ``torch.compile`` (the training forward; validation runs the bare model)."""
-    compile_backend: Literal["inductor", "aot_eager", "cudagraphs"] = "inductor"
-    """``torch.compile``'s backend: inductor (fused kernels), aot_eager (traced, not fused: compiles in seconds)."""
+    compile_backend: Literal["inductor", "aot_eager", "eager", "cudagraphs"] = "inductor"
+    """``torch.compile``'s backend: inductor (fused kernels); aot_eager / eager only trace (checks, in seconds)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when available."""
 
