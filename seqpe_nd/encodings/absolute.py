@@ -94,38 +94,38 @@ class APELearn(PositionEncoding):
         return torch.maximum(extent, torch.tensor(self.size, device=pos.device))
 
     def embed(self, state: PEState) -> Float[Tensor, "b n d"]:
-        """Rows of the (resampled) table at the query positions."""
+        """Rows of the (resampled) table at the query positions. Where the caller knows the positions' extent from
+        shapes (``state.grid``: a ViT's patch grid), the grid is picked from it, with no value read."""
+        if state.grid is not None:
+            grid = state.grid if self.resize == "exact" else tuple(map(max, state.grid, self.size))
+            return self._rows(grid, state.pos_q)
         if torch.compiler.is_compiling():
-            return self._rows_of_table(state)
+            return self._rows_of_trained_table(state)
         sizes = self.target_size(torch.cat([state.pos_q, state.pos_k], dim=1))
         out = self.table.new_empty(*state.pos_q.shape[:2], self.table.shape[-1])
         uniq, inverse = sizes.unique(dim=0, return_inverse=True)  # usually one grid per batch
         for u, size in enumerate(uniq.tolist()):
             rows = inverse == u
-            table = resample_table(self.table, size, self.interpolation).flatten(0, -2)  # (prod(size), d)
-            strides = torch.tensor([math.prod(size[a + 1 :]) for a in range(len(size))], device=sizes.device)
-            out[rows] = table[(state.pos_q[rows] * strides).sum(-1)]  # row-major flat index
+            out[rows] = self._rows(tuple(size), state.pos_q[rows])
         return out
 
+    def _rows(self, grid: tuple[int, ...], pos: Int[Tensor, "*b w"]) -> Float[Tensor, "*b d"]:
+        """Rows of the table resampled to ``grid`` at ``pos`` (a row-major flat index)."""
+        table = resample_table(self.table, grid, self.interpolation).flatten(0, -2)  # (prod(grid), d)
+        strides = torch.tensor([math.prod(grid[a + 1 :]) for a in range(len(grid))], device=pos.device)
+        return table[(pos * strides).sum(-1)]
 
-    def _rows_of_table(self, state: PEState) -> Float[Tensor, "b n d"]:
-        """Compiled: the grid the rows come from is a shape, so it must not depend on the positions' values. Where
-        the caller knows the positions' extent from shapes (``state.grid``: a ViT's patch grid), the table is
-        resampled to the grid eager mode picks from it; otherwise it is read as it is, which is what eager does
-        while the positions stay inside it (``grow``) or span it exactly (``exact``), as in training. Positions
-        elsewhere fail a check on the device (no host read, no sync): evaluate them uncompiled."""
-        if state.grid is not None:
-            size = state.grid if self.resize == "exact" else tuple(map(max, state.grid, self.size))
-            table = resample_table(self.table, size, self.interpolation)
-        else:
-            size, table = self.size, self.table
-            extent = torch.cat([state.pos_q, state.pos_k], dim=1).amax(dim=1) + 1  # (b, w)
-            bound = torch.tensor(size, device=extent.device)
-            fits = (extent <= bound).all() if self.resize == "grow" else (extent == bound).all()
-            torch._assert_async(fits, "ape_learn compiled reads its table unresampled: positions must lie inside it "
-                                      "(resize: grow) or span it (resize: exact); run other extents uncompiled")
-        strides = torch.tensor([math.prod(size[a + 1 :]) for a in range(len(size))], device=state.pos_q.device)
-        return table.flatten(0, -2)[(state.pos_q * strides).sum(-1)]
+    def _rows_of_trained_table(self, state: PEState) -> Float[Tensor, "b n d"]:
+        """Compiled, with an extent known only from values: the grid is a shape, so it must not depend on them. The
+        table is read as it is, which is what eager does while the positions stay inside it (``grow``) or span
+        it exactly (``exact``), as in training; positions elsewhere fail a check on the device (no host read,
+        no sync): evaluate them uncompiled."""
+        extent = torch.cat([state.pos_q, state.pos_k], dim=1).amax(dim=1) + 1  # (b, w)
+        bound = torch.tensor(self.size, device=extent.device)
+        fits = (extent <= bound).all() if self.resize == "grow" else (extent == bound).all()
+        torch._assert_async(fits, "ape_learn compiled reads its table unresampled: positions must lie inside it "
+                                  "(resize: grow) or span it (resize: exact); run other extents uncompiled")
+        return self._rows(self.size, state.pos_q)
 
 
 def default_interpolation(ndim: int) -> str:

@@ -79,19 +79,19 @@ def spaced_rows(pos: Int[Tensor, "b n w"]) -> tuple[Int[Tensor, " k"], Bool[Tens
     return picks, torch.cat([new[:1], (chosen[1:] != chosen[:-1]).any(-1)])
 
 
+def _weights(x: Tensor, keep: Bool[Tensor, " k"] | None) -> Float[Tensor, " k"]:
+    """Each row's weight in a mean over the rows a statistic counts (``keep``, default every row of ``x``)."""
+    keep = torch.ones(x.shape[-2], dtype=torch.bool, device=x.device) if keep is None else keep
+    return keep.float() / keep.sum().clamp(min=1)
+
+
 def _mean_cosine(x: Float[Tensor, "k d"], keep: Bool[Tensor, " k"] | None = None) -> Float[Tensor, ""]:
     """Mean cosine over the pairs of distinct rows (those ``keep`` marks, default all); 1.0 for fewer than two."""
-    x = F.normalize(x.float(), dim=-1)
-    if keep is not None:
-        x = x * keep[:, None]
-        k = keep.sum()
-        cos = x @ x.T
-        return torch.where(k >= 2, (cos.sum() - cos.diagonal().sum()) / (k * (k - 1)).clamp(min=1), 1.0)
-    k = x.shape[0]
-    if k < 2:
-        return x.new_ones(())
+    kept = _weights(x, keep) > 0
+    x = F.normalize(x.float(), dim=-1) * kept[:, None]
+    k = kept.sum()
     cos = x @ x.T
-    return (cos.sum() - cos.diagonal().sum()) / (k * (k - 1))
+    return torch.where(k >= 2, (cos.sum() - cos.diagonal().sum()) / (k * (k - 1)).clamp(min=1), 1.0)
 
 
 @torch.no_grad()
@@ -117,13 +117,10 @@ def position_score_spread(
     position. The keys are centred before the product (``s_ij - mean_j s_ij = E^q_i · (E^k_j - mean E^k)``),
     so a large shared mean costs no precision. ``keep`` (default all) marks the positions that count."""
     e_q, e_k = e_q.float(), e_k.float()
-    if keep is not None:
-        w = keep.float() / keep.sum().clamp(min=1)  # (k,): the mean over the kept positions
-        centred = e_k - (e_k * w[:, None]).sum(dim=-2, keepdim=True)
-        dev = e_q @ centred.transpose(-1, -2) / math.sqrt(e_q.shape[-1])  # (h, k, k)
-        return ((dev.pow(2) * w).sum(dim=-1).sqrt() * w).sum(dim=-1).mean()
-    dev = e_q @ (e_k - e_k.mean(dim=-2, keepdim=True)).transpose(-1, -2) / math.sqrt(e_q.shape[-1])  # (h, k, k)
-    return dev.pow(2).mean(dim=-1).sqrt().mean()
+    w = _weights(e_k, keep)  # (k,): the mean over the kept positions
+    centred = e_k - (e_k * w[:, None]).sum(dim=-2, keepdim=True)
+    dev = e_q @ centred.transpose(-1, -2) / math.sqrt(e_q.shape[-1])  # (h, k, k)
+    return ((dev.pow(2) * w).sum(dim=-1).sqrt() * w).sum(dim=-1).mean()
 
 
 @torch.no_grad()
@@ -131,11 +128,8 @@ def embedding_spread(emb: Float[Tensor, "k d"], keep: Bool[Tensor, " k"] | None 
     """``pe_spread`` of input_add: the RMS over positions of ``‖e_i - mean_i e_i‖``, the size of the
     position-dependent part of what is added to the token embeddings (in the embeddings' units); 0 when every
     position gets the same vector. ``keep`` (default all) marks the positions that count."""
-    x = emb.float()
-    if keep is not None:
-        w = keep.float() / keep.sum().clamp(min=1)
-        return ((x - (x * w[:, None]).sum(dim=0)).pow(2).sum(dim=-1) * w).sum().sqrt()
-    return (x - x.mean(dim=0)).pow(2).sum(dim=-1).mean().sqrt()
+    x, w = emb.float(), _weights(emb, keep)
+    return ((x - (x * w[:, None]).sum(dim=0)).pow(2).sum(dim=-1) * w).sum().sqrt()
 
 
 class SeqPEEncoding(PositionEncoding):
@@ -207,10 +201,8 @@ class SeqPEEncoding(PositionEncoding):
         once = torch.compiler.is_compiling() and state.shared_rows and main.shape[0] > 1
         rows_in = main[:1] if once else main
         if self.training and self.regularizer is not None:
-            draws = state.draws
-            if draws is None:
-                draws = self.regularizer.draw(generator or torch.default_generator, shifted=shifted)
-            step = self.regularizer.step(self.encoder, rows_in, shifted=shifted, draws=draws)
+            step = self.regularizer.step(self.encoder, rows_in, generator or torch.default_generator, shifted=shifted,
+                                         draws=state.draws)  # the draws made ahead, else drawn from the generator
             emb, state.aux_loss, state.logs = step.embeddings, step.loss, dict(step.parts)
         else:
             emb = self.encoder(rows_in)  # (b, n [+ m], d)

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from seqpe_nd.encodings.base import PositionEncoding
+from seqpe_nd.encodings.base import PEDraws, PositionEncoding
 from seqpe_nd.tasks.backbones.causal_lm import (
     ATTN_IMPLEMENTATION,
     CausalLMOutputWithPE,
@@ -107,7 +107,7 @@ class StockGPT2(GPT2LMHeadModel):
         position_ids: Int[Tensor, "#b n"] | Int[Tensor, "#b n 1"] | None = None,
         pe_generator: torch.Generator | None = None,
         pe_shifted: bool = False,
-        pe_draws: Any = None,
+        pe_draws: PEDraws | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPE:
         if pe_shifted:

@@ -127,14 +127,14 @@ def run_eval(args: argparse.Namespace) -> int:
         parser.print_help()
         return 0
     ns, unknown = parser.parse_known_args(argv)
+    names = recipe.config_type.eval_settings_type().option_names()
     if unknown_flags := [t for t in unknown if t.startswith("-")]:
-        names = recipe.config_type.eval_settings_type().option_names()
         raise ValueError(f"the {recipe.task} recipe's evaluation has no option(s) {', '.join(unknown_flags)}; "
                          f"its options: {', '.join(flag(n) for n in names)}")
     if unknown or not ns.run_dirs:
         raise ValueError(f"not a training run directory (with {RUN_CONFIG}): {', '.join(unknown)}" if unknown
                          else "give the training run directories before the flags, e.g. seqpe-nd eval RUN --lengths 512")
-    options = {n: getattr(ns, n) for n in recipe.config_type.eval_settings_type().option_names() if getattr(ns, n) is not None}
+    options = {n: getattr(ns, n) for n in names if getattr(ns, n) is not None}
     settings = []
     for item in ns.settings:
         if not item.startswith("eval."):
